@@ -1,0 +1,58 @@
+"""qkv.model: Transformer language models as Flax NNX modules, used functionally.
+
+``create_model`` builds a model from a ``ModelConfig`` through one registry keyed by
+``ModelConfig.kind``; ``split_params`` / ``logical_axes`` give the pure parameter tree and its
+logical axis names. The model takes arrays and knows nothing of data, training or devices.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from .attention import attention_mask, dot_product_attention, reference_attention
+from .config import ModelConfig
+from .transformer import Cache, Transformer, init_cache
+
+MODEL_REGISTRY: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
+    "decoder": Transformer,
+}
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+    """A freshly initialised model of the family named by ``cfg.kind``."""
+    return MODEL_REGISTRY[cfg.kind](cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> nnx.Module:
+    """The model with ShapeDtypeStruct leaves: shapes and metadata without allocating memory."""
+    return nnx.eval_shape(lambda: create_model(cfg))
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """(graphdef, params) with params a plain nested dict of arrays: what training and Orbax see."""
+    graphdef, state = nnx.split(model)
+    return graphdef, state.to_pure_dict()
+
+
+def param_metadata(model: nnx.Module, name: str) -> dict[str, Any]:
+    """A tree matching ``split_params(model)[1]`` holding each parameter's ``name`` metadata."""
+    state = nnx.state(model)
+    values = jax.tree.map(lambda v: v.get_metadata()[name], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.State(values).to_pure_dict() if not isinstance(values, dict) else values
+
+
+def logical_axes(model: nnx.Module) -> dict[str, Any]:
+    """Each parameter's logical axis names, e.g. ``("layers", "embed", "mlp")``."""
+    return param_metadata(model, "axes")
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+__all__ = [
+    "MODEL_REGISTRY", "Cache", "ModelConfig", "Transformer", "abstract_model", "attention_mask", "count_params",
+    "create_model", "dot_product_attention", "init_cache", "logical_axes", "param_metadata", "reference_attention", "split_params",
+]

@@ -1,0 +1,92 @@
+"""Multi-head (and grouped-query) self-attention with an optional KV cache.
+
+softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. The kernel is
+``jax.nn.dot_product_attention`` (XLA everywhere; the cuDNN flash path on GPUs); the explicit
+einsum ``reference_attention`` is the readable definition and what tests compare against.
+
+Shape suffixes: b batch, t query length, s key length, d model width, h query heads, k kv heads,
+g query heads per kv head, e head size.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import apply_rope, param
+
+
+def attention_mask(q_slots_bt: jax.Array, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
+    """Boolean [b, t, s]: query at slot i sees key slot j iff j <= i and both lie in the same segment.
+
+    Segments keep packed documents apart (and padding, segment 0, to itself); slots are positions in
+    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding.
+    """
+    k_slots_s = jnp.arange(k_segments_bs.shape[1])
+    causal_bts = k_slots_s[None, None, :] <= q_slots_bt[:, :, None]
+    same_segment_bts = k_segments_bs[:, None, :] == q_segments_bt[:, :, None]
+    return causal_bts & same_segment_bts
+
+
+def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """The textbook definition, written out with einsums (float32 softmax)."""
+    b, t, h, e = q_bthe.shape
+    k_heads = k_bske.shape[2]
+    q_btkge = q_bthe.reshape(b, t, k_heads, h // k_heads, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) / math.sqrt(e)
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
+    out_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
+    return out_btkge.reshape(b, t, h, e)
+
+
+def dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, impl: str) -> jax.Array:
+    if impl == "reference":
+        return reference_attention(q_bthe, k_bske, v_bske, mask_bts)
+    return jax.nn.dot_product_attention(
+        q_bthe, k_bske, v_bske, mask=mask_bts[:, None], implementation=None if impl == "auto" else impl
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, e = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
+        std, wd = cfg.init_std, cfg.weight_dtype
+        self.dtype, self.impl, self.use_rope = cfg.compute_dtype, cfg.attention_impl, cfg.positions == "rope"
+        self.wq = param(rngs, (d, h, e), ("embed", "heads", "head_dim"), std, wd)
+        self.wk = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
+        self.wv = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
+        self.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers), wd)
+        if cfg.use_bias:
+            self.bq = param(rngs, (h, e), ("heads", "head_dim"), None, wd)
+            self.bk = param(rngs, (k, e), ("kv_heads", "head_dim"), None, wd)
+            self.bv = param(rngs, (k, e), ("kv_heads", "head_dim"), None, wd)
+            self.bo = param(rngs, (d,), ("embed",), None, wd)
+        else:
+            self.bq = self.bk = self.bv = self.bo = None
+
+    def _project(self, x_btd, w, b):
+        y = jnp.einsum("btd,dhe->bthe", x_btd, w[...].astype(self.dtype))
+        return y if b is None else y + b[...].astype(self.dtype)
+
+    def __call__(self, x_btd, mask_bts, rope, kv_cache=None, cache_index=None):
+        """Returns the attention output and, when decoding, the updated (k, v) cache buffers."""
+        q_bthe = self._project(x_btd, self.wq, self.bq)
+        k_bske = self._project(x_btd, self.wk, self.bk)
+        v_bske = self._project(x_btd, self.wv, self.bv)
+        if self.use_rope:
+            q_bthe, k_bske = apply_rope(q_bthe, rope), apply_rope(k_bske, rope)
+        if kv_cache is not None:  # write this step's keys/values at cache_index, attend over the buffer
+            cache_k, cache_v = kv_cache
+            start = (0, cache_index, 0, 0)
+            k_bske = jax.lax.dynamic_update_slice(cache_k, k_bske.astype(cache_k.dtype), start)
+            v_bske = jax.lax.dynamic_update_slice(cache_v, v_bske.astype(cache_v.dtype), start)
+            kv_cache = (k_bske, v_bske)
+        out_bthe = dot_product_attention(q_bthe, k_bske.astype(self.dtype), v_bske.astype(self.dtype), mask_bts, self.impl)
+        out_btd = jnp.einsum("bthe,hed->btd", out_bthe, self.wo[...].astype(self.dtype))
+        if self.bo is not None:
+            out_btd = out_btd + self.bo[...].astype(self.dtype)
+        return out_btd, kv_cache

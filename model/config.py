@@ -1,0 +1,104 @@
+"""The model's hyper-parameters: one frozen dataclass, validated on construction.
+
+Errors name the config key (``model.<field>``) and what is allowed, because users reach this
+through YAML files and ``key=value`` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import jax.numpy as jnp
+
+Positions = Literal["learned", "sinusoidal", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
+Activation = Literal["relu", "gelu", "swiglu"]
+DType = Literal["float32", "bfloat16"]
+Remat = Literal["none", "full", "dots"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "kind": ("decoder",),
+    "positions": ("learned", "sinusoidal", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_position": ("pre", "post"),
+    "activation": ("relu", "gelu", "swiglu"),
+    "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32", "bfloat16"),
+    "remat": ("none", "full", "dots"),
+    "attention_impl": ("auto", "xla", "cudnn", "reference"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Transformer language model."""
+
+    kind: str = "decoder"  # registry key: which model family to build
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA); fewer: grouped-query attention
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 1024
+    max_seq_len: int = 256
+    positions: Positions = "rope"
+    rope_theta: float = 10_000.0
+    norm: Norm = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_position: NormPosition = "pre"
+    activation: Activation = "swiglu"
+    use_bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: DType = "float32"  # compute dtype of activations and matmuls
+    param_dtype: DType = "float32"  # storage dtype of parameters
+    remat: Remat = "none"  # gradient checkpointing per block
+    scan_layers: bool = True  # lax.scan over stacked layers (fast compiles) or unrolled
+    attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend, or the einsum reference
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"model.{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
+                "change one of them or set model.head_dim"
+            )
+        kv = self.num_kv_heads
+        if kv < 1 or self.n_heads % kv:
+            raise ValueError(
+                f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads} (grouped-query attention)"
+            )
+        if self.positions == "rope" and self.head_size % 2:
+            raise ValueError(f"rope needs an even head size, got {self.head_size}: change model.head_dim")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,140 @@
+"""Autoregressive decoding: prefill the prompt into a KV cache, then sample one token per step.
+
+Prompts of different lengths are left-padded to one length; padding gets segment 0 so real tokens
+never attend to it, and positions count real tokens only. Each decode step is one jitted call with
+a donated cache, so tokens can be streamed to the terminal as they are produced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+from .transformer import init_cache
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V] (the sampling settings are static)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv / temperature
+    neg_inf = jnp.finfo(logits_bv.dtype).min
+    if top_k > 0:
+        kth_best = jax.lax.top_k(logits_bv, min(top_k, logits_bv.shape[-1]))[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_best, neg_inf, logits_bv)
+    if top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the best token is always kept)
+        mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        n_keep_b = jnp.sum(mass_before_bv < top_p, axis=-1)
+        threshold_b1 = jnp.take_along_axis(sorted_bv, n_keep_b[:, None] - 1, axis=-1)
+        logits_bv = jnp.where(logits_bv < threshold_b1, neg_inf, logits_bv)
+    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, P], segments [B, P]) with each prompt right-aligned; segment 1 = real token."""
+    length = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, length - len(prompt):] = prompt
+            segments[row, length - len(prompt):] = 1
+    return tokens, segments
+
+
+class Decoder:
+    """Jitted prefill and decode steps for one model graph and one sampling setting."""
+
+    def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig):
+        self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
+        self._step = jax.jit(self._step_fn, donate_argnums=(3,))
+
+    def _sample(self, logits_bv, key):
+        s = self.sampling
+        return sample_logits(logits_bv, key, s.temperature, s.top_k, s.top_p)
+
+    def _prefill_fn(self, params, tokens_bp, segments_bp, cache, key):
+        positions_bp = jnp.maximum(jnp.cumsum(segments_bp, axis=1) - 1, 0)
+        logits, cache = nnx.merge(self.graphdef, params)(tokens_bp, positions_bp, segments_bp, cache=cache)
+        return self._sample(logits[:, -1], key), positions_bp[:, -1] + 1, cache
+
+    def _step_fn(self, params, token_b, position_b, cache, key):
+        model = nnx.merge(self.graphdef, params)
+        ones_b1 = jnp.ones_like(token_b)[:, None]
+        logits, cache = model(token_b[:, None], position_b[:, None], ones_b1, cache=cache)
+        return self._sample(logits[:, -1], key), position_b + 1, cache
+
+    def stream(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
+               eos_id: int | None) -> Iterator[np.ndarray]:
+        """Yields the next token of every row, [B] int32, until all rows hit EOS or the budget ends.
+
+        Rows that already finished keep yielding ``pad_id``.
+        """
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: give at least one token of text (or a BOS id)")
+        tokens, segments = left_pad(prompts, pad_id)
+        budget = min(self.sampling.max_new_tokens, self.cfg.max_seq_len - tokens.shape[1])
+        if budget < 1:
+            raise ValueError(
+                f"prompt of {tokens.shape[1]} tokens leaves no room in the model's context of "
+                f"{self.cfg.max_seq_len}: "
+                "shorten the prompt"
+            )
+        cache = init_cache(self.cfg, tokens.shape[0], tokens.shape[1] + budget)
+        key = jax.random.key(self.sampling.seed)
+        done = np.zeros(tokens.shape[0], bool)
+        token, position, cache = self._prefill(params, tokens, segments, cache, jax.random.fold_in(key, 0))
+        for step in range(budget):
+            token_np = np.asarray(token)
+            out = np.where(done, pad_id, token_np)
+            if eos_id is not None:
+                done |= token_np == eos_id
+            yield out
+            if done.all() or step == budget - 1:
+                return
+            token, position, cache = self._step(params, token, position, cache, jax.random.fold_in(key, step + 1))
+
+    def generate(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
+                 eos_id: int | None) -> list[list[int]]:
+        """New tokens per prompt (without the prompt), stopping after EOS (EOS itself excluded)."""
+        rows: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for tokens in self.stream(params, prompts, pad_id, eos_id):
+            for row, tok in enumerate(tokens.tolist()):
+                if finished[row]:
+                    continue
+                if eos_id is not None and tok == eos_id:
+                    finished[row] = True
+                else:
+                    rows[row].append(tok)
+        return rows

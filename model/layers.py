@@ -1,0 +1,114 @@
+"""Small building blocks: parameters with logical axes, norms, the feed-forward layer, positions.
+
+Every parameter is an ``nnx.Param`` carrying ``axes``: one logical name per dimension (``vocab``,
+``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``layers``, ``position``). Training maps
+these names to mesh axes with one rules table; nothing here knows about devices.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None,
+          dtype: jnp.dtype) -> nnx.Param:
+    """A weight drawn from N(0, std²), or a zero bias when std is None (biases get no weight decay)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if std is None:
+        return nnx.Param(jnp.zeros(shape, dtype), axes=axes, weight_decay=False)
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes, weight_decay=True)
+
+
+def ones_param(shape: tuple[int, ...], axes: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
+    """A norm scale, initialised to one and exempt from weight decay."""
+    return nnx.Param(jnp.ones(shape, dtype), axes=axes, weight_decay=False)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when no key is given (evaluation and decoding)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (mean-centred, with bias) or RMSNorm, computed in float32 for stability."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = ones_param((cfg.d_model,), ("embed",), cfg.weight_dtype)
+        if cfg.norm == "layernorm":
+            self.bias = param(rngs, (cfg.d_model,), ("embed",), None, cfg.weight_dtype)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x = x_btd.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(x_btd.dtype)
+
+
+class Mlp(nnx.Module):
+    """Position-wise feed-forward: widen to d_ff, apply ReLU/GELU (or gate with SwiGLU), narrow back."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std, wd = cfg.d_model, cfg.d_ff, cfg.init_std, cfg.weight_dtype
+        self.activation, self.dtype = cfg.activation, cfg.compute_dtype
+        self.wi = param(rngs, (d, f), ("embed", "mlp"), std, wd)
+        if cfg.activation == "swiglu":
+            self.wg = param(rngs, (d, f), ("embed", "mlp"), std, wd)
+        self.wo = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers), wd)
+        self.bi = param(rngs, (f,), ("mlp",), None, wd) if cfg.use_bias else None
+        self.bo = param(rngs, (d,), ("embed",), None, wd) if cfg.use_bias else None
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        h_btf = jnp.einsum("btd,df->btf", x_btd, self.wi[...].astype(self.dtype))
+        if self.bi is not None:
+            h_btf = h_btf + self.bi[...].astype(self.dtype)
+        if self.activation == "swiglu":
+            gate_btf = jnp.einsum("btd,df->btf", x_btd, self.wg[...].astype(self.dtype))
+            h_btf = jax.nn.silu(gate_btf) * h_btf
+        elif self.activation == "gelu":
+            h_btf = jax.nn.gelu(h_btf, approximate=True)  # GPT-2's tanh approximation
+        else:
+            h_btf = jax.nn.relu(h_btf)
+        out_btd = jnp.einsum("btf,fd->btd", h_btf, self.wo[...].astype(self.dtype))
+        if self.bo is not None:
+            out_btd = out_btd + self.bo[...].astype(self.dtype)
+        return out_btd
+
+
+def sinusoidal_embedding(positions_bt: jax.Array, d_model: int) -> jax.Array:
+    """The original Transformer's fixed positions: sin on the first half of features, cos on the second."""
+    half = d_model // 2
+    inv_freq = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([jnp.sin(angles_bth), jnp.cos(angles_bth)], axis=-1)
+    return jnp.pad(emb, [(0, 0), (0, 0), (0, d_model - 2 * half)])
+
+
+def rope_angles(positions_bt: jax.Array, head_size: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, head_size/2] for rotary position embeddings."""
+    half = head_size // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles_bth), jnp.sin(angles_bth)
+
+
+def apply_rope(x_bthk: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate feature pairs (i, i + k/2) by position-dependent angles (the "rotate half" layout of Llama)."""
+    cos, sin = (a[:, :, None, :] for a in cos_sin)  # broadcast over heads
+    x = x_bthk.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthk.dtype)

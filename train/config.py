@@ -1,0 +1,240 @@
+"""The run configuration: typed dataclasses built from a YAML preset plus ``key=value`` overrides.
+
+Every error names the offending key and what is allowed, e.g.
+``train.steps='many' must be an integer`` or ``unknown key 'model.d_modl': did you mean model.d_model?``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from qkv.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["stdlib", "files", "jsonl", "tfds"] = "stdlib"  # stdlib: this Python's own .py files
+    path: str | None = None  # directory or glob for files/jsonl
+    tfds_name: str | None = None  # catalog name for source=tfds, e.g. lm1b
+    text_field: str = "text"
+    data_dir: str = "~/.cache/qkv/tfds"  # where TFDS datasets are built and read
+    validation_fraction: float = 0.01
+    seq_len: int = 256
+    eval_batches: int = 8  # validation batches per evaluation (0: whole split)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str | None = None  # an existing SentencePiece .model; None: train one from the corpus
+    model_type: Literal["bpe", "unigram", "char"] = "bpe"
+    train_documents: int = 400  # documents sampled from the training split to train it
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per step
+    z_loss: float = 0.0  # weight of log(Z)² to keep logits from drifting
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, Any] = field(default_factory=dict)  # overrides of the logical-axis rules table
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    steps: int = 300
+    batch_size: int = 16  # global, across all devices and processes
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+    progress: bool = True
+    distributed: Literal["auto", "on", "off"] = "auto"  # initialise jax.distributed from the environment
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
+                "lower data.seq_len or raise model.max_seq_len"
+            )
+        if self.train.batch_size % self.optim.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}"
+            )
+        if self.data.source in ("files", "jsonl") and not self.data.path:
+            raise ValueError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
+        if self.data.source == "tfds" and not self.data.tfds_name:
+            raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. lm1b)")
+        for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self.train, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self.train, key)} must be a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{key}={value!r} is not allowed")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ValueError(f"{key}={value!r} is not allowed: choose {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise ValueError(f"{key}={value!r} must be {'an' if _type_name(tp)[0] in 'aeiou' else 'a'} {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f": did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f": allowed keys are {', '.join(names)}"
+            raise ValueError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a frozen dataclass refusing arguments: report it plainly
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with the value read as YAML (so 3, 3e-4, true, null, [a, b] work)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in importlib.resources.files("qkv.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str | Path | None) -> dict[str, Any]:
+    """A preset name (``tiny``), or a path to a YAML file; None means the ``tiny`` preset."""
+    source = "tiny" if source is None else str(source)
+    if source in preset_names():
+        text = importlib.resources.files("qkv.configs").joinpath(f"{source}.yaml").read_text()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"config {source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {source!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated run configuration for a preset or YAML file plus ``key=value`` overrides."""
+    data = read_yaml(source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return from_dict(Config, data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return from_dict(Config, data)

@@ -1,0 +1,129 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+The model names each parameter dimension (``embed``, ``heads``, ``mlp``...); ``LOGICAL_RULES`` says
+which mesh axis shards it. Batches shard over ``data`` and ``fsdp``; under ``fsdp`` parameters and
+optimizer state are split too (ZeRO-3 style), and ``tensor`` splits heads and the MLP width.
+
+The mesh uses ``AxisType.Auto`` on purpose: jit gets explicit in/out shardings and XLA's
+partitioner propagates the rest, so model code needs no sharding annotations to be correct.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "position": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 ("the rest") and check the axes multiply to the device count."""
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {', '.join('mesh.' + k for k in free)}")
+    for key, value in sizes.items():
+        if value == 0 or value < -1:
+            raise ValueError(f"mesh.{key}={value} must be a positive integer or -1 (the rest)")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ValueError(f"mesh axes {sizes} cannot fill {n_devices} devices: {n_devices} is not divisible by {fixed}")
+        sizes[free[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(
+            f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
+            f"{math.prod(sizes.values())} devices, but {n_devices} are available: set one axis to -1"
+        )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (topology-aware order) or the given ones."""
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if devices is None:
+        return jax.make_mesh(mesh_shape(cfg, jax.device_count()), MESH_AXES, axis_types=auto)
+    return Mesh(np.array(devices).reshape(mesh_shape(cfg, len(devices))), MESH_AXES, axis_types=auto)
+
+
+def resolve_rules(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    rules = dict(LOGICAL_RULES)
+    for name, target in overrides.items():
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise ValueError(f"mesh.rules.{name}={target!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)})")
+        rules[name] = targets or None
+    return rules
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules: Mapping[str, Any]) -> PartitionSpec:
+    """PartitionSpec for one array; a mesh axis is used at most once per array."""
+    used: set[str] = set()
+    spec = []
+    for name in axes:
+        target = rules.get(name) if name else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used)
+        used.update(targets)
+        spec.append(targets[0] if len(targets) == 1 else (targets or None))
+    return PartitionSpec(*spec)
+
+
+def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, (size, entry) in enumerate(zip(shape, spec)):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        ways = math.prod(mesh.shape[n] for n in names)
+        if size % ways:
+            axes = "x".join(f"{n}={mesh.shape[n]}" for n in names)
+            raise ValueError(
+                f"{path} dimension {dim} of size {size} cannot be split over mesh axes {axes} ({ways} ways): "
+                "choose mesh sizes that divide it, or change mesh.rules"
+            )
+
+
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
+    """NamedShardings for a tree of arrays given a matching tree of logical axis tuples."""
+    flat_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, tuple))[0]
+    flat_shapes, treedef = jax.tree.flatten(shapes_tree)
+    out = []
+    for (path, axes), shaped in zip(flat_axes, flat_shapes, strict=True):
+        spec = logical_to_spec(axes, rules)
+        _check_divisible(jax.tree_util.keystr(path), tuple(shaped.shape), spec, mesh)
+        out.append(NamedSharding(mesh, spec))
+    return jax.tree.unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, Any]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: Mapping[str, Any], what: str = "train.batch_size") -> None:
+    spec = logical_to_spec(("batch",), rules)[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    ways = math.prod(mesh.shape[n] for n in names)
+    if batch_size % ways:
+        raise ValueError(f"{what}={batch_size} cannot be split over {ways} batch shards ({'x'.join(names)}): "
+                         f"use a multiple of {ways}")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

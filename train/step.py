@@ -1,0 +1,134 @@
+"""The pure training and evaluation steps, and the sharded train state they run on.
+
+State is a plain dict ``{"params", "opt_state", "step"}`` of arrays (what Orbax saves). Steps are
+compiled once with ``jax.jit`` using in/out shardings derived from the logical-axis rules, with the
+state donated so parameters and optimizer moments are updated in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from qkv.model import ModelConfig, abstract_model, create_model, logical_axes, param_metadata, split_params
+
+from .config import OptimConfig
+from .sharding import batch_sharding, replicated, tree_shardings
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    peak, final = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, final, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; ``decay_mask`` (True per weight matrix) spares norms and biases."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0) -> jax.Array:
+    """Per-token cross-entropy −log softmax(logits)[target] (+ z_loss · logZ²), float32 [B, T]."""
+    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
+
+
+def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None,
+                     z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token losses, number of target tokens) for one batch."""
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(token_losses(logits, batch["targets"], z_loss) * mask), jnp.sum(mask)
+
+
+@dataclass
+class Trainer:
+    """Everything needed to build, shard and step one model; created once per run."""
+
+    model_cfg: ModelConfig
+    optim_cfg: OptimConfig
+    mesh: Mesh
+    rules: dict[str, Any]
+    total_steps: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        abstract = abstract_model(self.model_cfg)
+        self.graphdef, abstract_params = split_params(abstract)
+        self.param_axes = logical_axes(abstract)
+        self.tx = make_optimizer(self.optim_cfg, self.total_steps, param_metadata(abstract, "weight_decay"))
+        self.param_shardings = tree_shardings(self.param_axes, abstract_params, self.mesh, self.rules)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        # Optimizer moments shard like their parameters; counters are replicated.
+        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+                                              transform_non_params=lambda _: replicated(self.mesh))
+        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
+                                "step": replicated(self.mesh)}
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            {"params": abstract_params, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
+            self.state_shardings)
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+                                 out_shardings=replicated(self.mesh))
+
+    def init_state(self) -> State:
+        """Fresh parameters and optimizer state, created directly in their shards."""
+        def init() -> State:
+            _, params = split_params(create_model(self.model_cfg, self.seed))
+            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+
+        return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        accum = self.optim_cfg.grad_accum
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        step_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def micro_grads(carry, xs):
+            micro_batch, i = xs
+            def loss_fn(params):
+                loss_sum, _ = forward_loss_sum(self.graphdef, params, micro_batch, jax.random.fold_in(step_key, i),
+                                               self.optim_cfg.z_loss)
+                return loss_sum / n_tokens  # normalised by the whole batch, so micro-grads simply add up
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, state["params"]))
+        (loss, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(accum)))
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_tokens,
+                   "lr": learning_rate_schedule(self.optim_cfg, self.total_steps)(state["step"])}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        loss_sum, count = forward_loss_sum(self.graphdef, params, batch, None)
+        return {"loss_sum": loss_sum, "tokens": count}
+
+    def put_batch(self, batch: dict[str, Any]) -> Batch:
+        """This process's rows of the global batch, assembled into one globally sharded array each."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
