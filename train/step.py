@@ -61,6 +61,15 @@ def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_
     return jnp.sum(token_losses(logits, batch["targets"], z_loss) * mask), jnp.sum(mask)
 
 
+def abstract_params(model_cfg: ModelConfig, mesh: Mesh, rules: dict[str, Any]) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, params as ShapeDtypeStructs carrying their shardings, the model's weight-decay mask)."""
+    abstract = abstract_model(model_cfg)
+    graphdef, shapes = split_params(abstract)
+    shardings = tree_shardings(logical_axes(abstract), shapes, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return graphdef, params, param_metadata(abstract, "weight_decay")
+
+
 @dataclass
 class Trainer:
     """Everything needed to build, shard and step one model; created once per run."""
@@ -73,12 +82,10 @@ class Trainer:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        abstract = abstract_model(self.model_cfg)
-        self.graphdef, abstract_params = split_params(abstract)
-        self.param_axes = logical_axes(abstract)
-        self.tx = make_optimizer(self.optim_cfg, self.total_steps, param_metadata(abstract, "weight_decay"))
-        self.param_shardings = tree_shardings(self.param_axes, abstract_params, self.mesh, self.rules)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        self.graphdef, params, decay_mask = abstract_params(self.model_cfg, self.mesh, self.rules)
+        self.tx = make_optimizer(self.optim_cfg, self.total_steps, decay_mask)
+        self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
+        abstract_opt = jax.eval_shape(self.tx.init, params)
         # Optimizer moments shard like their parameters; counters are replicated.
         opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
                                               transform_non_params=lambda _: replicated(self.mesh))
@@ -86,7 +93,7 @@ class Trainer:
                                 "step": replicated(self.mesh)}
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            {"params": abstract_params, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
+            {"params": params, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
             self.state_shardings)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),

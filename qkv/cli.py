@@ -1,0 +1,205 @@
+"""The ``qkv`` command: one entry point, a subcommand per job.
+
+    qkv pretrain [CONFIG] [key=value ...]        train (or resume) a model; default: the tiny preset
+    qkv evaluate --checkpoint RUN_DIR            validation loss and perplexity of a checkpoint
+    qkv generate --checkpoint RUN_DIR --prompt TEXT
+    qkv tokenizer train|encode|decode ...
+    qkv config [CONFIG] [key=value ...]           print the resolved configuration
+
+Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2
+(set QKV_DEBUG=1 for the full traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first argument is a preset or YAML path unless it is already a key=value override."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_pretrain(ns: argparse.Namespace) -> int:
+    from qkv.train.config import load_config
+
+    source, overrides = _split_config_args(ns.args)
+    cfg = load_config(source, overrides)
+    from qkv.train.loop import pretrain
+
+    summary = pretrain(cfg)
+    printable = {k: v for k, v in summary.items() if k != "sample"}
+    print(json.dumps(printable, indent=None, default=str))
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from qkv.train.config import load_config
+
+    source, overrides = _split_config_args(ns.args)
+    print(yaml.safe_dump(load_config(source, overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from qkv.train.config import parse_override
+    from qkv.train.loop import evaluate
+
+    overrides: dict = {}
+    for text in ns.overrides:
+        key, value = parse_override(text)
+        if "." not in key:
+            raise ValueError(f"override {text!r} must name a section, e.g. data.eval_batches=0")
+        section, name = key.split(".", 1)
+        overrides.setdefault(section, {})[name] = value
+    _require_dir(ns.checkpoint)
+    print(json.dumps(evaluate(ns.checkpoint, overrides)))
+    return 0
+
+
+def _require_dir(path: str) -> None:
+    if not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist: pass the train.run_dir of a run")
+
+
+def _read_prompts(ns: argparse.Namespace) -> list[str]:
+    prompts = list(ns.prompt or [])
+    if ns.prompt_file:
+        path = Path(ns.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {ns.prompt_file!r} does not exist")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from qkv.model.decode import SamplingConfig
+
+    prompts = _read_prompts(ns)
+    settings = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                    top_p=ns.top_p, seed=ns.seed)
+    SamplingConfig(**settings)  # validate before the slow part
+    _require_dir(ns.checkpoint)
+    from qkv.api import load
+
+    lm = load(ns.checkpoint, ns.step)
+    if len(prompts) == 1 and not ns.no_stream:
+        sys.stdout.write(prompts[0])
+        for piece in lm.stream(prompts[0], **settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for prompt, completion in zip(prompts, lm.generate(prompts, **settings)):
+        print(prompt + completion)
+        print("-" * 40)
+    return 0
+
+
+def cmd_tokenizer(ns: argparse.Namespace) -> int:
+    from qkv.data import Tokenizer, open_text_source, train_tokenizer
+
+    if ns.tok_command == "train":
+        kind = "stdlib" if ns.input is None else ("jsonl" if ns.input.endswith(".jsonl") else "files")
+        source = open_text_source(kind, ns.input, "train", Path(ns.data_dir).expanduser())
+        n = min(ns.documents, len(source))
+        texts = source.__getitems__(list(range(n)))
+        path = train_tokenizer(texts, ns.output, vocab_size=ns.vocab_size, model_type=ns.model_type)
+        print(f"wrote {path} ({Tokenizer.load(path).vocab_size} pieces, trained on {n} documents)")
+        return 0
+    if not Path(ns.model).is_file():
+        raise FileNotFoundError(f"tokenizer model {ns.model!r} does not exist: train one with qkv tokenizer train")
+    tok = Tokenizer.load(ns.model)
+    if ns.tok_command == "encode":
+        text = sys.stdin.read() if ns.text == "-" else ns.text
+        print(" ".join(str(i) for i in tok.encode(text)))
+    else:
+        try:
+            ids = [int(x) for x in " ".join(ns.ids).replace(",", " ").split()]
+        except ValueError:
+            raise ValueError("decode takes integer token ids, e.g. qkv tokenizer decode --model M 12 7 99") from None
+        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
+        sys.stdout.write(tok.decode(ids))
+        sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qkv", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train (or resume) a language model")
+    p.add_argument("args", nargs="*", help="[CONFIG: preset name or YAML path] [section.key=value ...]")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    p.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory written by qkv pretrain")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.eval_batches=0 (whole split)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory written by qkv pretrain")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer, encode, decode")
+    tsub = p.add_subparsers(dest="tok_command", required=True)
+    t = tsub.add_parser("train")
+    t.add_argument("--output", required=True, help="model prefix: writes PREFIX.model")
+    t.add_argument("--input", help="directory, glob or .jsonl (default: this Python's standard library)")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--model-type", choices=["bpe", "unigram", "char"], default="bpe")
+    t.add_argument("--documents", type=int, default=2000, help="documents to train on")
+    t.add_argument("--data-dir", default="~/.cache/qkv/tfds")
+    t = tsub.add_parser("encode")
+    t.add_argument("--model", required=True)
+    t.add_argument("text", help="text to encode, or - for standard input")
+    t = tsub.add_parser("decode")
+    t.add_argument("--model", required=True)
+    t.add_argument("ids", nargs="+")
+    p.set_defaults(func=cmd_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        if os.environ.get("QKV_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        print(f"qkv: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qkv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
