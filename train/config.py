@@ -64,7 +64,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/tiny"
-    steps: int = 300
+    steps: int = 300  # length of the run (sets the learning-rate schedule)
+    stop_at_step: int = 0  # stop early at this step with a checkpoint (0: run to train.steps); rerun to resume
     batch_size: int = 16  # global, across all devices and processes
     seed: int = 0
     log_every: int = 10
@@ -100,6 +101,8 @@ class Config:
             raise ValueError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
         if self.data.source == "tfds" and not self.data.tfds_name:
             raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. lm1b)")
+        if self.train.stop_at_step < 0:
+            raise ValueError(f"train.stop_at_step={self.train.stop_at_step} must be >= 0 (0 runs to train.steps)")
         for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self.train, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self.train, key)} must be a positive integer")

@@ -179,14 +179,15 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
     start = int(jax.device_get(state["step"]))
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
+    end = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps)
     bar = _progress(cfg, start)
     pending: list[dict[str, jax.Array]] = []
-    window_start, last = time.time(), {}
-    for step in range(start, cfg.train.steps):
+    window_start, last, ev = time.time(), {}, None
+    for step in range(start, end):
         state, metrics = trainer.train_step(state, trainer.put_batch(next(data_iter)))
         pending.append(metrics)
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.log_every == 0 or done == end:
             host = jax.device_get(pending)  # the only host sync in the loop
             elapsed = time.time() - window_start
             tokens = sum(float(m["tokens"]) for m in host)
@@ -199,13 +200,13 @@ def pretrain(cfg: Config) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
-        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.eval_every == 0 or done == end:
             ev = run_eval(trainer, state["params"], cfg, val_source, tok)
             writer.write(done, ev, prefix="eval")
             _bar_write(bar, f"step {done}: train loss {last.get('loss', float('nan')):.4f}, "
                             f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}")
             window_start = time.time()  # evaluation time is not training throughput
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.checkpoint_every == 0 or done == end:
             checkpoint.save(mngr, state, meta_now())
     if bar is not None:
         bar.close()
@@ -215,9 +216,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"step": int(jax.device_get(state["step"])), "params": n_params,
                                "run_dir": str(run_dir), **{f"train_{k}": v for k, v in last.items()}}
-    if start < cfg.train.steps or not last:
-        final = run_eval(trainer, state["params"], cfg, val_source, tok)
-        summary.update(val_loss=final["loss"], val_perplexity=final["perplexity"])
+    ev = ev or run_eval(trainer, state["params"], cfg, val_source, tok)  # the loop's last step always evaluates
+    summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
     if cfg.train.sample_tokens > 0:
         summary["sample"] = sample_text(trainer, state["params"], tok, cfg.train.sample_prompt, cfg.train.sample_tokens)
         log("sample:\n" + summary["sample"])

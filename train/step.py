@@ -128,7 +128,7 @@ class Trainer:
         (loss, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(accum)))
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_tokens,
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens,
                    "lr": learning_rate_schedule(self.optim_cfg, self.total_steps)(state["step"])}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
