@@ -1,0 +1,243 @@
+"""SentencePiece tokenizer for code and text, with an exact round trip.
+
+`train_tokenizer` trains a BPE/unigram/char model whose settings keep every byte of the input:
+identity normalisation, no whitespace collapsing, no dummy prefix, byte fallback for characters the
+vocabulary lacks, and "\n" as a user-defined piece. SentencePiece's trainer reads "sentences", so
+documents are fed line by line (each line keeps its "\n"); very long lines are cut into pieces that
+fit the trainer's sentence limit instead of being silently dropped by it.
+
+`Tokenizer` wraps a trained model. Its serialized proto (`to_bytes`) is the whole tokenizer, so it
+can travel inside checkpoints. Special ids are fixed: pad=0, unk=1, bos=2, eos=3.
+
+One SentencePiece quirk needs a workaround: it represents spaces with U+2581 ("▁"), so a literal
+"▁" in the input would decode as a space. `Tokenizer.encode` therefore emits a literal "▁" as
+its three UTF-8 byte pieces, which decode back to "▁" (byte pieces bypass the space mapping).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram", "char")
+
+# SentencePiece's internal whitespace marker; a literal one in user text must not become a space.
+_SPM_SPACE = "\u2581"
+# The trainer skips sentences longer than this many bytes; we cut lines to fit (4 bytes/char max).
+_MAX_SENTENCE_BYTES = 16384
+_MAX_SENTENCE_CHARS = _MAX_SENTENCE_BYTES // 4
+# The trained model depends on the trainer's thread count (seen with BPE: 1 vs 2 threads gave
+# different models), so it is fixed rather than taken from the machine, for reproducibility.
+_TRAIN_THREADS = 4
+
+
+def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Yields each text's lines (keeping "\n"), cutting long lines into <= max_chars pieces."""
+    for text in texts:
+        for line in text.splitlines(keepends=True):
+            # splitlines also breaks on \r, \x0b, \x0c, \x1c-\x1e, \x85, \u2028, \u2029; that only
+            # changes how the trainer counts, never what the model can encode.
+            for start in range(0, len(line), max_chars):
+                yield line[start : start + max_chars]
+
+
+def _sample_lines(lines: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of k lines (all of them if fewer), reproducible from the seed.
+
+    Done here rather than by SentencePiece's own input_sentence_size sampling, whose result did
+    not change with `set_random_generator_seed` in sentencepiece 0.2.3.
+    """
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for i, line in enumerate(lines):
+        if i < k:
+            sample.append(line)
+        else:
+            j = rng.randrange(i + 1)  # reservoir sampling (Algorithm R)
+            if j < k:
+                sample[j] = line
+    return sample
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    model_prefix: str | Path,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+) -> Path:
+    """Trains a SentencePiece model on `texts`, writes `{model_prefix}.model`, returns its path.
+
+    `max_sentences` caps how many lines the trainer sees (a uniform sample drawn with `seed`
+    when the corpus has more). `vocab_size` is a soft limit: a small corpus yields a smaller
+    vocabulary instead of an error. The same texts and seed give the same model bytes.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"tokenizer model_type {model_type!r} is not supported: use one of {MODEL_TYPES}"
+        )
+    if vocab_size < 300:
+        # 4 specials + "\n" + 256 byte pieces must fit, with room for real pieces.
+        raise ValueError(f"tokenizer vocab_size {vocab_size} is too small: use at least 300")
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences={max_sentences}: use a positive number of lines")
+    lines = (line for line in _training_lines(texts, _MAX_SENTENCE_CHARS) if line)
+    sample = _sample_lines(lines, max_sentences, seed)
+    if not sample:
+        raise ValueError("tokenizer corpus is empty: pass at least one non-empty text")
+
+    spm.set_random_generator_seed(seed)
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample),
+        model_writer=writer,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        input_sentence_size=0,  # already sampled above
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        num_threads=_TRAIN_THREADS,
+        minloglevel=2,
+    )
+    path = Path(f"{model_prefix}.model")
+    _atomic_write(path, writer.getvalue())
+    return path
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Writes bytes to a temp file beside `path`, then renames, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer:
+    """A trained SentencePiece model with exact encode/decode and fixed special ids."""
+
+    def __init__(self, model_proto: bytes):
+        self._proto = bytes(model_proto)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self._check_specials()
+        # Byte pieces that spell a literal "▁" (see module docstring).
+        self._space_marker_ids = [
+            self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPM_SPACE.encode("utf-8")
+        ]
+        self._skip_ids = frozenset({PAD_ID, BOS_ID, EOS_ID})
+
+    def _check_specials(self) -> None:
+        expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
+        found = {i: self._sp.id_to_piece(i) for i in expected}
+        if found != expected or not self._sp.IsByte(self._sp.piece_to_id("<0x41>")):
+            raise ValueError(
+                "tokenizer model lacks qkv's special ids or byte fallback "
+                f"(found {found}): train it with qkv.data.train_tokenizer"
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Loads a `.model` file written by `train_tokenizer` or `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer model '{path}' does not exist: train one with train_tokenizer "
+                "or pass the path of a .model file"
+            )
+        return cls(path.read_bytes())
+
+    @classmethod
+    def from_bytes(cls, model_proto: bytes) -> Tokenizer:
+        """Builds a tokenizer from a serialized model proto (e.g. one stored in a checkpoint)."""
+        return cls(model_proto)
+
+    def to_bytes(self) -> bytes:
+        """Returns the serialized model proto; `from_bytes` of it encodes identically."""
+        return self._proto
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the model proto to `path` atomically and returns the path."""
+        path = Path(path)
+        _atomic_write(path, self._proto)
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without bos/eos."""
+        if _SPM_SPACE not in text:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_SPM_SPACE)):
+            if i:
+                ids.extend(self._space_marker_ids)
+            if part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text (one SentencePiece call when no text needs the "▁" workaround)."""
+        texts = list(texts)
+        if any(_SPM_SPACE in t for t in texts):
+            return [self.encode(t) for t in texts]
+        return self._sp.encode(texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, skipping pad/bos/eos; `decode(encode(s)) == s` for any str s."""
+        kept = [int(i) for i in ids if int(i) not in self._skip_ids]
+        return self._sp.decode(kept)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
