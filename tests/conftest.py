@@ -8,3 +8,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """About 40 standard-library modules copied into a directory: a small, real code corpus."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus")
+    picks = sorted(p for p in root.glob("*.py") if 2_000 < p.stat().st_size < 20_000)[:40]
+    for p in picks:
+        shutil.copy(p, out / p.name)
+    return out

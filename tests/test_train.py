@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import sysconfig
 from pathlib import Path
 
 import jax
@@ -21,17 +19,6 @@ from qkv.train.step import Trainer
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "data.eval_batches=2",
         "train.progress=false", "train.sample_tokens=0", "tokenizer.train_documents=40"]
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """About 40 standard-library modules copied into a directory: a small, real code corpus."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = tmp_path_factory.mktemp("corpus")
-    picks = sorted(p for p in root.glob("*.py") if 2_000 < p.stat().st_size < 20_000)[:40]
-    for p in picks:
-        shutil.copy(p, out / p.name)
-    return out
 
 
 def tiny_config(corpus: Path, run_dir: Path, *extra: str):
@@ -204,6 +191,8 @@ def test_flops_per_token_matches_xla_cost_analysis():
 
     compiled = jax.jit(jax.grad(loss)).lower(trainer.abstract_state["params"], batch).compile()
     xla = compiled.cost_analysis()["flops"]
-    analytic = flops_per_token(cfg.model, 32) * 8 * 32
-    print(xla, analytic)
-    assert abs(xla - analytic) / analytic < 0.15, (xla, analytic)
+    m = cfg.model
+    analytic = flops_per_token(m, 32) * 8 * 32
+    # XLA also multiplies the masked half of every attention matrix, which the causal count skips.
+    masked_half = 6 * m.n_layers * m.n_heads * m.head_size * 32 * 8 * 32
+    assert abs(xla - (analytic + masked_half)) / (analytic + masked_half) < 0.10, (xla, analytic)
