@@ -33,14 +33,12 @@ def abstract_model(cfg: ModelConfig) -> nnx.Module:
 def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
     """(graphdef, params) with params a plain nested dict of arrays: what training and Orbax see."""
     graphdef, state = nnx.split(model)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def param_metadata(model: nnx.Module, name: str) -> dict[str, Any]:
     """A tree matching ``split_params(model)[1]`` holding each parameter's ``name`` metadata."""
-    state = nnx.state(model)
-    values = jax.tree.map(lambda v: v.get_metadata()[name], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.State(values).to_pure_dict() if not isinstance(values, dict) else values
+    return nnx.to_pure_dict(nnx.state(model), extract_fn=lambda v: v.get_metadata()[name])
 
 
 def logical_axes(model: nnx.Module) -> dict[str, Any]:
