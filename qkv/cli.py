@@ -5,6 +5,8 @@
     qkv generate --checkpoint RUN_DIR --prompt TEXT
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
+    qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
+    qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
 
 Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2
 (set QKV_DEBUG=1 for the full traceback).
@@ -137,6 +139,19 @@ def cmd_tokenizer(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(ns: argparse.Namespace) -> int:
+    from qkv.launch.local import launch_local
+
+    return launch_local(ns.command, ns.processes, ns.devices_per_process, timeout_s=ns.timeout,
+                        all_output=ns.all_output)
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from qkv.train.plan import main as plan_main
+
+    return plan_main(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True)
     t.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("launch", help="run a qkv subcommand as several cooperating JAX processes")
+    lsub = p.add_subparsers(dest="launcher", required=True)
+    t = lsub.add_parser("local", help="N processes on this machine (CPU devices), for multi-host code paths")
+    t.add_argument("--processes", type=int, required=True)
+    t.add_argument("--devices-per-process", type=int, default=1, help="virtual CPU devices in each process")
+    t.add_argument("--timeout", type=float, default=None, help="seconds before every process is stopped")
+    t.add_argument("--all-output", action="store_true", help="stream every process's output, prefixed [N]")
+    t.add_argument("command", nargs=argparse.REMAINDER, help="-- SUBCOMMAND [ARGS]: e.g. -- pretrain tiny")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("plan", help="per-device memory of a model on a mesh, from an ahead-of-time compile")
+    p.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
+    p.add_argument("--mesh", default=None, help="axis sizes, e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
+    p.add_argument("--device", default=None, help="check the fit on this device, e.g. h100, tpu-v5e (default: all)")
+    p.add_argument("--analytic", action="store_true", help="skip the compile: analytic estimate only")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
