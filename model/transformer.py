@@ -18,9 +18,11 @@ from flax import nnx
 
 from .attention import Attention, attention_mask
 from .config import ModelConfig
+from .constrain import constrain
 from .layers import Mlp, Norm, dropout, param, rope_angles, sinusoidal_embedding
 
 Cache = dict[str, jax.Array]
+RESIDUAL = ("batch", "length", "activation_embed")  # logical axes of the residual stream (layout hints only)
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
@@ -103,6 +105,7 @@ class Transformer(nnx.Module):
             k_segments_bs = jax.lax.dynamic_update_slice(cache["segments"], segment_ids_bt, (0, index))
             kv = (cache["k"], cache["v"])
         mask_bts = attention_mask(q_slots_bt, segment_ids_bt, k_segments_bs)
+        x_btd = constrain(x_btd, RESIDUAL)
         x_btd, kv = self._run_blocks(x_btd, mask_bts, rope, kv, index, keys)
 
         if cfg.norm_position == "pre":
@@ -111,6 +114,7 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(dtype))
         else:
             logits = jnp.einsum("btd,dv->btv", x_btd, self.lm_head[...].astype(dtype))
+        logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None if cache is None else {"k": kv[0], "v": kv[1], "segments": k_segments_bs, "index": index + t}
         return logits.astype(jnp.float32), new_cache
 
@@ -119,7 +123,8 @@ class Transformer(nnx.Module):
 
         def layer(x, xs):
             params, layer_kv, key = xs
-            return nnx.merge(graphdef, params)(x, mask, rope, layer_kv, index, key)
+            x, layer_kv = nnx.merge(graphdef, params)(x, mask, rope, layer_kv, index, key)
+            return constrain(x, RESIDUAL), layer_kv
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)

@@ -5,7 +5,10 @@ which mesh axis shards it. Batches shard over ``data`` and ``fsdp``; under ``fsd
 optimizer state are split too (ZeRO-3 style), and ``tensor`` splits heads and the MLP width.
 
 The mesh uses ``AxisType.Auto`` on purpose: jit gets explicit in/out shardings and XLA's
-partitioner propagates the rest, so model code needs no sharding annotations to be correct.
+partitioner propagates the rest, so model code needs no sharding annotations to be correct. The
+model does name a few activations' axes (``qkv.model.constrain``: the residual stream between
+blocks, the logits); ``activation_layout`` turns those names into sharding constraints while the
+train step is traced, so XLA keeps batch-sharded activations where it could otherwise wander.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "position": None,
+    "activation_embed": None,  # the residual stream's model dimension (not "embed": that one shards weights)
 }
 
 
@@ -88,14 +92,16 @@ def logical_to_spec(axes: tuple[str | None, ...], rules: Mapping[str, Any]) -> P
     return PartitionSpec(*spec)
 
 
-def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
+def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh,
+                     logical: tuple[str | None, ...] = ()) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec)):
         names = (entry,) if isinstance(entry, str) else tuple(entry or ())
         ways = math.prod(mesh.shape[n] for n in names)
         if size % ways:
             axes = "x".join(f"{n}={mesh.shape[n]}" for n in names)
+            what = f" ({logical[dim]})" if dim < len(logical) and logical[dim] else ""
             raise ValueError(
-                f"{path} dimension {dim} of size {size} cannot be split over mesh axes {axes} ({ways} ways): "
+                f"{path} dimension {dim}{what} of size {size} cannot be split over mesh axes {axes} ({ways} ways): "
                 "choose mesh sizes that divide it, or change mesh.rules"
             )
 
@@ -107,7 +113,7 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Mapping[
     out = []
     for (path, axes), shaped in zip(flat_axes, flat_shapes, strict=True):
         spec = logical_to_spec(axes, rules)
-        _check_divisible(jax.tree_util.keystr(path), tuple(shaped.shape), spec, mesh)
+        _check_divisible(jax.tree_util.keystr(path), tuple(shaped.shape), spec, mesh, axes)
         out.append(NamedSharding(mesh, spec))
     return jax.tree.unflatten(treedef, out)
 
@@ -123,6 +129,19 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Mapping[str, Any], what: str
     if batch_size % ways:
         raise ValueError(f"{what}={batch_size} cannot be split over {ways} batch shards ({'x'.join(names)}): "
                          f"use a multiple of {ways}")
+
+
+def activation_layout(mesh: Mesh, rules: Mapping[str, Any]):
+    """The context in which the model's ``constrain`` hints become sharding constraints on ``mesh``."""
+    from qkv.model.constrain import activation_layout as layout
+
+    def to_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
+        # A hint, not a requirement: a dimension the mesh cannot divide (a small micro-batch) stays unsplit.
+        spec = [e if size % math.prod(mesh.shape[n] for n in ((e,) if isinstance(e, str) else e or ())) == 0
+                else None for size, e in zip(shape, logical_to_spec(axes, rules))]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return layout(to_sharding)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from qkv.model import ModelConfig, abstract_model, create_model, logical_axes, param_metadata, split_params
 
 from .config import OptimConfig
-from .sharding import batch_sharding, replicated, tree_shardings
+from .sharding import activation_layout, batch_sharding, replicated, tree_shardings
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -110,6 +110,10 @@ class Trainer:
         return jax.jit(init, out_shardings=self.state_shardings)()
 
     def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        with activation_layout(self.mesh, self.rules):  # the model's layout hints apply while tracing
+            return self._train_step_body(state, batch)
+
+    def _train_step_body(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         accum = self.optim_cfg.grad_accum
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         step_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
@@ -133,7 +137,8 @@ class Trainer:
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        loss_sum, count = forward_loss_sum(self.graphdef, params, batch, None)
+        with activation_layout(self.mesh, self.rules):
+            loss_sum, count = forward_loss_sum(self.graphdef, params, batch, None)
         return {"loss_sum": loss_sum, "tokens": count}
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
