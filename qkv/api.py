@@ -27,7 +27,7 @@ from qkv.train.step import abstract_params
 @dataclass
 class LanguageModel:
     config: Config
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for converted checkpoints that came without a SentencePiece model
     graphdef: nnx.GraphDef
     params: Any
     step: int
@@ -43,7 +43,7 @@ class LanguageModel:
         mesh = make_mesh(MeshConfig())  # all local devices on the data axis: parameters replicated
         graphdef, params, _ = abstract_params(cfg.model, mesh, resolve_rules(cfg.mesh.rules))
         state, meta = checkpoint.restore(run_dir, {"params": params}, meta["step"], with_optimizer=False)
-        tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
+        tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"])) if "tokenizer" in meta else None
         return cls(cfg, tok, graphdef, state["params"], int(meta["step"]))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
@@ -60,7 +60,10 @@ class LanguageModel:
                                   max_new_tokens=max_new_tokens, seed=seed)
         return Decoder(self.config.model, self.graphdef, sampling)
 
-    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """BOS + token ids per prompt; refuses empty prompts and checkpoints without a tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH.model")
         if any(not p for p in prompts):
             raise ValueError("empty prompt: give at least one character of text")
         return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
@@ -70,7 +73,7 @@ class LanguageModel:
         """Completions (without the prompt) for one or several prompts, decoded in one batch."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
-        rows = decoder.generate(self.params, self._prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
+        rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
         return [self.tokenizer.decode(r) for r in rows]
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
@@ -79,7 +82,7 @@ class LanguageModel:
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
         ids: list[int] = []
         shown = ""
-        for tokens in decoder.stream(self.params, self._prompt_ids([prompt]), self.tokenizer.pad_id,
+        for tokens in decoder.stream(self.params, self.prompt_ids([prompt]), self.tokenizer.pad_id,
                                      self.tokenizer.eos_id):
             token = int(tokens[0])
             if token in (self.tokenizer.eos_id, self.tokenizer.pad_id):
