@@ -159,7 +159,7 @@ def test_every_preset_parses_and_builds_its_shapes(name):
     cfg = load_config(name)
     graphdef, params = split_params(abstract_model(cfg.model))
     n = count_params(params)
-    expected = {"tiny": 1.57e6, "gpt2-small": 124.48e6, "llama-1b": 1.236e9}
+    expected = {"tiny": 1.57e6, "gpt2-small": 124.48e6, "llama-1b": 1.236e9, "llama-8b": 8.03e9, "llama-70b": 70.55e9}
     assert abs(n - expected[name]) / expected[name] < 0.01, (name, n)
     # The whole train state (parameters + AdamW moments) also builds abstractly on one device.
     trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10)
