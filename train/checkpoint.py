@@ -7,16 +7,30 @@ Each step directory holds three items, so readers take only what they need (gene
 - ``opt_state`` optimizer moments and counters,
 - ``meta``      JSON: step, the resolved config, the data-iterator state and the tokenizer model.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
-never leaves a step that looks finished; ``latest_step`` only sees complete steps.
+Orbax writes each step into a temporary directory (``<step>.orbax-checkpoint-tmp-*``) and renames it
+when complete, so a crash mid-save never leaves a step that looks finished; ``latest_step`` only sees
+complete steps, and the writing manager removes leftover temporary directories when it opens. Old
+steps are deleted (``keep``) only after the newer step's commit has finished.
+
+``meta`` also holds a checksum of every array (the wrapping uint32 sum of its bits), so a step whose
+files were truncated, deleted or bit-flipped after the save is refused at restore
+(:class:`DamagedCheckpoint`) instead of half-loaded. Nothing here unpickles: arrays are TensorStore
+(zarr/OCDBT) files and everything else is JSON.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -26,8 +40,14 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).expanduser().resolve() / CHECKPOINT_SUBDIR
 
 
-def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
+class DamagedCheckpoint(ValueError):
+    """A checkpoint step that exists but cannot be restored whole (truncated, deleted or altered files)."""
+
+
+def manager(run_dir: str | Path, keep: int = 3, create: bool = True, writer: bool = False) -> ocp.CheckpointManager:
+    """``writer=True`` (the one manager that saves) removes half-written temporary step directories."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=writer)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
@@ -41,21 +61,74 @@ def decode_tokenizer(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"))
 
 
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The wrapping uint32 sum of an array's bit patterns: any single flipped bit changes it."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = x.dtype.itemsize * 8
+    if width > 32:
+        raise TypeError(f"no checksum for {x.dtype}")
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}"))
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums_and_finite(tree: Any) -> tuple[Any, jax.Array]:
+    sums = jax.tree.map(_bits_u32, tree)
+    floats = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sums, jnp.all(jnp.stack(floats)) if floats else jnp.bool_(True)
+
+
+def checksums(tree: Any) -> tuple[dict[str, int], bool]:
+    """({'path': uint32 checksum} for every array, whether every float is finite) in one device pass."""
+    sums, finite = jax.device_get(_checksums_and_finite(tree))
+    flat = jax.tree_util.tree_flatten_with_path(sums)[0]
+    return {jax.tree_util.keystr(path): int(v) for path, v in flat}, bool(finite)
+
+
+class NonFiniteState(ValueError):
+    """Refusal to save a state holding NaN or Inf."""
+
+
 def save(mngr: ocp.CheckpointManager, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Start an asynchronous save of ``state`` at its step; training continues while it writes."""
+    """Start an asynchronous save of ``state`` at its step; training continues while it writes.
+
+    The arrays' checksums go into ``meta`` (verified on restore); a state with a NaN or Inf anywhere in
+    its parameters or optimizer moments raises :class:`NonFiniteState` and is never written.
+    """
     step = int(jax.device_get(state["step"]))
+    sums, finite = checksums({"params": state["params"], "opt_state": state["opt_state"]})
+    if not finite:
+        raise NonFiniteState(f"the state at step {step} holds NaN or Inf values; not saving it")
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
-        meta=ocp.args.JsonSave({**meta, "step": step}),
+        meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums}),
     ))
 
 
 def latest_step(run_dir: str | Path) -> int | None:
+    steps = all_steps(run_dir)
+    return steps[-1] if steps else None
+
+
+def all_steps(run_dir: str | Path) -> list[int]:
+    """Complete (renamed, not temporary) step directories, oldest first."""
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
-        return None
-    return manager(run_dir, create=False).latest_step()
+        return []
+    return sorted(manager(run_dir, create=False).all_steps())
+
+
+def set_aside(run_dir: str | Path, step: int) -> Path:
+    """Move a damaged step out of ``checkpoints/`` (to ``damaged-checkpoints/``) so it is kept for
+    inspection but never restored or overwritten; returns its new place."""
+    source = checkpoint_dir(run_dir) / str(step)
+    target = Path(run_dir).expanduser().resolve() / "damaged-checkpoints" / f"{step}-{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(target))
+    return target
 
 
 def read_meta(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
@@ -78,26 +151,122 @@ def _shape_mismatch(abstract: Any, stored: Any) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_stderr_on_failure():
+    """Hold back what is written to file descriptor 2 while reading a step. When the read fails,
+    TensorStore callbacks racing Orbax's closed event loop print dozens of 'Event loop is closed'
+    tracebacks there; those are dropped (the failure is reported as one line instead). When the read
+    succeeds, whatever was written is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            time.sleep(0.2)  # let straggling callbacks finish printing into the held file
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0][:200]}" if text else err.__class__.__name__
+
+
 def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | None = None,
             with_optimizer: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) restored onto the shardings in ``abstract_state`` (ShapeDtypeStructs).
 
     Without the optimizer, ``state`` holds only ``params`` and ``step``. A checkpoint of another
-    model shape is refused with the first mismatching parameter named, never half-loaded.
+    model shape is refused with the first mismatching parameter named (ValueError); a step whose
+    files are missing, truncated or altered raises :class:`DamagedCheckpoint`; never half-loaded.
     """
     mngr = manager(run_dir, create=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}: train first with qkv pretrain")
-    stored = mngr.item_metadata(step)["params"]
-    problem = _shape_mismatch(abstract_state["params"], stored) if stored is not None else None
+    where = f"checkpoint {checkpoint_dir(run_dir)}/{step}"
+    try:
+        with _quiet_stderr_on_failure():
+            stored = mngr.item_metadata(step)["params"]
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean "unreadable"
+        raise DamagedCheckpoint(f"{where} is damaged: its array metadata cannot be read ({_first_line(err)})") from err
+    if stored is None:
+        raise DamagedCheckpoint(f"{where} is damaged: it has no params item")
+    problem = _shape_mismatch(abstract_state["params"], stored)
     if problem:
-        raise ValueError(f"checkpoint {checkpoint_dir(run_dir)}/{step} does not fit this model: {problem}")
+        raise ValueError(f"{where} does not fit this model: {problem}")
     items = {"params": ocp.args.StandardRestore(abstract_state["params"]), "meta": ocp.args.JsonRestore()}
     if with_optimizer:
         items["opt_state"] = ocp.args.StandardRestore(abstract_state["opt_state"])
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
-    state = {"params": restored["params"], "step": restored["meta"]["step"]}
+    try:
+        with _quiet_stderr_on_failure():
+            restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as err:  # noqa: BLE001
+        raise DamagedCheckpoint(f"{where} is damaged: {_first_line(err)}") from err
+    meta = restored["meta"]
+    expected = meta.get("checksums") if isinstance(meta, dict) else None
+    if expected:  # checkpoints written before checksums existed are restored unverified
+        tree = {"params": restored["params"]}
+        if with_optimizer:
+            tree["opt_state"] = restored["opt_state"]
+        got, _ = checksums(tree)
+        for key, value in got.items():
+            if expected.get(key) != value:
+                raise DamagedCheckpoint(f"{where} is damaged: {key} does not match the checksum written with it")
+    state = {"params": restored["params"], "step": meta["step"]}
     if with_optimizer:
         state["opt_state"] = restored["opt_state"]
-    return state, restored["meta"]
+    return state, meta
+
+
+def restore_newest_good(run_dir: str | Path, abstract_state: dict[str, Any],
+                        check_meta: Callable[[dict[str, Any]], None] = lambda meta: None,
+                        report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Restore the newest step that reads back whole; damaged newer steps are reported and set aside.
+
+    ``check_meta`` may refuse a readable step (raising ValueError): that stops the search, since it
+    means the run itself does not match (another model), not that a file is damaged. Returns None when
+    there are no steps; raises DamagedCheckpoint when there are steps but none is good.
+    """
+    steps = all_steps(run_dir)
+    problems = []
+    for step in reversed(steps):
+        try:
+            try:
+                meta = read_meta(run_dir, step)
+            except Exception as err:  # noqa: BLE001
+                raise DamagedCheckpoint(f"checkpoint {checkpoint_dir(run_dir)}/{step} is damaged: its meta "
+                                        f"cannot be read ({_first_line(err)})") from err
+            check_meta(meta)
+            state, meta = restore(run_dir, abstract_state, step)
+        except DamagedCheckpoint as err:
+            problems.append(str(err))
+            if jax.process_index() == 0:
+                moved = set_aside(run_dir, step)
+                report(f"skipping {err}; moved it to {moved}")
+            _sync(f"qkv_set_aside_{step}")
+            continue
+        return state, meta
+    if problems:
+        raise DamagedCheckpoint(f"no checkpoint in {checkpoint_dir(run_dir)} could be restored ({problems[0]}): "
+                                "the damaged steps were moved to damaged-checkpoints/; rerun to start afresh "
+                                "or restore the files from a backup")
+    return None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

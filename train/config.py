@@ -76,6 +76,39 @@ class TrainConfig:
     sample_tokens: int = 64
     progress: bool = True
     distributed: Literal["auto", "on", "off"] = "auto"  # initialise jax.distributed from the environment
+    skip_nonfinite: bool = False  # skip (do not apply) an update whose loss or gradient norm is NaN/Inf
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning; > 0: train only low-rank adapters (see docs/finetuning.md)
+    alpha: float = 16.0  # the adapter update is (alpha / rank) * A @ B
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # wq wk wv attn.wo wi wg mlp.wo, attention, mlp, all
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``qkv finetune``: SFT or DPO from an existing checkpoint (ignored by ``qkv pretrain``)."""
+
+    method: Literal["sft", "dpo"] = "sft"
+    init_from: str | None = None  # run directory to start from (params only; model config and tokenizer too)
+    init_step: int | None = None  # its checkpoint step (None: newest, fixed at the first start)
+    train_path: str | None = None  # JSONL file or glob
+    eval_path: str | None = None  # JSONL file or glob for evaluation (None: the first training examples)
+    overlong: Literal["error", "skip"] = "error"  # an example longer than data.seq_len: stop, or skip and count
+    dpo_beta: float = 0.1
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora.rank < 0 or self.lora.alpha <= 0:
+            raise ValueError(f"finetune.lora.rank={self.lora.rank} must be >= 0 and finetune.lora.alpha="
+                             f"{self.lora.alpha} > 0")
+        if not (isinstance(self.lora.targets, list) and self.lora.targets
+                and all(isinstance(t, str) for t in self.lora.targets)):
+            raise ValueError(f"finetune.lora.targets={self.lora.targets!r} must be a non-empty list of names, "
+                             "e.g. [wq, wv]")
+        if self.dpo_beta <= 0:
+            raise ValueError(f"finetune.dpo_beta={self.dpo_beta} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:

@@ -6,12 +6,18 @@ the newest complete checkpoint with the same data order, so the losses continue 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -58,8 +64,9 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_source) -> Tokenizer:
             picks = sorted(rng.choice(len(train_source), size=n, replace=False).tolist())
             texts = train_source.__getitems__(picks)
             started = time.time()
-            train_tokenizer(texts, run_dir / "tokenizer", vocab_size=cfg.model.vocab_size,
-                            model_type=cfg.tokenizer.model_type, seed=cfg.train.seed)
+            partial = train_tokenizer(texts, run_dir / ".tokenizer-partial", vocab_size=cfg.model.vocab_size,
+                                      model_type=cfg.tokenizer.model_type, seed=cfg.train.seed)
+            os.replace(partial, target)  # a crash mid-training never leaves a truncated tokenizer.model
             log(f"trained a {cfg.tokenizer.model_type} tokenizer on {n} documents in {time.time() - started:.1f}s")
         _sync("tokenizer")
     return Tokenizer.load(target)
@@ -131,47 +138,195 @@ def sample_text(trainer: Trainer, params: Any, tok: Tokenizer, prompt: str, max_
     return prompt + tok.decode(ids)
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after writing a checkpoint; rerun to resume
+EXIT_DIVERGED = 3  # the loss or gradient norm became NaN/Inf; the last good checkpoint is kept
+MAX_CONSECUTIVE_SKIPS = 20  # with train.skip_nonfinite: stop when this many steps in a row were skipped
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or Inf; nothing from that state was saved."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set a flag the loop reads between steps (finish the step, checkpoint, exit).
+
+    Installed only around the training loop, and only from the main thread; the previous handlers
+    come back afterwards. A second SIGINT stops at once (KeyboardInterrupt), as Ctrl-C twice should.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+class _StopAgreement:
+    """Whether every process should stop now: all processes must stop after the same step.
+
+    One process: the local flag, no cost. Several: each step contributes its flag to a tiny jitted
+    max over all devices, read one step later (so the host stays one step ahead of the devices
+    instead of waiting for each step); all processes read the same value at the same step.
+    """
+
+    def __init__(self, trainer: Trainer, signals: _StopSignals, rows: int) -> None:
+        self.signals, self.rows, self.trainer = signals, rows, trainer
+        self.multi = jax.process_count() > 1
+        self._inflight = None
+        if self.multi:
+            from .sharding import replicated
+            self._any = jax.jit(lambda f: jnp.max(f), out_shardings=replicated(trainer.mesh))
+
+    def poll(self) -> bool:
+        local = self.signals.signum is not None
+        if not self.multi:
+            return local
+        agreed = bool(jax.device_get(self._inflight)) if self._inflight is not None else False
+        flags = np.full((self.rows,), int(local), np.int32)
+        self._inflight = self._any(jax.make_array_from_process_local_data(self.trainer.batch_sharding, flags))
+        return agreed
+
+
+def _skipping_step(trainer: Trainer):
+    """The trainer's step, except that an update whose loss or gradient norm is NaN/Inf is not applied
+    (parameters and optimizer state stay as they were, all inside the compiled step: no host sync);
+    the step counter still advances, and ``metrics["skipped"]`` is 1 for such a step."""
+    from .sharding import replicated
+
+    def step(state, batch):
+        new, metrics = trainer._train_step(state, batch)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
+        new = {"params": jax.tree.map(keep, new["params"], state["params"]),
+               "opt_state": jax.tree.map(keep, new["opt_state"], state["opt_state"]), "step": new["step"]}
+        return new, {**metrics, "skipped": jnp.logical_not(ok).astype(jnp.int32)}
+
+    return jax.jit(step, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
+                   out_shardings=(trainer.state_shardings, replicated(trainer.mesh)), donate_argnums=0)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics records after ``step`` (written by a run that died before its next checkpoint), so
+    metrics.jsonl holds each step once after a resume. Replaced atomically."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write
+            dropped += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+        log(f"dropped {dropped} metrics records after step {step} (from an interrupted run)")
+
+
+def _nonfinite_message(cfg: Config, step: int, record: dict[str, Any], good_step: int | None, run_dir: Path) -> str:
+    what = "loss" if not math.isfinite(float(record["loss"])) else "gradient norm"
+    value = float(record["loss"] if what == "loss" else record["grad_norm"])
+    kept = (f"the last good checkpoint (step {good_step}) is kept in {checkpoint.checkpoint_dir(run_dir)}"
+            if good_step is not None else "no checkpoint was written")
+    return (f"{what} became {value} at step {step}; {kept}: lower optim.learning_rate (now "
+            f"{cfg.optim.learning_rate:g}), raise optim.warmup_steps or set optim.grad_clip, or set "
+            f"train.skip_nonfinite=true to skip such steps")
+
+
 def pretrain(cfg: Config) -> dict[str, Any]:
-    """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary of the final state."""
+    """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary of the final state.
+
+    Resumes from the newest checkpoint that reads back whole (damaged newer steps are set aside).
+    SIGTERM/SIGINT end the run after the current step with a checkpoint and ``summary["preempted"]``
+    set; a NaN/Inf loss or gradient norm raises :class:`TrainingDiverged` without saving that state.
+    """
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
-    train_source, val_source = open_split(cfg, "train"), open_split(cfg, "validation")
+    fresh_dir = not run_dir.exists()
+    try:
+        setup = _setup(cfg, run_dir)
+    except BaseException:
+        # A failed first start leaves nothing behind: no half-made run directory to trip the next one.
+        if fresh_dir and is_main_process() and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return _train(cfg, run_dir, *setup)
 
-    resume_step = checkpoint.latest_step(run_dir)
-    meta = checkpoint.read_meta(run_dir, resume_step) if resume_step is not None else None
-    if meta is not None:
-        _check_resumable(cfg, meta, run_dir)
+
+def _setup(cfg: Config, run_dir: Path):
+    train_source, val_source = open_split(cfg, "train"), open_split(cfg, "validation")
+    trainer = build_trainer(cfg)
+    restored = checkpoint.restore_newest_good(run_dir, trainer.abstract_state,
+                                              check_meta=lambda meta: _check_resumable(cfg, meta, run_dir),
+                                              report=log)
+    if restored is not None:
+        state, meta = restored
         tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
     else:
+        state, meta = None, None
         if is_main_process():
             run_dir.mkdir(parents=True, exist_ok=True)
         tok = prepare_tokenizer(cfg, run_dir, train_source)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={cfg.model.vocab_size}: "
                          f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
-    if is_main_process():
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    trainer = build_trainer(cfg)
     per_process = cfg.train.batch_size // jax.process_count()
     data_iter = iter(make_lm_dataset(train_source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
                                      seed=cfg.train.seed, shard_index=jax.process_index(),
                                      shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
     if meta is not None:
-        state, _ = checkpoint.restore(run_dir, trainer.abstract_state, resume_step)
         state["step"] = jax.device_put(np.int32(state["step"]), trainer.state_shardings["step"])
         data_iter.set_state(iterator_state_from_json(meta["data"]))
-        log(f"resumed {run_dir} at step {resume_step}")
+        log(f"resumed {run_dir} at step {meta['step']}")
     else:
         state = trainer.init_state()
+    if is_main_process():
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _truncate_metrics(run_dir, meta["step"] if meta is not None else 0)
+    return trainer, tok, state, data_iter, train_source, val_source, meta["step"] if meta is not None else None
 
+
+def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, train_source,
+           val_source, good_step: int | None) -> dict[str, Any]:
     from qkv.model import count_params
     n_params = count_params(state["params"])
     log(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(trainer.mesh.shape)}; "
         f"{jax.device_count()} {jax.devices()[0].platform} devices; vocab {tok.vocab_size}")
 
     writer = MetricsWriter(run_dir)
-    mngr = checkpoint.manager(run_dir, cfg.train.keep_checkpoints)
+    mngr = checkpoint.manager(run_dir, cfg.train.keep_checkpoints, writer=True)
 
     def meta_now() -> dict[str, Any]:
         return {"config": cfg.to_dict(), "data": iterator_state_to_json(data_iter.get_state()),
@@ -180,42 +335,91 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     start = int(jax.device_get(state["step"]))
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
     end = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps)
+    skip = cfg.train.skip_nonfinite
     bar = _progress(cfg, start)
     pending: list[dict[str, jax.Array]] = []
     window_start, last, ev = time.time(), {}, None
-    for step in range(start, end):
-        state, metrics = trainer.train_step(state, trainer.put_batch(next(data_iter)))
-        pending.append(metrics)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == end:
-            host = jax.device_get(pending)  # the only host sync in the loop
-            elapsed = time.time() - window_start
-            tokens = sum(float(m["tokens"]) for m in host)
-            last = {"loss": float(np.mean([m["loss"] for m in host])), "lr": float(host[-1]["lr"]),
-                    "grad_norm": float(host[-1]["grad_norm"]), "tokens_per_s": tokens / elapsed,
-                    "tflops_per_device": flops_per_step * len(host) / elapsed / jax.device_count() / 1e12}
-            writer.write(done, last)
-            pending, window_start = [], time.time()
-            if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if bar is not None:
-            bar.update(1)
-        if done % cfg.train.eval_every == 0 or done == end:
-            ev = run_eval(trainer, state["params"], cfg, val_source, tok)
-            writer.write(done, ev, prefix="eval")
-            _bar_write(bar, f"step {done}: train loss {last.get('loss', float('nan')):.4f}, "
-                            f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}")
-            window_start = time.time()  # evaluation time is not training throughput
-        if done % cfg.train.checkpoint_every == 0 or done == end:
-            checkpoint.save(mngr, state, meta_now())
-    if bar is not None:
-        bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    consecutive_skips, done, preempted = 0, start, ""
 
-    summary: dict[str, Any] = {"step": int(jax.device_get(state["step"])), "params": n_params,
-                               "run_dir": str(run_dir), **{f"train_{k}": v for k, v in last.items()}}
+    def check_finite(host: list[dict[str, Any]], count: bool = True) -> int:
+        """Raise on the first NaN/Inf step of a window (unless skipped); returns the window's skip count."""
+        nonlocal consecutive_skips
+        first = done - len(host) + 1
+        skipped = 0
+        for i, m in enumerate(host):
+            if skip and m.get("skipped", 0):
+                skipped += 1
+                consecutive_skips += count
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise TrainingDiverged(
+                        f"{consecutive_skips} steps in a row up to step {first + i} had a NaN/Inf loss or gradient "
+                        f"and were skipped; " + _nonfinite_message(cfg, first + i, m, good_step, run_dir)
+                        .split("; ", 1)[1])
+                continue
+            consecutive_skips = 0 if count else consecutive_skips
+            if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+                raise TrainingDiverged(_nonfinite_message(cfg, first + i, m, good_step, run_dir))
+        return skipped
+
+    train_step = _skipping_step(trainer) if skip else trainer.train_step
+    signals = _StopSignals()
+    agreement = _StopAgreement(trainer, signals, cfg.train.batch_size // jax.process_count())
+    try:
+        with signals:
+            for step in range(start, end):
+                state, metrics = train_step(state, trainer.put_batch(next(data_iter)))
+                pending.append(metrics)
+                done = step + 1
+                stopping = agreement.poll() and done < end
+                if done % cfg.train.log_every == 0 or done == end or stopping:
+                    host = jax.device_get(pending)  # the only host sync in the loop
+                    skipped = check_finite(host)
+                    elapsed = time.time() - window_start
+                    tokens = sum(float(m["tokens"]) for m in host)
+                    used = [m for m in host if not (skip and m.get("skipped", 0))] or host
+                    last = {"loss": float(np.mean([m["loss"] for m in used])), "lr": float(host[-1]["lr"]),
+                            "grad_norm": float(used[-1]["grad_norm"]), "tokens_per_s": tokens / elapsed,
+                            "tflops_per_device": flops_per_step * len(host) / elapsed / jax.device_count() / 1e12}
+                    if skip:
+                        last["skipped"] = skipped
+                    writer.write(done, last)
+                    pending, window_start = [], time.time()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if not stopping and (done % cfg.train.eval_every == 0 or done == end):
+                    ev = run_eval(trainer, state["params"], cfg, val_source, tok)
+                    writer.write(done, ev, prefix="eval")
+                    _bar_write(bar, f"step {done}: train loss {last.get('loss', float('nan')):.4f}, "
+                                    f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}")
+                    window_start = time.time()  # evaluation time is not training throughput
+                if done % cfg.train.checkpoint_every == 0 or done == end or stopping:
+                    if pending:  # steps not yet checked at a log point: never save a state past a NaN
+                        check_finite(jax.device_get(pending), count=False)
+                    try:
+                        checkpoint.save(mngr, state, meta_now())
+                    except checkpoint.NonFiniteState:
+                        raise TrainingDiverged(_nonfinite_message(
+                            cfg, done, {"loss": float("nan"), "grad_norm": float("nan")}, good_step, run_dir)
+                            .replace("loss became nan", "the parameters or optimizer state became NaN/Inf")) from None
+                    good_step = done
+                if stopping:
+                    preempted = signals.name or "a stop agreed by another process"
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        mngr.wait_until_finished()  # an in-flight save of a good state completes even when we stop on an error
+        mngr.close()
+        writer.close()
+
+    summary: dict[str, Any] = {"step": done, "params": n_params, "run_dir": str(run_dir),
+                               **{f"train_{k}": v for k, v in last.items()}}
+    if preempted:
+        summary["preempted"] = preempted
+        log(f"stopped by {preempted} after step {done}; checkpoint {done} is complete")
+        return summary
     ev = ev or run_eval(trainer, state["params"], cfg, val_source, tok)  # the loop's last step always evaluates
     summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
     if cfg.train.sample_tokens > 0:
