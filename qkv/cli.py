@@ -42,6 +42,11 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
 
     if jax.process_index() == 0:  # one summary per job, not one per host
         print(json.dumps(printable, indent=None, default=str))
+    if summary.get("preempted"):
+        from qkv.train.loop import EXIT_PREEMPTED
+        print(f"qkv: stopped by {summary['preempted']} after step {summary['step']} with a complete checkpoint: "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -235,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # errors that carry their own exit code (e.g. a diverged run: 3)
+        if os.environ.get("QKV_DEBUG") or not isinstance(getattr(err, "exit_code", None), int):
+            raise
+        print(f"qkv: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":
