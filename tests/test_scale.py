@@ -70,6 +70,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
         state, metrics = trainer.train_step(state, trainer.put_batch(batch))
         losses.append(float(metrics["loss"]))
     logged = _logged_losses(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 7))  # process 0 writes, once
     assert sorted(logged) == list(range(1, 7))
     np.testing.assert_allclose([logged[s] for s in range(1, 7)], losses, rtol=0, atol=1e-5)
     assert losses[-1] < losses[0]
