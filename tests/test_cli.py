@@ -73,6 +73,35 @@ def _bad_yaml(tmp: Path) -> str:
     return str(tmp / "bad.yaml")
 
 
+def _write(path: Path, content: str | bytes) -> str:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+def _jsonl(path: Path, lines: list[str]) -> str:
+    return "data.path=" + _write(path, "".join(line + "\n" for line in lines))
+
+
+def _damaged_run(tmp: Path) -> str:
+    """A copy of the trained run whose only checkpoint lost one parameter file."""
+    import shutil
+    target = tmp / "damaged"
+    if not target.exists():
+        shutil.copytree(tmp / "shape", target)
+        step = next(p for p in (target / "checkpoints").iterdir() if p.name.isdigit())
+        data = sorted(p for p in (step / "params").rglob("*") if p.is_file() and p.parent.name == "d")
+        data[0].unlink()
+    return str(target)
+
+
+def _fresh_pretrain(t: Path, r: Path, *extra: str) -> list[str]:
+    return ["pretrain", "tiny", *SMALL, "data.source=files", f"data.path={r}", f"data.data_dir={t / 'd'}",
+            f"train.run_dir={t / 'fresh'}", *extra]
+
+
 # (case id, argv builder, words the one-line message must contain)
 BAD_INPUTS = [
     ("unknown-key", lambda t, r: ["pretrain", "model.d_modl=3"], "did you mean model.d_model"),
@@ -118,6 +147,30 @@ BAD_INPUTS = [
                                      "abc"], "integer token ids"),
     ("tokenizer-missing-model", lambda t, r: ["tokenizer", "encode", "--model", str(t / "no.model"), "x"],
      "does not exist"),
+    # configs: unknown section, impossible values, not a mapping, a directory
+    ("unknown-section", lambda t, r: ["pretrain", "optimizer.learning_rate=1e-3"], "did you mean optim"),
+    ("zero-steps", lambda t, r: ["pretrain", "train.steps=0"], "train.steps=0 must be a positive integer"),
+    ("config-not-a-mapping", lambda t, r: ["pretrain", _write(t / "list.yaml", "- a\n- b\n")], "must be a mapping"),
+    ("config-is-a-directory", lambda t, r: ["pretrain", str(t)], "neither a preset"),
+    ("skip-nonfinite-not-bool", lambda t, r: ["pretrain", "train.skip_nonfinite=maybe"], "train.skip_nonfinite"),
+    # corpora: JSONL with a malformed line, a record without the text field
+    ("jsonl-malformed-line", lambda t, r: [*_fresh_pretrain(t, r), "data.source=jsonl",
+                                           _jsonl(t / "bad.jsonl", ['{"text": "a"}', '{"text": '])],
+     ":2: malformed JSON line"),
+    ("jsonl-missing-field", lambda t, r: [*_fresh_pretrain(t, r), "data.source=jsonl",
+                                          _jsonl(t / "field.jsonl", ['{"body": "a"}'])], "data.text_field"),
+    # tokenizer larger than the model's vocabulary
+    ("tokenizer-over-vocab", lambda t, r: _fresh_pretrain(t, r, f"tokenizer.path={t / 'shape' / 'tokenizer.model'}",
+                                                          "model.vocab_size=300"), "pieces but model.vocab_size=300"),
+    # checkpoints: a damaged step (a parameter file deleted)
+    ("evaluate-damaged-checkpoint", lambda t, r: ["evaluate", "--checkpoint", _damaged_run(t)], "is damaged"),
+    ("generate-damaged-checkpoint", lambda t, r: ["generate", "--checkpoint", _damaged_run(t), "--prompt", "x"],
+     "is damaged"),
+    # prompts and sampling
+    ("empty-prompt-file", lambda t, r: ["generate", "--checkpoint", str(t / "shape"), "--prompt-file",
+                                        _write(t / "empty.txt", "\n\n")], "no prompt"),
+    ("zero-new-tokens", lambda t, r: ["generate", "--checkpoint", str(t / "shape"), "--prompt", "x",
+                                      "--max-new-tokens", "0"], "max_new_tokens"),
 ]
 
 
@@ -134,9 +187,14 @@ def trained_shape_run(corpus, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_one_clear_line(case, trained_shape_run, corpus, capsys):
     _, argv, expected = case
+    args = argv(trained_shape_run, corpus)
+    run_dirs = [Path(a.split("=", 1)[1]) for a in args if a.startswith("train.run_dir=")]
+    new_dirs = [d for d in run_dirs if not d.exists()]
     capsys.readouterr()
-    code = main(argv(trained_shape_run, corpus))
+    code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("qkv: error: "), err
     assert expected in err[0], err[0]
+    for d in new_dirs:  # a refused first start leaves no half-made run directory behind
+        assert not d.exists(), sorted(p.name for p in d.iterdir())

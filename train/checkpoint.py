@@ -151,12 +151,29 @@ def _shape_mismatch(abstract: Any, stored: Any) -> str | None:
     return None
 
 
+def _drop_closed_loop_noise() -> None:
+    """During and after a failed read, TensorStore callbacks may report 'Event loop is closed' as
+    unraisable exceptions; drop exactly those (everything else goes to the previous hook)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_qkv_filter", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._qkv_filter = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_stderr_on_failure():
     """Hold back what is written to file descriptor 2 while reading a step. When the read fails,
     TensorStore callbacks racing Orbax's closed event loop print dozens of 'Event loop is closed'
     tracebacks there; those are dropped (the failure is reported as one line instead). When the read
     succeeds, whatever was written is passed on."""
+    _drop_closed_loop_noise()
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
