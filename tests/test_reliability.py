@@ -247,3 +247,31 @@ def test_skip_nonfinite_keeps_the_state_and_counts_the_skip():
     assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"])) and int(after["step"]) == 2
     for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(jax.device_get(after["params"]))):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(corpus, workdir):
+    """Multi-process: only process 1 is signalled; the flag is all-reduced, so both processes stop
+    after the same step, write one collective checkpoint and exit 75; the same command resumes."""
+    from qkv.launch.local import free_port, process_env
+    run_dir = workdir / "two-process"
+    argv = pretrain_argv(corpus, run_dir, "train.checkpoint_every=1000", "mesh.data=2", "train.steps=400")
+    port = free_port()
+    logs = [workdir / f"two-process-{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(argv, env=process_env(i, 2, 1, port, env()), stdout=logs[i].open("w"),
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        while last_logged_step(run_dir) < 10:
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
+            time.sleep(0.005)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [75, 75], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
+    stopped = checkpoint.latest_step(run_dir)
+    assert stopped == last_logged_step(run_dir) and 10 <= stopped < 400
+    for log in logs:  # both processes report the same step
+        assert f"qkv: stopped by " in log.read_text() and f"after step {stopped} " in log.read_text()
+    assert "SIGTERM" in logs[1].read_text() and "another process" in logs[0].read_text()
