@@ -1,5 +1,5 @@
-"""Scale out: a 2-process ``qkv launch local`` run equals one process fed the same global batches,
-and its checkpoint restores in one process on another mesh."""
+"""Scale out: a 2-process ``qkv launch local`` run (stopped and resumed half way) equals one process
+fed the same global batches, and its checkpoint restores in one process on another mesh."""
 from __future__ import annotations
 
 import json
@@ -36,23 +36,36 @@ def _logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-@pytest.fixture(scope="module")
-def two_process_run(corpus, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("scale") / "two"
+def _launch(run_dir: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "qkv.cli", "launch", "local", "--processes", "2", "--devices-per-process", "2",
            "--timeout", "240", "--", "pretrain", "tiny", *_args(corpus, run_dir, "mesh.data=2", "mesh.fsdp=2",
-                                                                 "train.sample_tokens=4")]
+                                                                 *extra)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "QKV_DEBUG": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(corpus, tmp_path_factory) -> Path:
+    """Steps 1-3, stop with a checkpoint, then the same command resumes for steps 4-6 (both 2 processes)."""
+    run_dir = tmp_path_factory.mktemp("scale") / "two"
+    first = _launch(run_dir, corpus, "train.stop_at_step=3", "train.sample_tokens=0")
+    assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 3
+    out = _launch(run_dir, corpus, "train.sample_tokens=4")  # sampling from sharded params, too
     summary = json.loads(out.stdout.strip().splitlines()[-1])  # process 0's summary line, printed once
-    assert summary["step"] == 6 and out.stdout.count('"step": 6') == 1
+    assert summary["step"] == 6 and out.stdout.count('"step": 6') == 1 and "resumed" in out.stdout
     assert "4 cpu devices" in out.stdout and "'data': 2, 'fsdp': 2" in out.stdout
+    meta = checkpoint.read_meta(run_dir)
+    assert len(meta["data_per_process"]) == 2 and meta["data_per_process"][0] == meta["data"]
     return run_dir
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_run, corpus):
-    """Each process reads documents [i::2]; one process builds the same global batch from both shards."""
+    """Each process reads documents [i::2]; one process builds the same global batch from both shards.
+
+    Losses must agree across the 2-process stop/resume at step 3 too: each process resumes its own shard.
+    """
     run_dir = two_process_run
     cfg = load_config("tiny", _args(corpus, run_dir))
     tok = Tokenizer.load(run_dir / "tokenizer.model")  # trained by process 0, used by both

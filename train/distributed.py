@@ -38,3 +38,33 @@ def maybe_initialize(mode: str = "auto", timeout_s: int = 300) -> None:
         raise ConnectionError(f"could not join the distributed run ({err.__class__.__name__}: {str(err).splitlines()[0]}); "
                            "check that every host started and the coordinator address is reachable") from err
     _initialized = True
+
+
+def all_processes_text(text: str) -> list[str]:
+    """Every process's ``text``, in process order, on every process (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return [text]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def process_data_state(meta: dict) -> str:
+    """This process's data-iterator state from checkpoint meta.
+
+    Each process reads its own shard of the data, so each has its own position in it: checkpoints
+    keep one state per process (``data_per_process``), and a run resumes on as many processes as
+    wrote it. (``data`` alone, process 0's state, is what single-process checkpoints hold.)
+    """
+    states = meta.get("data_per_process") or [meta["data"]]
+    if len(states) != jax.process_count():
+        raise ValueError(f"the checkpoint was written by {len(states)} process(es) and this run has "
+                         f"{jax.process_count()}: resume with {len(states)} (each process continues its own "
+                         "shard of the data), or start a new train.run_dir")
+    return states[jax.process_index()]

@@ -27,7 +27,7 @@ from qkv.model.decode import Decoder, SamplingConfig
 
 from . import checkpoint
 from .config import Config, config_from_dict
-from .distributed import maybe_initialize
+from .distributed import all_processes_text, maybe_initialize, process_data_state
 from .metrics import MetricsWriter, flops_per_token
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import Trainer
@@ -57,18 +57,17 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_source) -> Tokenizer:
                              "or leave it unset to train one")
         return Tokenizer.load(path)
     target = run_dir / "tokenizer.model"
-    if not target.exists():
-        if is_main_process():
-            rng = np.random.default_rng(cfg.train.seed)
-            n = min(cfg.tokenizer.train_documents, len(train_source))
-            picks = sorted(rng.choice(len(train_source), size=n, replace=False).tolist())
-            texts = train_source.__getitems__(picks)
-            started = time.time()
-            partial = train_tokenizer(texts, run_dir / ".tokenizer-partial", vocab_size=cfg.model.vocab_size,
-                                      model_type=cfg.tokenizer.model_type, seed=cfg.train.seed)
-            os.replace(partial, target)  # a crash mid-training never leaves a truncated tokenizer.model
-            log(f"trained a {cfg.tokenizer.model_type} tokenizer on {n} documents in {time.time() - started:.1f}s")
-        _sync("tokenizer")
+    if is_main_process() and not target.exists():  # decided by process 0 alone; the others wait
+        rng = np.random.default_rng(cfg.train.seed)
+        n = min(cfg.tokenizer.train_documents, len(train_source))
+        picks = sorted(rng.choice(len(train_source), size=n, replace=False).tolist())
+        texts = train_source.__getitems__(picks)
+        started = time.time()
+        partial = train_tokenizer(texts, run_dir / ".tokenizer-partial", vocab_size=cfg.model.vocab_size,
+                                  model_type=cfg.tokenizer.model_type, seed=cfg.train.seed)
+        os.replace(partial, target)  # a crash mid-training never leaves a truncated tokenizer.model
+        log(f"trained a {cfg.tokenizer.model_type} tokenizer on {n} documents in {time.time() - started:.1f}s")
+    _sync("tokenizer")
     return Tokenizer.load(target)
 
 
@@ -308,7 +307,7 @@ def _setup(cfg: Config, run_dir: Path):
                                      shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
     if meta is not None:
         state["step"] = jax.device_put(np.int32(state["step"]), trainer.state_shardings["step"])
-        data_iter.set_state(iterator_state_from_json(meta["data"]))
+        data_iter.set_state(iterator_state_from_json(process_data_state(meta)))
         log(f"resumed {run_dir} at step {meta['step']}")
     else:
         state = trainer.init_state()
@@ -329,7 +328,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
     mngr = checkpoint.manager(run_dir, cfg.train.keep_checkpoints, writer=True)
 
     def meta_now() -> dict[str, Any]:
-        return {"config": cfg.to_dict(), "data": iterator_state_to_json(data_iter.get_state()),
+        data = iterator_state_to_json(data_iter.get_state())  # each process has its own position in its shard
+        return {"config": cfg.to_dict(), "data": data, "data_per_process": all_processes_text(data),
                 "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes())}
 
     start = int(jax.device_get(state["step"]))
