@@ -40,6 +40,10 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).expanduser().resolve() / CHECKPOINT_SUBDIR
 
 
+DAMAGED_FIX = ("restore the step from a backup or delete it (qkv pretrain itself falls back to the newest good "
+               "step)")
+
+
 class DamagedCheckpoint(ValueError):
     """A checkpoint step that exists but cannot be restored whole (truncated, deleted or altered files)."""
 
@@ -198,7 +202,7 @@ def _quiet_stderr_on_failure():
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{err.__class__.__name__}: {text[0][:200]}" if text else err.__class__.__name__
+    return f"{err.__class__.__name__}: {text[0][:120]}..." if text else err.__class__.__name__
 
 
 def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | None = None,
@@ -218,9 +222,10 @@ def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | Non
         with _quiet_stderr_on_failure():
             stored = mngr.item_metadata(step)["params"]
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean "unreadable"
-        raise DamagedCheckpoint(f"{where} is damaged: its array metadata cannot be read ({_first_line(err)})") from err
+        raise DamagedCheckpoint(f"{where} is damaged: its array metadata cannot be read ({_first_line(err)}): "
+                                f"{DAMAGED_FIX}") from err
     if stored is None:
-        raise DamagedCheckpoint(f"{where} is damaged: it has no params item")
+        raise DamagedCheckpoint(f"{where} is damaged: it has no params item: {DAMAGED_FIX}")
     problem = _shape_mismatch(abstract_state["params"], stored)
     if problem:
         raise ValueError(f"{where} does not fit this model: {problem}")
@@ -231,7 +236,7 @@ def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | Non
         with _quiet_stderr_on_failure():
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as err:  # noqa: BLE001
-        raise DamagedCheckpoint(f"{where} is damaged: {_first_line(err)}") from err
+        raise DamagedCheckpoint(f"{where} is damaged: {_first_line(err)}: {DAMAGED_FIX}") from err
     meta = restored["meta"]
     expected = meta.get("checksums") if isinstance(meta, dict) else None
     if expected:  # checkpoints written before checksums existed are restored unverified
@@ -241,7 +246,8 @@ def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | Non
         got, _ = checksums(tree)
         for key, value in got.items():
             if expected.get(key) != value:
-                raise DamagedCheckpoint(f"{where} is damaged: {key} does not match the checksum written with it")
+                raise DamagedCheckpoint(f"{where} is damaged: {key} does not match the checksum written with it: "
+                                        f"{DAMAGED_FIX}")
     state = {"params": restored["params"], "step": meta["step"]}
     if with_optimizer:
         state["opt_state"] = restored["opt_state"]
@@ -269,10 +275,11 @@ def restore_newest_good(run_dir: str | Path, abstract_state: dict[str, Any],
             check_meta(meta)
             state, meta = restore(run_dir, abstract_state, step)
         except DamagedCheckpoint as err:
-            problems.append(str(err))
+            reason = str(err).replace(f": {DAMAGED_FIX}", "")
+            problems.append(reason)
             if jax.process_index() == 0:
                 moved = set_aside(run_dir, step)
-                report(f"skipping {err}; moved it to {moved}")
+                report(f"skipping {reason}; moved it to {moved}")
             _sync(f"qkv_set_aside_{step}")
             continue
         return state, meta
