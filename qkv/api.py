@@ -42,9 +42,13 @@ class LanguageModel:
         cfg = config_from_dict(meta["config"])
         mesh = make_mesh(MeshConfig())  # all local devices on the data axis: parameters replicated
         graphdef, params, _ = abstract_params(cfg.model, mesh, resolve_rules(cfg.mesh.rules))
-        state, meta = checkpoint.restore(run_dir, {"params": params}, meta["step"], with_optimizer=False)
+        if cfg.finetune.lora.rank > 0:  # a LoRA run: its base model (finetune.init_from) + adapters, merged
+            from qkv.train.finetune import load_lora_params
+            params = load_lora_params(run_dir, meta, params)
+        else:
+            params = checkpoint.restore(run_dir, {"params": params}, meta["step"], with_optimizer=False)[0]["params"]
         tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"])) if "tokenizer" in meta else None
-        return cls(cfg, tok, graphdef, state["params"], int(meta["step"]))
+        return cls(cfg, tok, graphdef, params, int(meta["step"]))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Float32 next-token logits [B, T, vocab] for equal-length rows of token ids."""

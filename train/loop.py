@@ -318,7 +318,9 @@ def _setup(cfg: Config, run_dir: Path):
 
 
 def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, train_source,
-           val_source, good_step: int | None) -> dict[str, Any]:
+           val_source, good_step: int | None, evaluate=None) -> dict[str, Any]:
+    # evaluate(params) -> {"loss", "perplexity", ...}: a caller's own evaluation (qkv finetune); default run_eval
+    evaluate = evaluate or (lambda params: run_eval(trainer, params, cfg, val_source, tok))
     from qkv.model import count_params
     n_params = count_params(state["params"])
     log(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(trainer.mesh.shape)}; "
@@ -380,6 +382,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                     last = {"loss": float(np.mean([m["loss"] for m in used])), "lr": float(host[-1]["lr"]),
                             "grad_norm": float(used[-1]["grad_norm"]), "tokens_per_s": tokens / elapsed,
                             "tflops_per_device": flops_per_step * len(host) / elapsed / jax.device_count() / 1e12}
+                    last.update({k: float(np.mean([m[k] for m in used])) for k in used[-1]  # e.g. DPO rewards
+                                 if k not in ("loss", "lr", "grad_norm", "tokens", "skipped")})
                     if skip:
                         last["skipped"] = skipped
                     writer.write(done, last)
@@ -389,7 +393,7 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                 if bar is not None:
                     bar.update(1)
                 if not stopping and (done % cfg.train.eval_every == 0 or done == end):
-                    ev = run_eval(trainer, state["params"], cfg, val_source, tok)
+                    ev = evaluate(state["params"])
                     writer.write(done, ev, prefix="eval")
                     _bar_write(bar, f"step {done}: train loss {last.get('loss', float('nan')):.4f}, "
                                     f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}")
@@ -420,7 +424,7 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
         summary["preempted"] = preempted
         log(f"stopped by {preempted} after step {done}; checkpoint {done} is complete")
         return summary
-    ev = ev or run_eval(trainer, state["params"], cfg, val_source, tok)  # the loop's last step always evaluates
+    ev = ev or evaluate(state["params"])  # the loop's last step always evaluates
     summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
     if cfg.train.sample_tokens > 0:
         summary["sample"] = sample_text(trainer, state["params"], tok, cfg.train.sample_prompt, cfg.train.sample_tokens)
