@@ -11,7 +11,8 @@ a cluster.
 Process 0's output goes straight to this terminal. The others' output is kept (last lines) and shown
 with a ``[N]`` prefix only if that process fails, or streamed prefixed with ``--all-output``. The
 first non-zero exit code wins: the remaining processes get SIGTERM, then SIGKILL after a grace
-period. Ctrl-C is forwarded as SIGINT to every process (so they can stop cleanly), then the same.
+period. Ctrl-C (SIGINT) or a SIGTERM to the launcher is forwarded to every process, so they can
+checkpoint and stop cleanly, then the same; the launcher exits 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def _pump(stream: IO[bytes], prefix: str, tail: collections.deque, out: IO[str] 
     stream.close()
 
 
-def _signal_all(procs: Sequence[subprocess.Popen], sig: int) -> None:
+def _signal_all(procs: Sequence[subprocess.Popen], sig: int, only_alive: bool = True) -> None:
     for p in procs:
-        if p.poll() is None:
+        if p.poll() is None or not only_alive:
             try:
                 os.killpg(p.pid, sig)  # each child leads its own process group (start_new_session)
             except (ProcessLookupError, PermissionError):
@@ -78,9 +79,19 @@ def _stop_all(procs: Sequence[subprocess.Popen], first: int, grace_s: float) -> 
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.05)
-    _signal_all(procs, signal.SIGKILL)
+    _signal_all(procs, signal.SIGKILL, only_alive=False)  # also whatever a process left behind in its group
     for p in procs:
         p.wait()
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise _Stopped(signum)
 
 
 def launch_local(command: Sequence[str], processes: int, devices_per_process: int = 1, *,
@@ -89,7 +100,7 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
     """Run ``qkv <command>`` as ``processes`` cooperating JAX processes; returns the job's exit code.
 
     0 when every process exits 0; otherwise the first non-zero code observed (124 on timeout,
-    130 on Ctrl-C).
+    130 on Ctrl-C, 143 on SIGTERM).
     """
     if processes < 1 or devices_per_process < 1:
         raise ValueError(f"--processes={processes} and --devices-per-process={devices_per_process} must be >= 1")
@@ -99,28 +110,40 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
     if not command:
         raise ValueError("nothing to launch: give a qkv subcommand after --, e.g. -- pretrain tiny")
     port = port or free_port()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(command, processes, devices_per_process, port, timeout_s, all_output, grace_s, python)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(command: list[str], processes: int, devices_per_process: int, port: int, timeout_s: float | None,
+         all_output: bool, grace_s: float, python: str) -> int:
     procs: list[subprocess.Popen] = []
     tails: list[collections.deque] = []
     pumps: list[threading.Thread] = []
-    for i in range(processes):
-        env = process_env(i, processes, devices_per_process, port)
-        if i == 0:
-            p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True)
-            tails.append(collections.deque())
-        else:
-            p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            tail: collections.deque = collections.deque(maxlen=None if all_output else TAIL_LINES)
-            t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", tail, sys.stderr if all_output else None),
-                                 daemon=True)
-            t.start()
-            tails.append(tail)
-            pumps.append(t)
-        procs.append(p)
-
     deadline = None if not timeout_s else time.monotonic() + timeout_s
     code = 0
     try:
+        for i in range(processes):
+            env = process_env(i, processes, devices_per_process, port)
+            if i == 0:
+                p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True)
+                tails.append(collections.deque())
+            else:
+                p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                tail: collections.deque = collections.deque(maxlen=None if all_output else TAIL_LINES)
+                t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", tail, sys.stderr if all_output else None),
+                                     daemon=True)
+                t.start()
+                tails.append(tail)
+                pumps.append(t)
+            procs.append(p)
+
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
@@ -143,10 +166,14 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
                 code = 124
                 break
             time.sleep(0.1)
-    except KeyboardInterrupt:
-        print("qkv launch: interrupted; stopping all processes", file=sys.stderr)
-        _stop_all(procs, signal.SIGINT, grace_s)
-        code = 130
+    except _Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"qkv launch: {name}; forwarding it to every process", file=sys.stderr)
+        code = 128 + stop.signum
+        try:
+            _stop_all(procs, stop.signum, grace_s)
+        except _Stopped:  # a second Ctrl-C: no more grace
+            _stop_all(procs, signal.SIGKILL, 0)
     for t in pumps:
         t.join(timeout=2)
     return code

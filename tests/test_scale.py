@@ -143,3 +143,30 @@ def test_launch_needs_a_command():
 
     with pytest.raises(ValueError, match="nothing to launch"):
         launch_local(["--"], processes=2)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_launch_forwards_ctrl_c_and_sigterm_to_every_process(tmp_path, sig):
+    import signal
+    import time
+
+    fake = tmp_path / "fake-python"  # handles the signal like qkv pretrain does (checkpoint, exit 75)
+    fake.write_text(f"#!{sys.executable}\nimport os, signal, sys, time\n"
+                    "def stop(signum, frame):\n"
+                    "    print('proc', os.environ['JAX_PROCESS_ID'], 'got', signal.Signals(signum).name[3:], flush=True)\n"
+                    "    sys.exit(75)\n"
+                    "signal.signal(signal.SIGINT, stop)\nsignal.signal(signal.SIGTERM, stop)\n"
+                    "print('proc', os.environ['JAX_PROCESS_ID'], 'up', flush=True)\ntime.sleep(60)\n")
+    fake.chmod(0o755)
+    code = f"import sys; from qkv.launch.local import launch_local; sys.exit(launch_local(['pretrain'], 2, " \
+           f"python={str(fake)!r}, all_output=True, grace_s=5))"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    lines = []
+    while len([ln for ln in lines if " up" in ln]) < 2 and time.monotonic() < deadline:
+        lines.append(p.stdout.readline())
+    p.send_signal(getattr(signal, sig))
+    out = "".join(lines) + p.communicate(timeout=30)[0]
+    assert p.returncode == 128 + getattr(signal, sig), out
+    name = sig.removeprefix("SIG")
+    assert f"proc 0 got {name}" in out and f"[1] proc 1 got {name}" in out, out
