@@ -266,6 +266,7 @@ def restore_newest_good(run_dir: str | Path, abstract_state: dict[str, Any],
     steps = all_steps(run_dir)
     problems = []
     for step in reversed(steps):
+        damage: DamagedCheckpoint | None = None
         try:
             try:
                 meta = read_meta(run_dir, step)
@@ -275,7 +276,10 @@ def restore_newest_good(run_dir: str | Path, abstract_state: dict[str, Any],
             check_meta(meta)
             state, meta = restore(run_dir, abstract_state, step)
         except DamagedCheckpoint as err:
-            reason = str(err).replace(f": {DAMAGED_FIX}", "")
+            damage = err
+        if not _all_processes_ok(damage is None):  # one process's unreadable shard spoils the step for all
+            reason = (str(damage).replace(f": {DAMAGED_FIX}", "") if damage is not None else
+                      f"checkpoint {checkpoint_dir(run_dir)}/{step} is damaged: another process could not read it")
             problems.append(reason)
             if jax.process_index() == 0:
                 moved = set_aside(run_dir, step)
@@ -288,6 +292,14 @@ def restore_newest_good(run_dir: str | Path, abstract_state: dict[str, Any],
                                 "the damaged steps were moved to damaged-checkpoints/; rerun to start afresh "
                                 "or restore the files from a backup")
     return None
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    import numpy as np
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _sync(name: str) -> None:
