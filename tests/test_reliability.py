@@ -275,3 +275,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(corpus, wor
     for log in logs:  # both processes report the same step
         assert f"qkv: stopped by " in log.read_text() and f"after step {stopped} " in log.read_text()
     assert "SIGTERM" in logs[1].read_text() and "another process" in logs[0].read_text()
+
+
+def test_stop_signals_only_set_a_flag_inside_the_loop_and_restore_the_handlers():
+    from qkv.train.loop import _StopSignals
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with _StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert signals.name == "SIGTERM"
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+        with _StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert signals.name == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in before} == before
