@@ -19,7 +19,7 @@ from qkv.model import create_model, split_params
 from qkv.train import checkpoint
 from qkv.train.config import Config, DataConfig, ModelConfig
 from qkv.train.finetune import (FinetuneTrainer, dpo_terms, finetune, load_finetune_config, merge_lora,
-                                merge_lora_run, write_params_checkpoint)
+                                write_params_checkpoint)
 
 WORDS = ["abc", "bad", "cab", "dace", "face", "bead", "fade", "cafe", "deaf", "ebb", "add", "fee"]
 SFT = [{"prompt": f"reverse: {w}\n", "response": w[::-1]} for w in WORDS]
@@ -241,7 +241,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
     assert np.array_equal(merged["blocks"]["attn"]["wk"], base["params"]["blocks"]["attn"]["wk"])
 
 
-def test_lora_run_resumes_exactly_checkpoints_adapters_merges_and_generates(base, tmp_path):
+def test_lora_run_resumes_exactly_checkpoints_adapters_merges_and_generates(base, tmp_path, capsys):
     extra = ("finetune.lora.rank=4", "finetune.lora.targets=[all]", "train.steps=6", "optim.learning_rate=1e-2",
              "train.eval_every=100", "train.checkpoint_every=100")
     finetune(ft_config(base, tmp_path / "straight", *extra))
@@ -260,8 +260,9 @@ def test_lora_run_resumes_exactly_checkpoints_adapters_merges_and_generates(base
     leaves = jax.tree_util.tree_flatten_with_path(stored, is_leaf=lambda x: hasattr(x, "shape"))[0]
     assert leaves and all(jax.tree_util.keystr(p).endswith(("['lora_a']", "['lora_b']")) for p, _ in leaves)
     merged_dir = tmp_path / "merged"
-    out = merge_lora_run(run_dir, merged_dir)
-    assert len(out["adapted"]) == 7
+    capsys.readouterr()
+    assert cli_main(["convert", "merge-lora", str(run_dir), str(merged_dir)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["adapted"]) == 7
     lora_lm, merged_lm = qkv.load(run_dir), qkv.load(merged_dir)
     ids = [[base["tok"].bos_id] + base["tok"].encode(SFT[0]["prompt"] + "cb")]
     lora_logits, merged_logits = lora_lm.logits(ids), merged_lm.logits(ids)

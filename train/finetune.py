@@ -50,7 +50,7 @@ from qkv.data.sft import DPOIterator, PackedSFTIterator, eval_batches, load_dpo,
 from qkv.model.decode import Decoder, SamplingConfig
 
 from . import checkpoint, loop
-from .config import Config, MeshConfig, _set_dotted, config_from_dict, parse_override, read_yaml
+from .config import Config, MeshConfig, TrainConfig, _set_dotted, config_from_dict, parse_override, read_yaml
 from .distributed import maybe_initialize, process_data_state
 from .sharding import activation_layout, batch_sharding, check_batch, make_mesh, replicated, resolve_rules
 from .step import abstract_params, learning_rate_schedule, make_optimizer, token_losses
@@ -333,7 +333,14 @@ def load_finetune_config(source: str | Path | None, overrides: list[str] | tuple
         raise ValueError("finetune.init_from=RUN_DIR is required: the checkpoint to fine-tune")
     if not ft.get("train_path"):
         raise ValueError("finetune.train_path=FILE.jsonl is required: the training examples")
-    init_dir, init_step, meta = _resolved_init(str(ft["init_from"]), ft.get("init_step"))
+    init_step = ft.get("init_step")
+    run_dir = (data.get("train") or {}).get("run_dir") or TrainConfig.run_dir
+    if init_step is None and checkpoint.latest_step(Path(run_dir).expanduser()) is not None:
+        # Resuming: keep the base step fixed at the first start, even if init_from trained on since.
+        saved = checkpoint.read_meta(Path(run_dir).expanduser())["config"].get("finetune") or {}
+        if saved.get("init_from") == str(Path(str(ft["init_from"])).expanduser().resolve()):
+            init_step = saved.get("init_step")
+    init_dir, init_step, meta = _resolved_init(str(ft["init_from"]), init_step)
     ft.update(init_from=init_dir, init_step=init_step)
     data["finetune"] = ft
     data["model"] = {**meta["config"]["model"], **(data.get("model") or {})}
@@ -437,8 +444,12 @@ def finetune(cfg: Config) -> dict[str, Any]:
         raise
     trainer, tok, state, data_iter, batches, good_step = setup
     quiet = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_tokens=0))  # sampled below
-    summary = loop._train(quiet, run_dir, trainer, tok, state, data_iter, None, None, good_step,
-                          evaluate=lambda params: run_finetune_eval(trainer, params, batches))
+    try:
+        summary = loop._train(quiet, run_dir, trainer, tok, state, data_iter, None, None, good_step,
+                              evaluate=lambda params: run_finetune_eval(trainer, params, batches))
+    except BaseException:
+        trainer.frozen = None  # the cached trainer must not keep the base model alive
+        raise
     summary["trainable_params"] = summary.pop("params")
     if cfg.train.sample_tokens > 0 and not summary.get("preempted") and cfg.train.sample_prompt:
         restored = checkpoint.restore(run_dir, trainer.abstract_state, with_optimizer=False)[0]
@@ -447,12 +458,30 @@ def finetune(cfg: Config) -> dict[str, Any]:
         ids = decoder.generate(params, [[tok.bos_id] + tok.encode(cfg.train.sample_prompt)], tok.pad_id, tok.eos_id)[0]
         summary["sample"] = cfg.train.sample_prompt + tok.decode(ids)
         loop.log("sample (greedy):\n" + summary["sample"])
+    trainer.frozen = None
     return summary
+
+
+_CACHED: dict[str, FinetuneTrainer] = {}
+
+
+def _trainer_for(cfg: Config) -> FinetuneTrainer:
+    """The trainer of the previous run in this process when everything compiled into it is the same
+    (a resumed or repeated run then skips recompiling its steps), else a new one."""
+    d = cfg.to_dict()
+    key = json.dumps({"model": d["model"], "optim": d["optim"], "mesh": d["mesh"], "devices": str(jax.devices()),
+                      "train": [cfg.train.steps, cfg.train.seed, cfg.train.batch_size],
+                      "finetune": [cfg.finetune.method, cfg.finetune.dpo_beta, d["finetune"]["lora"]]},
+                     sort_keys=True, default=str)
+    if key not in _CACHED:
+        _CACHED.clear()
+        _CACHED[key] = FinetuneTrainer(cfg)
+    return _CACHED[key]
 
 
 def _setup(cfg: Config, run_dir: Path):
     ft = cfg.finetune
-    trainer = FinetuneTrainer(cfg)
+    trainer = _trainer_for(cfg)
     restored = checkpoint.restore_newest_good(run_dir, trainer.abstract_state,
                                               check_meta=lambda meta: _check_same_run(cfg, meta, run_dir),
                                               report=loop.log)
