@@ -14,7 +14,7 @@ from flax.traverse_util import flatten_dict
 import qkv
 from qkv.cli import main as cli_main
 from qkv.data import Tokenizer, train_tokenizer
-from qkv.data.sft import DataError, PackedSFTIterator, chat_prompt, eval_batches, load_dpo, load_sft
+from qkv.data.sft import DataError, DPOIterator, PackedSFTIterator, chat_prompt, eval_batches, load_dpo, load_sft
 from qkv.model import create_model, split_params
 from qkv.train import checkpoint
 from qkv.train.config import Config, DataConfig, ModelConfig
@@ -309,3 +309,22 @@ def test_dpo_training_widens_the_margin(base, tmp_path):
     ev = train_records(run_dir, "eval")[-1]
     assert ev["reward_accuracy"] == 1.0 and ev["reward_margin"] > 0.5 and summary["val_loss"] == ev["loss"]
     assert isinstance(qkv.load(run_dir).generate(["q abc\n"], 3, temperature=0.0)[0], str)
+
+
+def test_dpo_with_lora_uses_the_frozen_base_as_reference(base, tmp_path):
+    cfg = ft_config(base, tmp_path / "unused", "finetune.method=dpo", "finetune.dpo_beta=0.5", "finetune.lora.rank=2",
+                    "optim.learning_rate=1e-2", "optim.grad_accum=2", train_path=base["prefs"])
+    trainer = FinetuneTrainer(cfg)
+    tok = base["tok"]
+    pairs = load_dpo(str(base["prefs"]), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=32)
+    it = DPOIterator(pairs.items, seq_len=32, batch_size=8, seed=0)
+    trainer.frozen = jax.device_put(base["params"], trainer.base_shardings)
+    state = trainer.init_state(trainer.init_trainable(trainer.frozen))
+    history = []
+    for _ in range(4):
+        state, metrics = trainer.train_step(state, trainer.put_batch(next(it)))
+        history.append(jax.device_get(metrics))
+    assert abs(history[0]["loss"] - math.log(2)) < 1e-5 and history[0]["reward_margin"] == 0.0  # B = 0: policy = base
+    assert history[-1]["reward_margin"] > 0.1 and history[-1]["loss"] < math.log(2)
+    for got, want in zip(jax.tree.leaves(jax.device_get(trainer.frozen)), jax.tree.leaves(base["params"])):
+        assert np.array_equal(got, want)
