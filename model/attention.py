@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import apply_rope, param
+from .layers import apply_rope, dense, param
 
 
 def attention_mask(q_slots_bt: jax.Array, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
@@ -69,7 +69,7 @@ class Attention(nnx.Module):
             self.bq = self.bk = self.bv = self.bo = None
 
     def _project(self, x_btd, w, b):
-        y = jnp.einsum("btd,dhe->bthe", x_btd, w[...].astype(self.dtype))
+        y = dense(x_btd, w[...].astype(self.dtype))  # btd,dhe->bthe as a 2-D matmul (see layers.dense)
         return y if b is None else y + b[...].astype(self.dtype)
 
     def __call__(self, x_btd, mask_bts, rope, kv_cache=None, cache_index=None):

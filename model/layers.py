@@ -58,6 +58,18 @@ class Norm(nnx.Module):
         return x.astype(x_btd.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """Contract the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``w``, e.g. btd,df->btf.
+
+    Written as one 2-D matmul [rows, in] @ [in, out] rather than a batched einsum: XLA:CPU lowers the
+    weight gradient of the 3-D einsum through transposed copies of the activations that took longer
+    than the matmuls themselves (docs/benchmarks.md); the 2-D form needs none. Same math.
+    """
+    lead, size_in = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    y = x.reshape(-1, size_in) @ w.reshape(size_in, -1)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 class Mlp(nnx.Module):
     """Position-wise feed-forward: widen to d_ff, apply ReLU/GELU (or gate with SwiGLU), narrow back."""
 
@@ -72,17 +84,17 @@ class Mlp(nnx.Module):
         self.bo = param(rngs, (d,), ("embed",), None, wd) if cfg.use_bias else None
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btf = jnp.einsum("btd,df->btf", x_btd, self.wi[...].astype(self.dtype))
+        h_btf = dense(x_btd, self.wi[...].astype(self.dtype))
         if self.bi is not None:
             h_btf = h_btf + self.bi[...].astype(self.dtype)
         if self.activation == "swiglu":
-            gate_btf = jnp.einsum("btd,df->btf", x_btd, self.wg[...].astype(self.dtype))
+            gate_btf = dense(x_btd, self.wg[...].astype(self.dtype))
             h_btf = jax.nn.silu(gate_btf) * h_btf
         elif self.activation == "gelu":
             h_btf = jax.nn.gelu(h_btf, approximate=True)  # GPT-2's tanh approximation
         else:
             h_btf = jax.nn.relu(h_btf)
-        out_btd = jnp.einsum("btf,fd->btd", h_btf, self.wo[...].astype(self.dtype))
+        out_btd = dense(h_btf, self.wo[...].astype(self.dtype))
         if self.bo is not None:
             out_btd = out_btd + self.bo[...].astype(self.dtype)
         return out_btd

@@ -5,6 +5,7 @@
     qkv generate --checkpoint RUN_DIR --prompt TEXT
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
+    qkv benchmark train|decode [CONFIG] [key=value ...]   throughput, MFU and roofline on synthetic tokens
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
 
@@ -160,6 +161,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return plan_main(ns)
 
 
+def cmd_benchmark(ns: argparse.Namespace) -> int:
+    from qkv.train.benchmark import main as benchmark_main
+
+    return benchmark_main(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True)
     t.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("benchmark", help="time the real train or decode step: tokens/s, MFU, roofline")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    for name in ("train", "decode"):
+        t = bsub.add_parser(name)
+        t.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
+        t.add_argument("--json", help="write one record per run to this JSON file")
+        t.add_argument("--cpu-devices", type=int, default=0, help="virtual CPU devices (default: the backend's)")
+        if name == "train":
+            t.add_argument("--steps", type=int, default=10, help="timed steps")
+            t.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+            t.add_argument("--sweep", action="append", help="key=v1,v2 (repeatable; a grid): batch_size, remat, "
+                           "scan_layers, attention_impl, dtype, mesh=DxFxT, devices=N or section.key")
+            t.add_argument("--profile", help="write a jax.profiler trace of the timed steps here")
+            t.add_argument("--breakdown", action="store_true", help="also time forward and forward+backward alone")
+        else:
+            t.add_argument("--checkpoint", help="a run directory (default: random parameters of CONFIG)")
+            t.add_argument("--batch-sizes", default="1,2,4")
+            t.add_argument("--prompt-len", type=int, default=64)
+            t.add_argument("--new-tokens", type=int, default=32)
+            t.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("launch", help="run a qkv subcommand as several cooperating JAX processes")
     lsub = p.add_subparsers(dest="launcher", required=True)

@@ -1,0 +1,79 @@
+"""Where the time of a profiled step went: XLA:CPU thunk time by op class, from a Perfetto trace.
+
+``jax.profiler.trace(..., create_perfetto_trace=True)`` writes ``*.trace.json.gz``; every XLA op the
+CPU runtime executes is an event carrying ``hlo_op`` and ``hlo_module``. Matmuls are the YNNPACK /
+XNNPACK / oneDNN fusions; ``copy``/``transpose`` fusions are layout changes; ``wrapped_broadcast`` fills
+fresh buffers (e.g. the stacked per-layer residuals of a scan).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _op_kind(name: str) -> str | None:
+    """Coarse class of an XLA:CPU thunk from its HLO name (None: a loop or call that contains others)."""
+    base = name.split(".")[0]
+    if base in ("while", "call", "conditional") or base.startswith("end: "):
+        return None
+    if base.startswith(("ynn_fusion", "xnn_fusion", "dot", "onednn", "convolution")):
+        return "matmul"
+    if "copy" in base or "transpose" in base:
+        return "copy/transpose"
+    if base.startswith("wrapped_broadcast"):
+        return "fill (buffer init)"
+    if "scatter" in base or "gather" in base:
+        return "gather/scatter"
+    return "elementwise/reduce"
+
+
+def summarize_trace(profile_dir: str, module: str, steps: int, top: int = 8) -> dict[str, Any] | None:
+    """Seconds per step by op class and the top ops, from the newest Perfetto trace under ``profile_dir``
+    (XLA:CPU thunks run on a pool of threads, so op seconds can add up to more than the wall time)."""
+    traces = sorted(Path(profile_dir).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        return None
+    events = json.loads(gzip.open(traces[-1]).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    by_kind: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("ph") != "X" or "hlo_op" not in args or module not in str(args.get("hlo_module", "")):
+            continue
+        kind = _op_kind(e["name"])
+        if kind is None:
+            continue
+        seconds = e.get("dur", 0) / 1e6 / steps
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+        by_op[e["name"]] = by_op.get(e["name"], 0.0) + seconds
+    total = sum(by_kind.values()) or 1.0
+    return {"trace": str(traces[-1]), "op_seconds_per_step": sum(by_kind.values()),
+            "by_kind": {k: {"s": v, "share": v / total} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": k, "s": v} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def _breakdown(trainer: Trainer, state: dict, batch: dict, repeats: int, step_median: float) -> dict[str, float]:
+    """Median seconds of the forward pass alone (the real eval step) and of forward + backward without the
+    optimizer (the train step's loss and gradient, jitted on their own); the optimizer update and the
+    rest is the full step minus the latter."""
+    from .step import forward_loss_sum
+
+    def grads(params, b):
+        return jax.value_and_grad(lambda p: forward_loss_sum(trainer.graphdef, p, b, None)[0])(params)
+
+    fwd_bwd = jax.jit(grads, in_shardings=(trainer.param_shardings, trainer.batch_sharding))
+    out = {}
+    for name, fn in (("forward", trainer.eval_step), ("forward_backward", fwd_bwd)):
+        jax.block_until_ready(fn(state["params"], batch))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(state["params"], batch))
+            times.append(time.perf_counter() - start)
+        out[name] = float(np.median(times))
+    out["full_step"] = step_median
+    out["optimizer_and_rest"] = step_median - out["forward_backward"]
+    return out
