@@ -45,7 +45,7 @@ import yaml
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from qkv.data import Tokenizer
+from qkv.data import BATCH_KEYS, Tokenizer
 from qkv.data.sft import DPOIterator, PackedSFTIterator, eval_batches, load_dpo, load_sft
 from qkv.model.decode import Decoder, SamplingConfig
 
@@ -509,11 +509,12 @@ def _setup(cfg: Config, run_dir: Path):
         raise ValueError(f"{ft.train_path} has fewer examples than there are processes ({jax.process_count()})")
     make = DPOIterator if trainer.dpo else PackedSFTIterator
     data_iter = make(items, seq_len=cfg.data.seq_len, batch_size=per_process, seed=cfg.train.seed)
-    eval_items = eval_set.items[jax.process_index()::jax.process_count()]
-    batches = eval_batches(eval_items, dpo=trainer.dpo, seq_len=cfg.data.seq_len, batch_size=per_process,
-                           max_batches=cfg.data.eval_batches)
-    if jax.process_count() > 1:  # every process must run the same number of compiled eval steps
-        batches = batches[:cfg.data.eval_batches or len(batches)]
+    shards = [eval_batches(eval_set.items[i::jax.process_count()], dpo=trainer.dpo, seq_len=cfg.data.seq_len,
+                           batch_size=per_process, max_batches=cfg.data.eval_batches)
+              for i in range(jax.process_count())]  # every process knows every shard's batch count ...
+    batches = shards[jax.process_index()]
+    empty = {k: np.zeros((per_process, cfg.data.seq_len), np.int32) for k in BATCH_KEYS}  # loss_mask 0: adds nothing
+    batches += [empty] * (max(map(len, shards)) - len(batches))  # ... and pads to the same number of steps
     if meta is not None:
         data_iter.set_state(json.loads(process_data_state(meta)))  # this process's own position
         loop.log(f"resumed {run_dir} at step {meta['step']}")
