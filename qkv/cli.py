@@ -5,6 +5,8 @@
     qkv generate --checkpoint RUN_DIR --prompt TEXT
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
+    qkv finetune [CONFIG] finetune.init_from=RUN finetune.train_path=F.jsonl [key=value ...]   SFT/DPO, LoRA
+    qkv convert import HF_DIR RUN_DIR | export RUN_DIR OUT_DIR --arch llama|gpt2
     qkv benchmark train|decode [CONFIG] [key=value ...]   throughput, MFU and roofline on synthetic tokens
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
@@ -43,6 +45,20 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
 
     if jax.process_index() == 0:  # one summary per job, not one per host
         print(json.dumps(printable, indent=None, default=str))
+    if summary.get("preempted"):
+        from qkv.train.loop import EXIT_PREEMPTED
+        print(f"qkv: stopped by {summary['preempted']} after step {summary['step']} with a complete checkpoint: "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    from qkv.train.finetune import finetune, load_finetune_config
+
+    source, overrides = _split_config_args(ns.args)
+    summary = finetune(load_finetune_config(source, overrides))
+    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, default=str))
     if summary.get("preempted"):
         from qkv.train.loop import EXIT_PREEMPTED
         print(f"qkv: stopped by {summary['preempted']} after step {summary['step']} with a complete checkpoint: "
@@ -105,6 +121,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
+    lm.prompt_ids(prompts)  # refuse bad prompts before printing anything
     if len(prompts) == 1 and not ns.no_stream:
         sys.stdout.write(prompts[0])
         for piece in lm.stream(prompts[0], **settings):
@@ -167,6 +184,21 @@ def cmd_benchmark(ns: argparse.Namespace) -> int:
     return benchmark_main(ns)
 
 
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from qkv.train.convert import export_hf, import_hf
+
+    if ns.direction == "import":
+        print(json.dumps(import_hf(ns.hf_dir, ns.run_dir, ns.tokenizer)))
+    elif ns.direction == "merge-lora":
+        from qkv.train.finetune import merge_lora_run
+        _require_dir(ns.run_dir)
+        print(json.dumps(merge_lora_run(ns.run_dir, ns.out_dir, ns.step)))
+    else:
+        _require_dir(ns.run_dir)
+        print(json.dumps(export_hf(ns.run_dir, ns.out_dir, ns.arch, ns.step)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train (or resume) a language model")
     p.add_argument("args", nargs="*", help="[CONFIG: preset name or YAML path] [section.key=value ...]")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="SFT or DPO (full or LoRA) from a checkpoint; see docs/finetuning.md")
+    p.add_argument("args", nargs="*", help="[CONFIG: sft-tiny, dpo-tiny or a YAML path] [section.key=value ...]")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("config", help="print the resolved configuration")
     p.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
@@ -235,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--new-tokens", type=int, default=32)
             t.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("convert", help="Hugging Face safetensors <-> qkv checkpoints (Llama, GPT-2)")
+    csub = p.add_subparsers(dest="direction", required=True)
+    t = csub.add_parser("import", help="HF model directory -> new qkv run directory")
+    t.add_argument("hf_dir")
+    t.add_argument("run_dir")
+    t.add_argument("--tokenizer", help="SentencePiece .model (default: HF_DIR/tokenizer.model if present)")
+    t = csub.add_parser("export", help="qkv run directory -> HF model directory (config.json + safetensors)")
+    t.add_argument("run_dir")
+    t.add_argument("out_dir")
+    t.add_argument("--arch", required=True, choices=["llama", "gpt2"])
+    t.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    t = csub.add_parser("merge-lora", help="LoRA fine-tuning run -> plain checkpoint (base + adapters merged)")
+    t.add_argument("run_dir")
+    t.add_argument("out_dir")
+    t.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("launch", help="run a qkv subcommand as several cooperating JAX processes")
     lsub = p.add_subparsers(dest="launcher", required=True)
