@@ -1,8 +1,21 @@
-"""qkv.data: tokenizer, text sources (TFDS/array_record, no TensorFlow) and Grain LM pipelines.
+"""qkv.data: tokenizer, text sources (TFDS/array_record, no TensorFlow) and Grain LM pipelines;
+parallel text for encoder-decoder models (seq2seq) and labeled text for classifiers (classify).
 
 Depends on neither qkv.model nor qkv.train.
 """
 
+from .classify import (
+    CLASSIFY_BATCH_KEYS,
+    ClassExample,
+    ClassifyIterator,
+    ClassifySet,
+    LabeledText,
+    classify_eval_batches,
+    classify_examples,
+    infer_labels,
+    read_labeled,
+    tfds_labeled,
+)
 from .corpus import stdlib_files
 from .pipeline import (
     BATCH_KEYS,
@@ -11,19 +24,61 @@ from .pipeline import (
     make_eval_dataset,
     make_lm_dataset,
 )
-from .sources import TextSource, open_text_source, record_text
+from .seq2seq import (
+    SEQ2SEQ_BATCH_KEYS,
+    Pair,
+    Seq2SeqExample,
+    Seq2SeqIterator,
+    TfdsPairs,
+    load_pairs,
+    number_to_words,
+    pair_texts,
+    seq2seq_eval_batches,
+    tfds_pairs,
+    tokenize_pairs,
+    toy_pairs,
+    toy_split,
+)
+from .sft import DataError, ExampleSet
+from .sources import TextSource, open_catalog, open_text_source, record_text
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
+    "CLASSIFY_BATCH_KEYS",
+    "ClassExample",
+    "ClassifyIterator",
+    "ClassifySet",
+    "DataError",
+    "ExampleSet",
+    "LabeledText",
+    "Pair",
+    "SEQ2SEQ_BATCH_KEYS",
+    "Seq2SeqExample",
+    "Seq2SeqIterator",
     "TextSource",
+    "TfdsPairs",
     "Tokenizer",
+    "classify_eval_batches",
+    "classify_examples",
+    "infer_labels",
     "iterator_state_from_json",
     "iterator_state_to_json",
+    "load_pairs",
     "make_eval_dataset",
     "make_lm_dataset",
+    "number_to_words",
+    "open_catalog",
     "open_text_source",
+    "pair_texts",
+    "read_labeled",
     "record_text",
+    "seq2seq_eval_batches",
     "stdlib_files",
+    "tfds_labeled",
+    "tfds_pairs",
+    "tokenize_pairs",
+    "toy_pairs",
+    "toy_split",
     "train_tokenizer",
 ]

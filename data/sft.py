@@ -42,8 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import BATCH_KEYS
-
 ROLE_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 
 
@@ -71,6 +69,7 @@ class ExampleSet:
     items: list[Any]
     skipped: int = 0
     files: list[str] = field(default_factory=list)
+    empty: int = 0  # seq2seq: pairs left out for an empty side (see seq2seq.tokenize_pairs)
 
 
 def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
@@ -80,30 +79,37 @@ def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
     return text + ROLE_HEADERS["assistant"]
 
 
-def jsonl_files(pattern: str) -> list[str]:
+_JSONL_FIX = "set finetune.train_path (or eval_path) to a .jsonl file or glob"
+
+
+def jsonl_files(pattern: str, what: str = "JSONL file", fix: str = _JSONL_FIX) -> list[str]:
+    """The files a path or glob names, sorted; FileNotFoundError saying ``fix`` when there are none."""
     path = Path(pattern).expanduser()
     files = sorted(glob.glob(str(path))) if any(c in pattern for c in "*?[") else ([str(path)] if path.is_file() else [])
     if not files:
-        raise FileNotFoundError(f"no JSONL file matches {pattern!r}: set finetune.train_path (or eval_path) "
-                                "to a .jsonl file or glob")
+        raise FileNotFoundError(f"no {what} matches {pattern!r}: {fix}")
     return files
 
 
-def read_jsonl(pattern: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(``file:line``, record) for every non-blank line of the matching files, in file order."""
-    for name in jsonl_files(pattern):
+def read_lines(pattern: str, what: str = "JSONL file", fix: str = _JSONL_FIX) -> Iterator[tuple[str, str]]:
+    """(``file:line``, line) for every non-blank line of the matching files, in file order."""
+    for name in jsonl_files(pattern, what, fix):
         with open(name, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{name}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                yield where, record
+                if line.strip():
+                    yield f"{name}:{lineno}", line
+
+
+def read_jsonl(pattern: str, fix: str = _JSONL_FIX) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``file:line``, record) for every non-blank line of the matching files, in file order."""
+    for where, line in read_lines(pattern, "JSONL file", fix):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _text(record: dict[str, Any], key: str, where: str, nonempty: bool) -> str:
@@ -210,18 +216,29 @@ def load_dpo(pattern: str, encode: Callable[[str], list[int]], *, bos_id: int, e
     return out
 
 
-def _rows_to_batch(rows: Sequence[Sequence[Example]], seq_len: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Rows of whole examples -> the batch contract; examples are segments 1, 2, ...; padding is 0."""
-    batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in BATCH_KEYS}
+_LM_FIELDS = {"inputs": "inputs", "targets": "targets", "loss_mask": "loss_mask"}
+
+
+def _rows_to_batch(rows: Sequence[Sequence[Any]], seq_len: int, batch_size: int,
+                   fields: dict[str, str] | None = None, prefix: str = "") -> dict[str, np.ndarray]:
+    """Rows of whole examples -> the batch contract; examples are segments 1, 2, ...; padding is 0.
+
+    ``fields`` maps batch keys to the example attributes laid out along the row (default: an
+    :class:`Example`'s inputs, targets and loss_mask; the first attribute's length is the example's);
+    the segment ids and positions go to ``prefix + "segment_ids"`` and ``prefix + "positions"``.
+    """
+    fields = fields or _LM_FIELDS
+    seg, pos = prefix + "segment_ids", prefix + "positions"
+    batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in (*fields, seg, pos)}
     for r, row in enumerate(rows):
         start = 0
         for s, ex in enumerate(row, 1):
-            end = start + len(ex)
-            batch["inputs"][r, start:end] = ex.inputs
-            batch["targets"][r, start:end] = ex.targets
-            batch["loss_mask"][r, start:end] = ex.loss_mask
-            batch["segment_ids"][r, start:end] = s
-            batch["positions"][r, start:end] = np.arange(len(ex))
+            values = [(key, getattr(ex, attr)) for key, attr in fields.items()]
+            end = start + len(values[0][1])
+            for key, value in values:
+                batch[key][r, start:end] = value
+            batch[seg][r, start:end] = s
+            batch[pos][r, start:end] = np.arange(end - start)
             start = end
     return batch
 
@@ -264,27 +281,74 @@ class _OrderedIterator:
         self.epoch, self.next = int(state["epoch"]), int(state["next"])
 
 
-class PackedSFTIterator(_OrderedIterator):
+def shard(items: Sequence[Any], shard_index: int, shard_count: int) -> Sequence[Any]:
+    """``items[shard_index::shard_count]``: this process's share of an evaluation set."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
+                         "pass the process index and process count")
+    return items[shard_index::shard_count]
+
+
+class _PackingIterator(_OrderedIterator):
+    """Endless batches of ``batch_size`` rows, whole items packed first-come into rows.
+
+    An item has a size in each of ``limits`` (``_sizes``); a row is closed when the next item does
+    not fit in one of them, so no item is ever split. Subclasses turn rows into arrays (``_batch``).
+    """
+
+    def __init__(self, items: Sequence[Any], *, limits: tuple[int, ...], batch_size: int, seed: int,
+                 shuffle: bool):
+        super().__init__(items, seed, shuffle)
+        self.limits, self.batch_size = tuple(limits), batch_size
+
+    def _sizes(self, item: Any) -> tuple[int, ...]:
+        return (len(item),)
+
+    def _batch(self, rows: list[list[Any]]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _rows(self, one_pass: bool = False) -> list[list[Any]]:
+        """The next batch's rows; with ``one_pass``, fewer when this epoch ends first."""
+        if not len(self.items):
+            raise ValueError("there are no examples to make batches of")
+        rows: list[list[Any]] = [[]]
+        used = (0,) * len(self.limits)
+        epoch = self.epoch
+        while not (one_pass and self.epoch != epoch):
+            item = self._current()
+            sizes = self._sizes(item)
+            if any(u + n > limit for u, n, limit in zip(used, sizes, self.limits)):
+                if len(rows) == self.batch_size:
+                    break
+                rows.append([])
+                used = (0,) * len(self.limits)
+            rows[-1].append(item)
+            used = tuple(u + n for u, n in zip(used, sizes))
+            self._advance()
+        return rows
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self._batch(self._rows())
+
+    def one_pass(self, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+        """The batches from here to the end of the current epoch (at most ``max_batches``, 0 = all),
+        the last one padded with empty rows; no batches when there are no items."""
+        batches: list[dict[str, np.ndarray]] = []
+        epoch = self.epoch
+        while len(self.items) and self.epoch == epoch and not (max_batches and len(batches) >= max_batches):
+            batches.append(self._batch(self._rows(one_pass=True)))
+        return batches
+
+
+class PackedSFTIterator(_PackingIterator):
     """Endless SFT batches [batch_size, seq_len]: whole examples packed first-come into rows."""
 
     def __init__(self, examples: Sequence[Example], *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True):
-        super().__init__(examples, seed, shuffle)
-        self.seq_len, self.batch_size = seq_len, batch_size
+        super().__init__(examples, limits=(seq_len,), batch_size=batch_size, seed=seed, shuffle=shuffle)
+        self.seq_len = seq_len
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows: list[list[Example]] = [[]]
-        used = 0
-        while True:
-            ex = self._current()
-            if used + len(ex) > self.seq_len:
-                if len(rows) == self.batch_size:
-                    break
-                rows.append([])
-                used = 0
-            rows[-1].append(ex)
-            used += len(ex)
-            self._advance()
+    def _batch(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
         return _rows_to_batch(rows, self.seq_len, self.batch_size)
 
 

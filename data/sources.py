@@ -9,10 +9,14 @@ Kinds:
   "files"   a directory (recursive) or glob of text files; one document per file
   "jsonl"   a JSONL file, directory or glob; one document per record's `text_field`
   "tfds"    a TFDS catalog dataset (e.g. "lm1b") already prepared as array_record in data_dir
+
+`open_catalog` (shared with the seq2seq and classification sources) opens and checks any prepared
+catalog dataset's split and returns the builder with its raw array_record data source.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,15 +50,20 @@ class TextSource(Sequence):
     def __len__(self) -> int:
         return len(self._inner)
 
+    def _item(self, record: Any, index: int) -> Any:
+        """What item `index` is, given its record (subclasses return other item types)."""
+        return record_text(record, self._text_field)
+
     def __getitem__(self, index: int) -> str:  # type: ignore[override]
         if not isinstance(index, int):
             # array_record sources reject slices; index with ints (or __getitems__ with a list).
             index = int(index)
-        return record_text(self._inner[index], self._text_field)
+        return self._item(self._inner[index], index)
 
     def __getitems__(self, indices: Sequence[int]) -> list[str]:
-        records = self._inner.__getitems__([int(i) for i in indices])
-        return [record_text(r, self._text_field) for r in records]
+        indices = [int(i) for i in indices]
+        records = self._inner.__getitems__(indices)
+        return [self._item(r, i) for r, i in zip(records, indices)]
 
     def __iter__(self) -> Iterator[str]:
         # Explicit, chunked iteration: Sequence's default relies on IndexError past the end.
@@ -82,16 +91,49 @@ def _open_local(kind: str, path: str | None, split: str, data_dir: Path, text_fi
     return TextSource(inner, "text", f"{kind}:{split} from {builder.data_dir}")
 
 
-def _open_catalog(name: str, split: str, data_dir: Path, text_field: str) -> TextSource:
+# Catalog datasets defined as modules of these packages (e.g. glue in `text`, wmt14_translate in
+# `translate`) are registered only when their package is imported, which `import tensorflow_datasets`
+# defers (lazy imports), so `tfds.builder` does not find them until then (seen with tfds 4.9.10).
+# Those under `tensorflow_datasets/datasets/` (e.g. lm1b) are found by name without this.
+_CATALOG_PACKAGES = (
+    "audio", "graphs", "image", "image_classification", "object_detection", "question_answering",
+    "ranking", "recommendation", "rl_unplugged", "robotics", "robomimic", "structured",
+    "summarization", "text", "text_simplification", "time_series", "translate", "video",
+    "vision_language", "nearest_neighbors", "d4rl",
+)
+
+
+def _catalog_builder(name: str, data_dir: str | Path) -> Any:
     import tensorflow_datasets as tfds
 
-    hint = f"tfds build {name} --file_format=array_record --data_dir={data_dir}"
     try:
-        builder = tfds.builder(name, data_dir=str(data_dir))
+        return tfds.builder(name, data_dir=str(data_dir))
+    except tfds.core.registered.DatasetNotFoundError:
+        pass
+    for package in _CATALOG_PACKAGES:
+        try:
+            importlib.import_module(f"tensorflow_datasets.{package}")
+        except Exception:  # best effort: e.g. a package whose optional dependencies (h5py) are missing
+            continue
+    try:
+        return tfds.builder(name, data_dir=str(data_dir))
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"TFDS dataset {name!r} is not in the TFDS catalog: check the name"
         ) from None
+
+
+def open_catalog(name: str, split: str, data_dir: str | Path, fields: Sequence[str],
+                 fix: str) -> tuple[Any, Any]:
+    """(builder, array_record data source of `split`) of a prepared TFDS catalog dataset.
+
+    Raises ValueError with the fix when the name is not in the catalog, the dataset is not prepared
+    in `data_dir` (with the `tfds build ... --file_format=array_record` command), it is stored in a
+    format that needs TensorFlow, the split does not exist, or a top-level feature named in `fields`
+    is missing (`fix` says which setting names it, e.g. "set data.text_field").
+    """
+    hint = f"tfds build {name} --file_format=array_record --data_dir={data_dir}"
+    builder = _catalog_builder(name, data_dir)
     if not builder.is_prepared():
         raise ValueError(
             f"TFDS dataset {name!r} is not prepared in '{data_dir}': prepare it first with `{hint}`"
@@ -103,12 +145,17 @@ def _open_catalog(name: str, split: str, data_dir: Path, text_field: str) -> Tex
             f"TensorFlow to read: rebuild it with `{hint}`"
         )
     _check_split(split, list(builder.info.splits))
-    if text_field not in builder.info.features:
-        raise ValueError(
-            f"TFDS dataset {name!r} has no feature {text_field!r} "
-            f"(features: {sorted(builder.info.features)}): set data.text_field"
-        )
-    inner = builder.as_data_source(split=split, file_format="array_record")
+    for field in fields:
+        if field not in builder.info.features:
+            raise ValueError(
+                f"TFDS dataset {name!r} has no feature {field!r} "
+                f"(features: {sorted(builder.info.features)}): {fix}"
+            )
+    return builder, builder.as_data_source(split=split, file_format="array_record")
+
+
+def _open_catalog(name: str, split: str, data_dir: Path, text_field: str) -> TextSource:
+    _, inner = open_catalog(name, split, data_dir, [text_field], "set data.text_field")
     return TextSource(inner, text_field, f"tfds:{name}:{split}")
 
 

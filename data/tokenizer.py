@@ -7,7 +7,8 @@ documents are fed line by line (each line keeps its "\n"); very long lines are c
 fit the trainer's sentence limit instead of being silently dropped by it.
 
 `Tokenizer` wraps a trained model. Its serialized proto (`to_bytes`) is the whole tokenizer, so it
-can travel inside checkpoints. Special ids are fixed: pad=0, unk=1, bos=2, eos=3.
+can travel inside checkpoints. Special ids are fixed: pad=0, unk=1, bos=2, eos=3; tokenizers for
+masked-language models (``with_mask=True``) add ``<mask>`` as id 4, a control piece that no text encodes to.
 
 One SentencePiece quirk needs a workaround: it represents spaces with U+2581 ("▁"), so a literal
 "▁" in the input would decode as a space. `Tokenizer.encode` therefore emits a literal "▁" as
@@ -26,6 +27,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MASK_ID, MASK_PIECE = 4, "<mask>"
 MODEL_TYPES = ("bpe", "unigram", "char")
 
 # SentencePiece's internal whitespace marker; a literal one in user text must not become a space.
@@ -73,12 +75,14 @@ def train_tokenizer(
     model_type: str = "bpe",
     max_sentences: int = 2_000_000,
     seed: int = 0,
+    with_mask: bool = False,
 ) -> Path:
     """Trains a SentencePiece model on `texts`, writes `{model_prefix}.model`, returns its path.
 
     `max_sentences` caps how many lines the trainer sees (a uniform sample drawn with `seed`
     when the corpus has more). `vocab_size` is a soft limit: a small corpus yields a smaller
     vocabulary instead of an error. The same texts and seed give the same model bytes.
+    `with_mask` reserves id 4 for ``<mask>`` (masked-language modelling).
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(
@@ -110,6 +114,7 @@ def train_tokenizer(
         allow_whitespace_only_pieces=True,
         split_digits=True,
         user_defined_symbols=["\n"],
+        control_symbols=[MASK_PIECE] if with_mask else [],
         max_sentence_length=_MAX_SENTENCE_BYTES,
         input_sentence_size=0,  # already sampled above
         pad_id=PAD_ID,
@@ -208,6 +213,11 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return EOS_ID
+
+    @property
+    def mask_id(self) -> int | None:
+        """The ``<mask>`` id of a tokenizer trained ``with_mask``, else None."""
+        return MASK_ID if self._sp.id_to_piece(MASK_ID) == MASK_PIECE else None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos."""

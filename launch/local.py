@@ -174,6 +174,6 @@ def _run(command: list[str], processes: int, devices_per_process: int, port: int
             _stop_all(procs, stop.signum, grace_s)
         except _Stopped:  # a second Ctrl-C: no more grace
             _stop_all(procs, signal.SIGKILL, 0)
-    for t in pumps:
-        t.join(timeout=2)
+    for t in pumps:  # the children have exited: their last lines are in the pipes, finish printing them
+        t.join(timeout=10)
     return code

@@ -13,10 +13,14 @@ from flax import nnx
 
 from .attention import attention_mask, dot_product_attention, reference_attention
 from .config import ModelConfig
+from .encoder import Encoder, EncoderDecoder
 from .transformer import Cache, Transformer, init_cache
 
+# The one place that maps ``model.kind`` to a family; everything else asks the model (forward_batch).
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
     "decoder": Transformer,
+    "encoder": Encoder,
+    "encoder_decoder": EncoderDecoder,
 }
 
 
@@ -51,6 +55,6 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
-    "MODEL_REGISTRY", "Cache", "ModelConfig", "Transformer", "abstract_model", "attention_mask", "count_params",
+    "MODEL_REGISTRY", "Cache", "Encoder", "EncoderDecoder", "ModelConfig", "Transformer", "abstract_model", "attention_mask", "count_params",
     "create_model", "dot_product_attention", "init_cache", "logical_axes", "param_metadata", "reference_attention", "split_params",
 ]

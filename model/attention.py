@@ -1,6 +1,10 @@
-"""Multi-head (and grouped-query) self-attention with an optional KV cache.
+"""Multi-head (and grouped-query) attention: causal or bidirectional self-attention, and cross-attention.
 
-softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. The kernel is
+softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. One module serves all
+three uses: self-attention projects queries, keys and values from the same sequence (causal in a
+decoder, bidirectional in an encoder, the mask decides); cross-attention takes its keys and values
+from another sequence (the encoder's output), projected once with ``memory_kv`` and reused at every
+decoding step. The kernel is
 ``jax.nn.dot_product_attention`` (XLA everywhere; the cuDNN flash path on GPUs); the explicit
 einsum ``reference_attention`` is the readable definition and what tests compare against.
 
@@ -19,15 +23,19 @@ from .config import ModelConfig
 from .layers import apply_rope, dense, param
 
 
-def attention_mask(q_slots_bt: jax.Array, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
+def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
     """Boolean [b, t, s]: query at slot i sees key slot j iff j <= i and both lie in the same segment.
 
     Segments keep packed documents apart (and padding, segment 0, to itself); slots are positions in
-    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding.
+    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding. With
+    ``q_slots_bt=None`` the mask is not causal: segments alone decide (encoders, cross-attention,
+    where a target example's segment id names its source example).
     """
+    same_segment_bts = k_segments_bs[:, None, :] == q_segments_bt[:, :, None]
+    if q_slots_bt is None:
+        return same_segment_bts
     k_slots_s = jnp.arange(k_segments_bs.shape[1])
     causal_bts = k_slots_s[None, None, :] <= q_slots_bt[:, :, None]
-    same_segment_bts = k_segments_bs[:, None, :] == q_segments_bt[:, :, None]
     return causal_bts & same_segment_bts
 
 
@@ -72,12 +80,23 @@ class Attention(nnx.Module):
         y = dense(x_btd, w[...].astype(self.dtype))  # btd,dhe->bthe as a 2-D matmul (see layers.dense)
         return y if b is None else y + b[...].astype(self.dtype)
 
-    def __call__(self, x_btd, mask_bts, rope, kv_cache=None, cache_index=None):
-        """Returns the attention output and, when decoding, the updated (k, v) cache buffers."""
+    def memory_kv(self, memory_bsd: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of another sequence for cross-attention (no rotary positions)."""
+        return self._project(memory_bsd, self.wk, self.bk), self._project(memory_bsd, self.wv, self.bv)
+
+    def __call__(self, x_btd, mask_bts, rope=None, kv_cache=None, cache_index=None, memory_kv=None):
+        """Returns the attention output and, when decoding, the updated (k, v) cache buffers.
+
+        With ``memory_kv`` (from :meth:`memory_kv`) this is cross-attention: queries from ``x_btd``,
+        keys and values given; no cache is written.
+        """
         q_bthe = self._project(x_btd, self.wq, self.bq)
-        k_bske = self._project(x_btd, self.wk, self.bk)
-        v_bske = self._project(x_btd, self.wv, self.bv)
-        if self.use_rope:
+        if memory_kv is not None:
+            k_bske, v_bske = memory_kv
+        else:
+            k_bske = self._project(x_btd, self.wk, self.bk)
+            v_bske = self._project(x_btd, self.wv, self.bv)
+        if self.use_rope and memory_kv is None:
             q_bthe, k_bske = apply_rope(q_bthe, rope), apply_rope(k_bske, rope)
         if kv_cache is not None:  # write this step's keys/values at cache_index, attend over the buffer
             cache_k, cache_v = kv_cache

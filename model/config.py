@@ -18,9 +18,10 @@ Activation = Literal["relu", "gelu", "swiglu"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+Pooling = Literal["first", "mean"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "kind": ("decoder",),
+    "kind": ("decoder", "encoder", "encoder_decoder"),
     "positions": ("learned", "sinusoidal", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
@@ -29,6 +30,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
     "attention_impl": ("auto", "xla", "cudnn", "reference"),
+    "pooling": ("first", "mean"),
 }
 
 
@@ -36,7 +38,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 class ModelConfig:
     """Shape and numerics of a Transformer language model."""
 
-    kind: str = "decoder"  # registry key: which model family to build
+    kind: str = "decoder"  # registry key: decoder (GPT/Llama), encoder (BERT), encoder_decoder (translation)
     vocab_size: int = 8192
     d_model: int = 256
     n_layers: int = 4
@@ -60,6 +62,9 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over stacked layers (fast compiles) or unrolled
     attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend, or the einsum reference
     init_std: float = 0.02
+    n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)
+    n_classes: int = 0  # encoder: > 0 adds a classification head over the pooled sequence
+    pooling: Pooling = "first"  # encoder classification: first token ([bos], BERT's [CLS]) or mean of tokens
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -81,12 +86,21 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_size % 2:
             raise ValueError(f"rope needs an even head size, got {self.head_size}: change model.head_dim")
+        if self.n_encoder_layers is not None and self.n_encoder_layers < 1:
+            raise ValueError(f"model.n_encoder_layers={self.n_encoder_layers} must be a positive integer (or null)")
+        if self.n_classes and (self.n_classes < 2 or self.kind != "encoder"):
+            raise ValueError(f"model.n_classes={self.n_classes}: a classification head needs model.kind=encoder "
+                             "and n_classes >= 2 (0: none)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def num_kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_encoder_layers or self.n_layers
 
     @property
     def head_size(self) -> int:

@@ -1,7 +1,9 @@
-"""The decoder-only Transformer: embeddings → N blocks → norm → vocabulary logits.
+"""The Transformer's shared parts and the decoder-only language model built from them.
 
 A pre-norm block reads ``x = x + attn(norm(x)); x = x + mlp(norm(x))``; the post-norm block of the
-original paper is ``x = norm(x + attn(x)); x = norm(x + mlp(x))``.
+original paper is ``x = norm(x + attn(x)); x = norm(x + mlp(x))``. A block built with
+``cross=True`` (the encoder-decoder's decoder, model/encoder.py) adds ``x = x + cross_attn(norm(x),
+memory)`` between the two, with keys and values from the encoder's output.
 
 Layers are stored stacked (every block parameter has a leading ``layers`` axis), so one parameter
 layout serves both ``lax.scan`` over layers (fast compiles for deep models) and an unrolled loop;
@@ -11,6 +13,8 @@ Decoding uses an explicit cache of arrays, passed in and returned: ``{"k", "v": 
 "segments": [B, S], "index": []}``. The model holds no device or sharding logic.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,110 +35,174 @@ _REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross: bool = False):
         self.pre_norm, self.rate = cfg.norm_position == "pre", cfg.dropout
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
+        if cross:
+            self.cross_norm = Norm(cfg, rngs)
+            self.cross_attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, key=None):
-        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        if self.pre_norm:
-            h, kv_cache = self.attn(self.attn_norm(x), mask, rope, kv_cache, cache_index)
-            x = x + dropout(h, self.rate, k_attn)
-            x = x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k_mlp)
-        else:
-            h, kv_cache = self.attn(x, mask, rope, kv_cache, cache_index)
-            x = self.attn_norm(x + dropout(h, self.rate, k_attn))
-            x = self.mlp_norm(x + dropout(self.mlp(x), self.rate, k_mlp))
+    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, key=None, memory=None):
+        """memory: ((keys, values) of the encoder output for this layer, cross-attention mask) or None."""
+        k_attn, k_cross, k_mlp = jax.random.split(key, 3) if key is not None else (None, None, None)
+        h, kv_cache = self.attn(self._in(x, self.attn_norm), mask, rope, kv_cache, cache_index)
+        x = self._add(x, h, self.attn_norm, k_attn)
+        if memory is not None:
+            memory_kv, memory_mask = memory
+            h, _ = self.cross_attn(self._in(x, self.cross_norm), memory_mask, memory_kv=memory_kv)
+            x = self._add(x, h, self.cross_norm, k_cross)
+        x = self._add(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, k_mlp)
         return x, kv_cache
 
+    def _in(self, x, norm):  # pre-norm: a sub-layer reads norm(x)
+        return norm(x) if self.pre_norm else x
 
-class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def _add(self, x, h, norm, key):  # the residual; post-norm normalises the sum
+        x = x + dropout(h, self.rate, key)
+        return x if self.pre_norm else norm(x)
+
+
+def stacked_blocks(cfg: ModelConfig, n_layers: int, rngs: nnx.Rngs, cross: bool = False) -> Block:
+    """``n_layers`` blocks whose parameters are stacked on a leading ``layers`` axis."""
+    @nnx.split_rngs(splits=n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs, cross)
+
+    return make(rngs)
+
+
+def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=None, keys=None, memory=None):
+    """Apply stacked blocks in order (scanned or unrolled, rematerialised as configured).
+
+    memory: None, or (encoder output [b, s, d] or per-layer (k, v) stacked [L, b, s, K, E], mask).
+    Returns the output and the updated per-layer self-attention caches (None when not decoding).
+    """
+    graphdef, stacked = nnx.split(blocks)
+    memory_bsd, memory_kv, memory_mask = None, None, None
+    if memory is not None:
+        source, memory_mask = memory
+        memory_bsd, memory_kv = (None, source) if isinstance(source, tuple) else (source, None)
+
+    def layer(x, xs):
+        params, layer_kv, key, layer_memory_kv = xs
+        block = nnx.merge(graphdef, params)
+        if memory_bsd is not None:  # training: project this layer's cross-attention keys/values here
+            layer_memory_kv = block.cross_attn.memory_kv(memory_bsd)
+        layer_memory = None if memory_mask is None else (layer_memory_kv, memory_mask)
+        x, layer_kv = block(x, mask, rope, layer_kv, index, key, layer_memory)
+        return constrain(x, RESIDUAL), layer_kv
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    xs = (stacked, kv, keys, memory_kv)
+    if cfg.scan_layers:
+        return jax.lax.scan(layer, x, xs)
+    outputs = []
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+        x, layer_kv = layer(x, jax.tree.map(lambda a: a[i], xs))
+        outputs.append(layer_kv)
+    return x, (None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs))
+
+
+def layer_keys(cfg: ModelConfig, key: jax.Array | None, n_layers: int) -> tuple[jax.Array | None, Any]:
+    """(key for the embedding dropout, one key per layer), or (None, None) without dropout."""
+    if key is None or cfg.dropout == 0:
+        return None, None
+    embed_key, layers_key = jax.random.split(key)
+    return embed_key, jax.random.split(layers_key, n_layers)
+
+
+class EmbedAndHead(nnx.Module):
+    """What every shape shares: token (+ position) embeddings in, a final norm and vocabulary logits out."""
+
+    def init_io(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, cfg.weight_dtype)
         if cfg.positions == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("position", "embed"), cfg.init_std,
                                    cfg.weight_dtype)
-
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
-
-        self.blocks = stacked_blocks(rngs)
         if cfg.norm_position == "pre":  # post-norm blocks already end normalised
             self.final_norm = Norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                                  cfg.weight_dtype)
 
-    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
-                 segment_ids_bt: jax.Array | None = None, cache: Cache | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
-        """Float32 logits [B, T, vocab] and the updated cache (None when not decoding).
-
-        positions: index of each token within its document (default 0..T-1, offset by the cache).
-        segment_ids: document id of each token for packed rows; 0 marks padding (default all 1).
-        """
+    def embed_tokens(self, tokens_bt, positions_bt, key=None):
+        """(token + position embeddings [B, T, D] in the compute dtype, rotary tables or None)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        b, t = tokens_bt.shape
-        index = jnp.int32(0) if cache is None else cache["index"]
-        q_slots_bt = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-        positions_bt = q_slots_bt if positions_bt is None else positions_bt
-        segment_ids_bt = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
-
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype)
         if cfg.positions == "learned":
             x_btd = x_btd + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dtype)
         elif cfg.positions == "sinusoidal":
             x_btd = x_btd + sinusoidal_embedding(positions_bt, cfg.d_model).astype(dtype)
         rope = rope_angles(positions_bt, cfg.head_size, cfg.rope_theta) if cfg.positions == "rope" else None
+        return constrain(dropout(x_btd, cfg.dropout, key), RESIDUAL), rope
 
-        keys = None
-        if dropout_key is not None and cfg.dropout > 0:
-            dropout_key, layers_key = jax.random.split(dropout_key)
-            keys = jax.random.split(layers_key, cfg.n_layers)
-            x_btd = dropout(x_btd, cfg.dropout, dropout_key)
+    def final(self, x_btd):
+        return self.final_norm(x_btd) if self.cfg.norm_position == "pre" else x_btd
 
+    def vocab_logits(self, x_btd):
+        """Float32 logits [B, T, vocab] of final-normalised hidden states."""
+        dtype = self.cfg.compute_dtype
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(dtype))
+        else:
+            logits = jnp.einsum("btd,dv->btv", x_btd, self.lm_head[...].astype(dtype))
+        return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+
+
+def default_slots(tokens_bt, positions_bt, segment_ids_bt, index=None):
+    """(key-buffer slots of the queries, positions, segment ids) with the defaults filled in."""
+    b, t = tokens_bt.shape
+    q_slots_bt = jnp.broadcast_to((0 if index is None else index) + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions_bt = q_slots_bt if positions_bt is None else positions_bt
+    segment_ids_bt = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+    return q_slots_bt, positions_bt, segment_ids_bt
+
+
+class Transformer(EmbedAndHead):
+    """Decoder-only (GPT/Llama): causal self-attention blocks, next-token logits."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.init_io(cfg, rngs)
+        self.blocks = stacked_blocks(cfg, cfg.n_layers, rngs)
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+                 segment_ids_bt: jax.Array | None = None, cache: Cache | None = None,
+                 dropout_key: jax.Array | None = None, memory: tuple[Any, jax.Array] | None = None,
+                 ) -> tuple[jax.Array, Cache | None]:
+        """Float32 logits [B, T, vocab] and the updated cache (None when not decoding).
+
+        positions: index of each token within its document (default 0..T-1, offset by the cache).
+        segment_ids: document id of each token for packed rows; 0 marks padding (default all 1).
+        memory: (encoder output [B, S, D] or its per-layer keys/values, source segment ids [B, S]) for
+        the encoder-decoder's cross-attention; a target token sees the source tokens of its segment.
+        """
+        index = jnp.int32(0) if cache is None else cache["index"]
+        q_slots_bt, positions_bt, segment_ids_bt = default_slots(tokens_bt, positions_bt, segment_ids_bt, index)
+        embed_key, keys = layer_keys(self.cfg, dropout_key, self.cfg.n_layers)
+        x_btd, rope = self.embed_tokens(tokens_bt, positions_bt, embed_key)
         if cache is None:
             k_segments_bs, kv = segment_ids_bt, None
         else:
             k_segments_bs = jax.lax.dynamic_update_slice(cache["segments"], segment_ids_bt, (0, index))
             kv = (cache["k"], cache["v"])
         mask_bts = attention_mask(q_slots_bt, segment_ids_bt, k_segments_bs)
-        x_btd = constrain(x_btd, RESIDUAL)
-        x_btd, kv = self._run_blocks(x_btd, mask_bts, rope, kv, index, keys)
-
-        if cfg.norm_position == "pre":
-            x_btd = self.final_norm(x_btd)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(dtype))
-        else:
-            logits = jnp.einsum("btd,dv->btv", x_btd, self.lm_head[...].astype(dtype))
-        logits = constrain(logits, ("batch", "length", "vocab"))
+        if memory is not None:
+            memory = (memory[0], attention_mask(None, segment_ids_bt, memory[1]))
+        x_btd, kv = run_blocks(self.cfg, self.blocks, x_btd, mask_bts, rope, kv, index, keys, memory)
+        logits = self.vocab_logits(self.final(x_btd))
+        t = tokens_bt.shape[1]
         new_cache = None if cache is None else {"k": kv[0], "v": kv[1], "segments": k_segments_bs, "index": index + t}
-        return logits.astype(jnp.float32), new_cache
+        return logits, new_cache
 
-    def _run_blocks(self, x, mask, rope, kv, index, keys):
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def layer(x, xs):
-            params, layer_kv, key = xs
-            x, layer_kv = nnx.merge(graphdef, params)(x, mask, rope, layer_kv, index, key)
-            return constrain(x, RESIDUAL), layer_kv
-
-        if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        if self.cfg.scan_layers:
-            return jax.lax.scan(layer, x, (stacked, kv, keys))
-        outputs = []
-        for i in range(self.cfg.n_layers):
-            x, layer_kv = layer(x, jax.tree.map(lambda a: a[i], (stacked, kv, keys)))
-            outputs.append(layer_kv)
-        return x, (None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs))
+    def forward_batch(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits aligned with ``batch["targets"]`` (the train step's one entry point into every shape)."""
+        return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)[0]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> Cache:

@@ -1,9 +1,16 @@
-"""The public Python API: load a trained run, get logits, generate text.
+"""The public Python API: load a trained run, get logits, generate text, translate, embed, classify.
 
     import qkv
     lm = qkv.load("runs/tiny")
     print(lm.generate("def fib(n):", max_new_tokens=40, temperature=0.0)[0])
     logits = lm.logits([lm.tokenizer.encode("import os")])   # [1, T, vocab] float32
+
+    qkv.load("runs/translate-tiny").generate(["4721"], temperature=0.0)   # encoder-decoder: translations
+    qkv.load("runs/translate-tiny").generate(["4721"], beam_size=4)        # beam search
+    enc = qkv.load("runs/bert-tiny")
+    enc.embed(["import os", "import sys"])        # [2, d_model] sentence embeddings (mean of token vectors)
+    enc.neighbours(["import os", "import sys", "x = 1"], k=1)   # cosine-similarity neighbours
+    qkv.load("runs/classifier").classify(["great film"])         # label names of a fine-tuned classifier
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -51,7 +59,9 @@ class LanguageModel:
         return cls(cfg, tok, graphdef, params, int(meta["step"]))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
-        """Float32 next-token logits [B, T, vocab] for equal-length rows of token ids."""
+        """Float32 logits [B, T, vocab] for equal-length rows of token ids: next-token (decoder) or masked-token
+        (encoder) predictions."""
+        self._require("decoder", "encoder", what="logits of token ids")
         ids = np.asarray(token_ids, dtype=np.int32)
         if ids.ndim != 2:
             raise ValueError(f"token_ids must be a [batch, length] array, got shape {ids.shape}")
@@ -72,17 +82,45 @@ class LanguageModel:
             raise ValueError("empty prompt: give at least one character of text")
         return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
 
+    @property
+    def kind(self) -> str:
+        return self.config.model.kind
+
+    def _require(self, *kinds: str, what: str) -> None:
+        if self.kind not in kinds:
+            hint = {"encoder": "an encoder-only checkpoint reads text but does not generate it: use embed, "
+                               "neighbours, classify or qkv evaluate",
+                    "decoder": "use generate for text continuation"}.get(self.kind, "")
+            raise ValueError(f"{what} needs a model.kind={' or '.join(kinds)} checkpoint, not {self.kind}"
+                             + (f": {hint}" if hint else ""))
+
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.8,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-        """Completions (without the prompt) for one or several prompts, decoded in one batch."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam_size: int = 1,
+                 length_penalty: float = 0.6) -> list[str]:
+        """Completions (without the prompt) for one or several prompts, decoded in one batch; for an
+        encoder-decoder, the translations of the prompts (beam search with ``beam_size`` > 1)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self._require("decoder", "encoder_decoder", what="generation")
+        if self.kind == "encoder_decoder":
+            from qkv.train.translate import translate
+            self.prompt_ids(prompts)  # the same checks: a tokenizer, no empty prompt
+            return translate(self.config.model, self.graphdef, self.params, self.tokenizer, prompts,
+                             max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             batch_size=len(prompts))
+        if beam_size != 1:
+            raise ValueError("beam search is for encoder-decoder checkpoints: use beam_size=1 (sampling) here")
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
         rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
         return [self.tokenizer.decode(r) for r in rows]
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
-        """Yields the completion of one prompt piece by piece, as the tokens are produced."""
+        """Yields the completion of one prompt piece by piece, as the tokens are produced (an
+        encoder-decoder's translation comes whole: it is decoded in one compiled loop)."""
+        if self.kind != "decoder":
+            yield from self.generate([prompt], max_new_tokens, temperature, top_k, top_p, seed)
+            return
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
         ids: list[int] = []
         shown = ""
@@ -99,9 +137,57 @@ class LanguageModel:
             shown = text
 
 
+    def _encoded(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts or any(not t for t in texts):
+            raise ValueError("give at least one non-empty text")
+        limit = self.config.model.max_seq_len
+        ids = [([self.tokenizer.bos_id] + self.tokenizer.encode(t) + [self.tokenizer.eos_id])[:limit] for t in texts]
+        from qkv.model.seq2seq import right_pad
+        return right_pad(ids, self.tokenizer.pad_id)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One vector per text [N, d_model]: the mean of the encoder's output vectors over its tokens
+        ([bos] text [eos], cut to the context)."""
+        self._require("encoder", "encoder_decoder", what="embed")
+        tokens, segments = self._encoded(list(texts))
+        return np.asarray(_embed(self.graphdef, self.params, tokens, segments))
+
+    def neighbours(self, texts: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:
+        """For each text, the ``k`` other texts with the most similar embeddings (cosine), best first."""
+        vectors = self.embed(texts)
+        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        cosine = unit @ unit.T
+        np.fill_diagonal(cosine, -np.inf)
+        order = np.argsort(-cosine, axis=-1)[:, :k]
+        return [[(texts[j], float(cosine[i, j])) for j in row] for i, row in enumerate(order)]
+
+    def classify(self, texts: Sequence[str]) -> list[Any]:
+        """The predicted label of each text (a classifier fine-tuned with finetune.method=classify)."""
+        self._require("encoder", what="classify")
+        if not self.config.model.n_classes:
+            raise ValueError("this encoder has no classification head: fine-tune one with finetune.method=classify")
+        tokens, segments = self._encoded(list(texts))
+        logits = np.asarray(_classify(self.graphdef, self.params, tokens, segments))
+        labels = self.config.finetune.labels or list(range(self.config.model.n_classes))
+        return [labels[i] for i in logits.argmax(-1)]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef: nnx.GraphDef, params: Any, ids: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params)(ids)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, segments: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    hidden = model.encode(tokens, None, segments)
+    real = (segments > 0)[..., None]
+    return jnp.sum(hidden * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _classify(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, segments: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params).classify(tokens, None, segments)
 
 
 def load(run_dir: str | Path, step: int | None = None) -> LanguageModel:

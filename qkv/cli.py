@@ -2,7 +2,8 @@
 
     qkv pretrain [CONFIG] [key=value ...]        train (or resume) a model; default: the tiny preset
     qkv evaluate --checkpoint RUN_DIR            validation loss and perplexity of a checkpoint
-    qkv generate --checkpoint RUN_DIR --prompt TEXT
+    qkv generate --checkpoint RUN_DIR --prompt TEXT     continue text, or translate (encoder-decoder)
+    qkv embed --checkpoint RUN_DIR --text A --text B   sentence embeddings and cosine neighbours (encoder)
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
     qkv finetune [CONFIG] finetune.init_from=RUN finetune.train_path=F.jsonl [key=value ...]   SFT/DPO, LoRA
@@ -89,7 +90,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         section, name = key.split(".", 1)
         overrides.setdefault(section, {})[name] = value
     _require_dir(ns.checkpoint)
-    print(json.dumps(evaluate(ns.checkpoint, overrides)))
+    print(json.dumps(evaluate(ns.checkpoint, overrides, split=ns.split, bleu=not ns.no_bleu, beam_size=ns.beam_size)))
     return 0
 
 
@@ -117,11 +118,23 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     settings = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                     top_p=ns.top_p, seed=ns.seed)
     SamplingConfig(**settings)  # validate before the slow part
+    if ns.beam_size < 1:
+        raise ValueError(f"--beam-size={ns.beam_size} must be >= 1")
     _require_dir(ns.checkpoint)
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
     lm.prompt_ids(prompts)  # refuse bad prompts before printing anything
+    if lm.kind == "encoder_decoder":
+        for source, target in zip(prompts, lm.generate(prompts, beam_size=ns.beam_size,
+                                                       length_penalty=ns.length_penalty, **settings)):
+            print(f"{source}\t{target}")
+        return 0
+    if lm.kind == "encoder":
+        raise ValueError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
+                         "(use qkv embed, or qkv evaluate)")
+    if ns.beam_size != 1:
+        raise ValueError("--beam-size is for encoder-decoder checkpoints: drop it to sample from this decoder")
     if len(prompts) == 1 and not ns.no_stream:
         sys.stdout.write(prompts[0])
         for piece in lm.stream(prompts[0], **settings):
@@ -132,6 +145,24 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     for prompt, completion in zip(prompts, lm.generate(prompts, **settings)):
         print(prompt + completion)
         print("-" * 40)
+    return 0
+
+
+def cmd_embed(ns: argparse.Namespace) -> int:
+    texts = list(ns.text or [])
+    if ns.text_file:
+        path = Path(ns.text_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {ns.text_file!r} does not exist")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(texts) < 2:
+        raise ValueError("give at least two texts (--text, repeatable, or --text-file): neighbours need others")
+    _require_dir(ns.checkpoint)
+    from qkv.api import load
+
+    lm = load(ns.checkpoint, ns.step)
+    for text, near in zip(texts, lm.neighbours(texts, ns.neighbours)):
+        print(json.dumps({"text": text, "neighbours": [{"text": t, "cosine": round(c, 4)} for t, c in near]}))
     return 0
 
 
@@ -215,8 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint")
+    p = sub.add_parser("evaluate", help="loss, perplexity, accuracy (and BLEU) of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory written by qkv pretrain")
+    p.add_argument("--split", default="validation", help="data split (e.g. test for the toy translation task)")
+    p.add_argument("--beam-size", type=int, default=1, help="encoder-decoder BLEU: beam search width (1: greedy)")
+    p.add_argument("--no-bleu", action="store_true", help="encoder-decoder: skip translating the split")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.eval_batches=0 (whole split)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -231,7 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--beam-size", type=int, default=1, help="encoder-decoder: beam search width (1: greedy/sampling)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="beam search: GNMT length penalty alpha")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("embed", help="sentence embeddings and cosine neighbours from an encoder checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory of an encoder (or encoder-decoder)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--text", action="append", help="a text; repeat for more")
+    p.add_argument("--text-file", help="one text per line")
+    p.add_argument("--neighbours", type=int, default=3, help="how many nearest texts to list for each")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer, encode, decode")
     tsub = p.add_subparsers(dest="tok_command", required=True)

@@ -159,7 +159,7 @@ def test_launch_forwards_ctrl_c_and_sigterm_to_every_process(tmp_path, sig):
                     "print('proc', os.environ['JAX_PROCESS_ID'], 'up', flush=True)\ntime.sleep(60)\n")
     fake.chmod(0o755)
     code = f"import sys; from qkv.launch.local import launch_local; sys.exit(launch_local(['pretrain'], 2, " \
-           f"python={str(fake)!r}, all_output=True, grace_s=5))"
+           f"python={str(fake)!r}, all_output=True, grace_s=30))"  # generous: a loaded machine is slow
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     lines = []

@@ -159,7 +159,14 @@ def test_every_preset_parses_and_builds_its_shapes(name):
     cfg = load_config(name)
     graphdef, params = split_params(abstract_model(cfg.model))
     n = count_params(params)
-    expected = {"tiny": 1.57e6, "gpt2-small": 124.48e6, "llama-1b": 1.236e9, "llama-8b": 8.03e9, "llama-70b": 70.55e9}
+    expected = {"tiny": 1.57e6, "gpt2-small": 124.48e6, "llama-1b": 1.236e9, "llama-8b": 8.03e9, "llama-70b": 70.55e9,
+                # BERT: embeddings V·d + 512·d positions + 12 × (4d² + 4d attention, 2·d·4d + 5d MLP, 4d norms)
+                "bert-base": 30592 * 768 + 512 * 768 + 12 * (4 * 768**2 + 4 * 768 + 2 * 768 * 3072 + 3072 + 768
+                                                             + 4 * 768),
+                "bert-tiny": 4096 * 128 + 128 * 128 + 2 * (4 * 128**2 + 4 * 128 + 2 * 128 * 512 + 512 + 128 + 4 * 128),
+                # encoder layers: attention 4d², ReLU MLP 2·d·4d, 2 LayerNorms; decoder layers add cross-attention
+                "translate-tiny": 512 * 128 + 2 * (4 * 128**2 + 2 * 128 * 512 + 4 * 128)
+                + 2 * (8 * 128**2 + 2 * 128 * 512 + 6 * 128)}
     assert abs(n - expected[name]) / expected[name] < 0.01, (name, n)
     # The whole train state (parameters + AdamW moments) also builds abstractly on one device.
     trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -171,6 +172,20 @@ def _drop_closed_loop_noise() -> None:
     sys.unraisablehook = hook
 
 
+class _AbandonedTaskFilter(logging.Filter):
+    """asyncio logs 'Task exception was never retrieved' when the tasks of a failed (already reported)
+    read are garbage-collected, possibly long after it; those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
+
+
+def _drop_abandoned_task_errors() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedTaskFilter) for f in logger.filters):
+        logger.addFilter(_AbandonedTaskFilter())
+
+
 @contextlib.contextmanager
 def _quiet_stderr_on_failure():
     """Hold back what is written to file descriptor 2 while reading a step. When the read fails,
@@ -187,6 +202,7 @@ def _quiet_stderr_on_failure():
             yield
         except BaseException:
             failed = True
+            _drop_abandoned_task_errors()
             time.sleep(0.2)  # let straggling callbacks finish printing into the held file
             raise
         finally:

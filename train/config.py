@@ -21,14 +21,25 @@ from qkv.model import ModelConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["stdlib", "files", "jsonl", "tfds"] = "stdlib"  # stdlib: this Python's own .py files
-    path: str | None = None  # directory or glob for files/jsonl
+    # decoder/encoder text: stdlib (this Python's own .py files), files, jsonl, tfds (e.g. lm1b);
+    # encoder_decoder pairs: toy (numbers -> English words, built in), pairs (TSV/JSONL/two files), tfds (wmt14_translate/de-en)
+    source: Literal["stdlib", "files", "jsonl", "tfds", "toy", "pairs"] = "stdlib"
+    path: str | None = None  # directory or glob for files/jsonl; the pairs file (may contain {split})
+    target_path: str | None = None  # source=pairs from two line-aligned files: path = sources, target_path = targets
     tfds_name: str | None = None  # catalog name for source=tfds, e.g. lm1b
     text_field: str = "text"
+    source_field: str = "source"  # JSONL pairs: the fields; TFDS translation: the language codes
+    target_field: str = "target"
     data_dir: str = "~/.cache/qkv/tfds"  # where TFDS datasets are built and read
     validation_fraction: float = 0.01
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per row (encoder_decoder: of the target side)
+    source_seq_len: int = 0  # encoder_decoder: tokens per row on the source side (0: data.seq_len)
+    toy_limit: int = 10_000  # source=toy: translate the numbers below this (split 90/5/5 % by a fixed hash)
     eval_batches: int = 8  # validation batches per evaluation (0: whole split)
+
+    @property
+    def source_len(self) -> int:
+        return self.source_seq_len or self.seq_len
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per step
     z_loss: float = 0.0  # weight of log(Z)² to keep logits from drifting
+    label_smoothing: float = 0.0  # ε: targets become (1 − ε)·onehot + ε/vocab (0.1 in the original Transformer)
 
 
 @dataclass(frozen=True)
@@ -90,10 +102,12 @@ class LoraConfig:
 class FinetuneConfig:
     """``qkv finetune``: SFT or DPO from an existing checkpoint (ignored by ``qkv pretrain``)."""
 
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "classify"] = "sft"  # classify: an encoder's class head on labeled text
     init_from: str | None = None  # run directory to start from (params only; model config and tokenizer too)
     init_step: int | None = None  # its checkpoint step (None: newest, fixed at the first start)
-    train_path: str | None = None  # JSONL file or glob
+    train_path: str | None = None  # JSONL file or glob (classify: none needed with data.source=tfds, e.g. glue/sst2)
+    labels: list | None = None  # classify: the class names (None: the sorted labels of the training data)
+    label_field: str = "label"  # classify: the JSONL/TFDS field holding the label (data.text_field: the text)
     eval_path: str | None = None  # JSONL file or glob for evaluation (None: the first training examples)
     overlong: Literal["error", "skip"] = "error"  # an example longer than data.seq_len: stop, or skip and count
     dpo_beta: float = 0.1
@@ -122,16 +136,19 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        if self.data.seq_len > self.model.max_seq_len:
+        if not 0.0 <= self.optim.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing={self.optim.label_smoothing} must be in [0, 1)")
+        if max(self.data.seq_len, self.data.source_len) > self.model.max_seq_len:
+            key = "seq_len" if self.data.seq_len > self.model.max_seq_len else "source_seq_len"
             raise ValueError(
-                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
-                "lower data.seq_len or raise model.max_seq_len"
+                f"data.{key}={getattr(self.data, key)} exceeds model.max_seq_len={self.model.max_seq_len}: "
+                f"lower data.{key} or raise model.max_seq_len"
             )
         if self.train.batch_size % self.optim.grad_accum:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}"
             )
-        if self.data.source in ("files", "jsonl") and not self.data.path:
+        if self.data.source in ("files", "jsonl", "pairs") and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
         if self.data.source == "tfds" and not self.data.tfds_name:
             raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. lm1b)")

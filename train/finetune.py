@@ -45,7 +45,8 @@ import yaml
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from qkv.data import BATCH_KEYS, Tokenizer
+from qkv.data import (ClassifyIterator, Tokenizer, classify_eval_batches, classify_examples, infer_labels, read_labeled,
+                      tfds_labeled)
 from qkv.data.sft import DPOIterator, PackedSFTIterator, eval_batches, load_dpo, load_sft
 from qkv.model.decode import Decoder, SamplingConfig
 
@@ -54,6 +55,7 @@ from .config import Config, MeshConfig, TrainConfig, _set_dotted, config_from_di
 from .distributed import maybe_initialize, process_data_state
 from .sharding import activation_layout, batch_sharding, check_batch, make_mesh, replicated, resolve_rules
 from .step import abstract_params, learning_rate_schedule, make_optimizer, token_losses
+from .tasks import pad_to_same_count
 
 LORA_KERNELS = {("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"), ("mlp", "wi"), ("mlp", "wg"),
                 ("mlp", "wo")}
@@ -125,12 +127,13 @@ def merge_lora(base: Any, adapters: Any, scale: float) -> Any:
 
 
 def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],
-                   dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(summed log-probability of each row's loss-masked targets [B], their token count [B])."""
-    model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+                   dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed log-probability of each row's loss-masked targets [B], their count [B], how many of them
+    argmax predicts [B]); targets are response tokens (SFT, DPO) or the row's class (classify)."""
+    logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(token_losses(logits, batch["targets"]) * mask, axis=-1), jnp.sum(mask, axis=-1)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask, axis=-1)
+    return -jnp.sum(token_losses(logits, batch["targets"]) * mask, axis=-1), jnp.sum(mask, axis=-1), correct
 
 
 def dpo_terms(policy_logps: jax.Array, reference_logps: jax.Array, beta: float) -> dict[str, jax.Array]:
@@ -152,6 +155,9 @@ class FinetuneTrainer:
         ft = cfg.finetune
         self.cfg, self.model_cfg, self.optim_cfg = cfg, cfg.model, cfg.optim
         self.dpo, self.lora = ft.method == "dpo", ft.lora.rank > 0
+        if (ft.method == "classify") != bool(cfg.model.n_classes) or (ft.method == "classify" and self.lora):
+            raise ValueError("finetune.method=classify trains an encoder (model.kind=encoder) with model.n_classes set, "
+                             "fully (finetune.lora.rank=0); other methods need a model without a class head")
         self.lora_scale = ft.lora.alpha / ft.lora.rank if self.lora else 0.0
         self.mesh = make_mesh(cfg.mesh)
         self.rules = resolve_rules(cfg.mesh.rules)
@@ -226,9 +232,9 @@ class FinetuneTrainer:
         """(loss normalised by the whole batch's ``denom``, metric sums normalised the same way)."""
         params = self.policy_params(trainable, frozen)
         if not self.dpo:
-            logps, _ = sequence_logps(self.graphdef, params, batch, key)
+            logps = sequence_logps(self.graphdef, params, batch, key)[0]
             return -jnp.sum(logps) / denom, {}
-        policy, _ = sequence_logps(self.graphdef, params, batch, key)
+        policy = sequence_logps(self.graphdef, params, batch, key)[0]
         reference = jax.lax.stop_gradient(sequence_logps(self.graphdef, frozen, batch, None)[0])
         terms = dpo_terms(policy, reference, self.cfg.finetune.dpo_beta)
         valid = (jnp.sum(batch["loss_mask"][0::2], axis=-1) > 0).astype(jnp.float32)
@@ -261,9 +267,9 @@ class FinetuneTrainer:
     def _eval(self, trainable, frozen, batch):
         with activation_layout(self.mesh, self.rules):
             params = self.policy_params(trainable, frozen)
-            logps, counts = sequence_logps(self.graphdef, params, batch, None)
+            logps, counts, correct = sequence_logps(self.graphdef, params, batch, None)
             if not self.dpo:
-                return {"loss_sum": -jnp.sum(logps), "tokens": jnp.sum(counts)}
+                return {"loss_sum": -jnp.sum(logps), "tokens": jnp.sum(counts), "correct": jnp.sum(correct)}
             reference = sequence_logps(self.graphdef, frozen, batch, None)[0]
             terms = dpo_terms(logps, reference, self.cfg.finetune.dpo_beta)
             valid = (counts[0::2] > 0).astype(jnp.float32)
@@ -280,9 +286,10 @@ def run_finetune_eval(trainer: FinetuneTrainer, params: Any, batches: list[dict[
         out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    if not trainer.dpo:
+    if not trainer.dpo:  # SFT: response tokens; classify: one label per example ("tokens" counts examples)
         loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": totals["tokens"]}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "accuracy": totals["correct"] / max(totals["tokens"], 1.0), "tokens": totals["tokens"]}
     pairs = max(totals["pairs"], 1.0)
     nll = totals["chosen_nll"] / max(totals["chosen_tokens"], 1.0)
     return {"loss": totals["loss"] / pairs, **{k: totals[k] / pairs for k in DPO_METRICS},
@@ -331,7 +338,8 @@ def load_finetune_config(source: str | Path | None, overrides: list[str] | tuple
     ft = data.get("finetune") or {}
     if not isinstance(ft, dict) or not ft.get("init_from"):
         raise ValueError("finetune.init_from=RUN_DIR is required: the checkpoint to fine-tune")
-    if not ft.get("train_path"):
+    from_tfds = ft.get("method") == "classify" and (data.get("data") or {}).get("source") == "tfds"
+    if not ft.get("train_path") and not from_tfds:
         raise ValueError("finetune.train_path=FILE.jsonl is required: the training examples")
     init_step = ft.get("init_step")
     run_dir = (data.get("train") or {}).get("run_dir") or TrainConfig.run_dir
@@ -344,16 +352,60 @@ def load_finetune_config(source: str | Path | None, overrides: list[str] | tuple
     ft.update(init_from=init_dir, init_step=init_step)
     data["finetune"] = ft
     data["model"] = {**meta["config"]["model"], **(data.get("model") or {})}
+    if ft.get("method") == "classify":
+        _classify_settings(data, ft, str(ft["init_from"]))
     data_section = data.setdefault("data", {})
     data_section.setdefault("seq_len", min(256, data["model"]["max_seq_len"]))
     return config_from_dict(data)
 
 
 def load_base_params(cfg: Config, shardings_from: Any) -> tuple[Any, dict[str, Any]]:
-    """(the init checkpoint's parameters on ``shardings_from``'s shardings, its meta); shapes checked."""
+    """(the init checkpoint's parameters on ``shardings_from``'s shardings, its meta); shapes checked.
+
+    A classifier started from an encoder without a class head gets a fresh one (the rest is loaded)."""
     ft = cfg.finetune
-    state, meta = checkpoint.restore(ft.init_from, {"params": shardings_from}, ft.init_step, with_optimizer=False)
-    return state["params"], meta
+    init_classes = checkpoint.read_meta(ft.init_from, ft.init_step)["config"]["model"].get("n_classes", 0)
+    new_head = {k: v for k, v in shardings_from.items() if k in CLASS_HEAD} if not init_classes else {}
+    body = {k: v for k, v in shardings_from.items() if k not in new_head}
+    state, meta = checkpoint.restore(ft.init_from, {"params": body}, ft.init_step, with_optimizer=False)
+    params = state["params"]
+    if new_head:
+        key = jax.random.key(cfg.train.seed)
+        std = cfg.model.init_std
+        params["cls_head"] = jax.jit(lambda: std * jax.random.normal(key, new_head["cls_head"].shape),
+                                     out_shardings=new_head["cls_head"].sharding)().astype(new_head["cls_head"].dtype)
+        params["cls_bias"] = jax.jit(lambda: jnp.zeros(new_head["cls_bias"].shape, new_head["cls_bias"].dtype),
+                                     out_shardings=new_head["cls_bias"].sharding)()
+    return params, meta
+
+
+CLASS_HEAD = ("cls_head", "cls_bias")
+
+
+def _classify_settings(data: dict[str, Any], ft: dict[str, Any], init_from: str) -> None:
+    """Classification: the init run must be an encoder; the label set is fixed at the first start (from
+    the training data unless given) and sizes the head (model.n_classes)."""
+    if data["model"].get("kind") != "encoder":
+        raise ValueError(f"finetune.method=classify needs an encoder checkpoint (model.kind=encoder): "
+                         f"{init_from} holds a {data['model'].get('kind', 'decoder')}")
+    if not ft.get("labels"):
+        d = data.get("data") or {}
+        if d.get("source") == "tfds":
+            records, names = _tfds_records(data, ft, "train")
+            ft["labels"] = names or infer_labels(records)
+        else:
+            text_field = d.get("text_field", "text")
+            ft["labels"] = infer_labels(read_labeled(str(ft["train_path"]), text_field=text_field,
+                                                     label_field=ft.get("label_field", "label")))
+    data["model"]["n_classes"] = len(ft["labels"])
+
+
+def _tfds_records(data: dict[str, Any], ft: dict[str, Any], split: str):
+    d = data.get("data") or {}
+    if not d.get("tfds_name"):
+        raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. glue/sst2)")
+    return tfds_labeled(d["tfds_name"], split, Path(d.get("data_dir", "~/.cache/qkv/tfds")).expanduser(),
+                        text_field=d.get("text_field", "sentence"), label_field=ft.get("label_field", "label"))
 
 
 def load_lora_params(run_dir: str | Path, meta: dict[str, Any], abstract_base: Any) -> Any:
@@ -421,8 +473,15 @@ def _check_same_run(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
                              f"{getattr(cfg.finetune, key)!r}: use another train.run_dir or keep the saved settings")
 
 
-def _load_examples(cfg: Config, tok: Tokenizer, path: str):
+def _load_examples(cfg: Config, tok: Tokenizer, path: str | None, split: str = "train"):
     ft = cfg.finetune
+    if ft.method == "classify":
+        if path is None:  # data.source=tfds
+            records, _ = _tfds_records(cfg.to_dict(), {"label_field": ft.label_field}, split)
+        else:
+            records = read_labeled(path, text_field=cfg.data.text_field, label_field=ft.label_field)
+        return classify_examples(records, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.data.seq_len,
+                                 labels=ft.labels)
     load = load_dpo if ft.method == "dpo" else load_sft
     return load(path, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.data.seq_len, overlong=ft.overlong)
 
@@ -451,7 +510,8 @@ def finetune(cfg: Config) -> dict[str, Any]:
         trainer.frozen = None  # the cached trainer must not keep the base model alive
         raise
     summary["trainable_params"] = summary.pop("params")
-    if cfg.train.sample_tokens > 0 and not summary.get("preempted") and cfg.train.sample_prompt:
+    if cfg.train.sample_tokens > 0 and not summary.get("preempted") and cfg.train.sample_prompt \
+            and cfg.model.kind == "decoder":
         restored = checkpoint.restore(run_dir, trainer.abstract_state, with_optimizer=False)[0]
         params = trainer.policy_params(restored["params"], trainer.frozen)
         decoder = Decoder(cfg.model, trainer.graphdef, SamplingConfig(temperature=0.0, max_new_tokens=cfg.train.sample_tokens))
@@ -497,24 +557,34 @@ def _setup(cfg: Config, run_dir: Path):
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the init checkpoint's tokenizer has {tok.vocab_size} pieces but model.vocab_size="
                          f"{cfg.model.vocab_size}")
+    classify = ft.method == "classify"
     train_set = _load_examples(cfg, tok, ft.train_path)
-    eval_set = _load_examples(cfg, tok, ft.eval_path) if ft.eval_path else train_set
+    if ft.eval_path or (classify and not ft.train_path):  # an eval file, or the TFDS validation split
+        eval_set = _load_examples(cfg, tok, ft.eval_path, "validation")
+    else:
+        eval_set = train_set
     for name, s in (("training", train_set), ("evaluation", eval_set)):
-        if s.skipped:
+        if getattr(s, "skipped", 0):
             loop.log(f"skipped {s.skipped} {name} examples longer than data.seq_len={cfg.data.seq_len} "
                      "(finetune.overlong=skip)")
+        if getattr(s, "truncated", 0):
+            loop.log(f"truncated {s.truncated} of {len(s.items)} {name} texts to data.seq_len={cfg.data.seq_len}")
     per_process = cfg.train.batch_size // jax.process_count()
     items = train_set.items[jax.process_index()::jax.process_count()]
     if not items:
         raise ValueError(f"{ft.train_path} has fewer examples than there are processes ({jax.process_count()})")
-    make = DPOIterator if trainer.dpo else PackedSFTIterator
+    make = ClassifyIterator if classify else DPOIterator if trainer.dpo else PackedSFTIterator
     data_iter = make(items, seq_len=cfg.data.seq_len, batch_size=per_process, seed=cfg.train.seed)
-    shards = [eval_batches(eval_set.items[i::jax.process_count()], dpo=trainer.dpo, seq_len=cfg.data.seq_len,
-                           batch_size=per_process, max_batches=cfg.data.eval_batches)
-              for i in range(jax.process_count())]  # every process knows every shard's batch count ...
-    batches = shards[jax.process_index()]
-    empty = {k: np.zeros((per_process, cfg.data.seq_len), np.int32) for k in BATCH_KEYS}  # loss_mask 0: adds nothing
-    batches += [empty] * (max(map(len, shards)) - len(batches))  # ... and pads to the same number of steps
+    if classify:
+        shards = [classify_eval_batches(eval_set.items, seq_len=cfg.data.seq_len, batch_size=per_process,
+                                        shard_index=i, shard_count=jax.process_count(),
+                                        max_batches=cfg.data.eval_batches) for i in range(jax.process_count())]
+    else:
+        shards = [eval_batches(eval_set.items[i::jax.process_count()], dpo=trainer.dpo, seq_len=cfg.data.seq_len,
+                               batch_size=per_process, max_batches=cfg.data.eval_batches)
+                  for i in range(jax.process_count())]  # every process knows every shard's batch count ...
+    template = next(s[0] for s in shards if s)
+    batches = pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template)  # ... and pads
     if meta is not None:
         data_iter.set_state(json.loads(process_data_state(meta)))  # this process's own position
         loop.log(f"resumed {run_dir} at step {meta['step']}")
@@ -534,3 +604,20 @@ def _setup(cfg: Config, run_dir: Path):
                  f"{ft.init_from} step {ft.init_step}: {len(train_set.items)} examples, {n_train / 1e6:.3f}M "
                  f"trainable parameters")
     return trainer, tok, state, data_iter, batches, meta["step"] if meta is not None else None
+
+
+def evaluate_classifier(run_dir: str | Path, cfg: Config, split: str = "validation") -> dict[str, Any]:
+    """``qkv evaluate`` of a classifier run: loss and accuracy on finetune.eval_path (or the TFDS split)."""
+    trainer = FinetuneTrainer(cfg)
+    state, meta = checkpoint.restore(run_dir, trainer.abstract_state, with_optimizer=False)
+    tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
+    path = cfg.finetune.eval_path or (None if cfg.data.source == "tfds" else cfg.finetune.train_path)
+    loaded = _load_examples(cfg, tok, path, split)
+    examples = loaded.items
+    per_process = cfg.train.batch_size // jax.process_count()
+    shards = [classify_eval_batches(examples, seq_len=cfg.data.seq_len, batch_size=per_process, shard_index=i,
+                                    shard_count=jax.process_count()) for i in range(jax.process_count())]
+    batches = pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], next(s[0] for s in shards if s))
+    result = run_finetune_eval(trainer, state["params"], batches)
+    return {"step": meta["step"], "split": split, "labels": cfg.finetune.labels, **result,
+            "truncated": loaded.truncated}

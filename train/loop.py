@@ -14,15 +14,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from qkv.data import (Tokenizer, iterator_state_from_json, iterator_state_to_json, make_eval_dataset,
-                      make_lm_dataset, open_text_source, train_tokenizer)
+from qkv.data import Tokenizer, iterator_state_from_json, iterator_state_to_json, train_tokenizer
 from qkv.model.decode import Decoder, SamplingConfig
 
 from . import checkpoint
@@ -31,6 +30,7 @@ from .distributed import all_processes_text, maybe_initialize, process_data_stat
 from .metrics import MetricsWriter, flops_per_token
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import Trainer
+from .tasks import task_for
 
 
 def is_main_process() -> bool:
@@ -43,13 +43,11 @@ def log(message: str) -> None:
 
 
 def open_split(cfg: Config, split: str):
-    d = cfg.data
-    return open_text_source(d.source, d.path, split, Path(d.data_dir).expanduser(), text_field=d.text_field,
-                            tfds_name=d.tfds_name, validation_fraction=d.validation_fraction)
+    return task_for(cfg).open(split)
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path, train_source) -> Tokenizer:
-    """The configured tokenizer, or one trained on a seeded sample of the training split."""
+def prepare_tokenizer(cfg: Config, run_dir: Path, texts, with_mask: bool = False) -> Tokenizer:
+    """The configured tokenizer, or one trained on a seeded sample of ``texts`` (the training split's)."""
     if cfg.tokenizer.path:
         path = Path(cfg.tokenizer.path).expanduser()
         if not path.is_file():
@@ -59,12 +57,12 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_source) -> Tokenizer:
     target = run_dir / "tokenizer.model"
     if is_main_process() and not target.exists():  # decided by process 0 alone; the others wait
         rng = np.random.default_rng(cfg.train.seed)
-        n = min(cfg.tokenizer.train_documents, len(train_source))
-        picks = sorted(rng.choice(len(train_source), size=n, replace=False).tolist())
-        texts = train_source.__getitems__(picks)
+        n = min(cfg.tokenizer.train_documents, len(texts))
+        picks = sorted(rng.choice(len(texts), size=n, replace=False).tolist())
         started = time.time()
-        partial = train_tokenizer(texts, run_dir / ".tokenizer-partial", vocab_size=cfg.model.vocab_size,
-                                  model_type=cfg.tokenizer.model_type, seed=cfg.train.seed)
+        partial = train_tokenizer(texts.__getitems__(picks), run_dir / ".tokenizer-partial",
+                                  vocab_size=cfg.model.vocab_size, model_type=cfg.tokenizer.model_type,
+                                  seed=cfg.train.seed, with_mask=with_mask)
         os.replace(partial, target)  # a crash mid-training never leaves a truncated tokenizer.model
         log(f"trained a {cfg.tokenizer.model_type} tokenizer on {n} documents in {time.time() - started:.1f}s")
     _sync("tokenizer")
@@ -96,37 +94,19 @@ def build_trainer(cfg: Config) -> Trainer:
     check_batch(cfg.train.batch_size, mesh, rules)
     if cfg.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} processes")
-    return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed)
+    return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed, task_for(cfg).prepare())
 
 
-def _eval_batches(cfg: Config, source, tok: Tokenizer) -> Iterator[dict[str, np.ndarray]]:
-    """A fixed number of validation batches per process, padding with empty batches when a shard ends
-    early, so every process runs the same number of compiled steps."""
-    per_process = cfg.train.batch_size // jax.process_count()
-    ds = make_eval_dataset(source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
-                           bos_id=tok.bos_id, eos_id=tok.eos_id, shard_index=jax.process_index(),
-                           shard_count=jax.process_count())
-    it = iter(ds)
-    first = next(it)
-    yield first
-    empty = {k: np.zeros_like(v) for k, v in first.items()}
-    count = 1
-    limit = cfg.data.eval_batches or math.inf
-    while count < limit:
-        batch = next(it, None)
-        if batch is None and not cfg.data.eval_batches:
-            return
-        yield empty if batch is None else batch
-        count += 1
-
-
-def run_eval(trainer: Trainer, params: Any, cfg: Config, source, tok: Tokenizer) -> dict[str, float]:
-    loss_sum, tokens = 0.0, 0.0
-    for batch in _eval_batches(cfg, source, tok):
+def run_eval(trainer: Trainer, params: Any, batches) -> dict[str, float]:
+    """Loss, perplexity and argmax accuracy over the target tokens (or labels) of ``batches``."""
+    loss_sum, tokens, correct = 0.0, 0.0, 0.0
+    for batch in batches:
         out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+        correct += float(out["correct"])
     loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0),
+            "tokens": tokens}
 
 
 def sample_text(trainer: Trainer, params: Any, tok: Tokenizer, prompt: str, max_new_tokens: int,
@@ -285,7 +265,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
 
 def _setup(cfg: Config, run_dir: Path):
-    train_source, val_source = open_split(cfg, "train"), open_split(cfg, "validation")
+    task = task_for(cfg)
+    train_source, val_source = task.open("train"), task.open("validation")
     trainer = build_trainer(cfg)
     restored = checkpoint.restore_newest_good(run_dir, trainer.abstract_state,
                                               check_meta=lambda meta: _check_resumable(cfg, meta, run_dir),
@@ -297,14 +278,9 @@ def _setup(cfg: Config, run_dir: Path):
         state, meta = None, None
         if is_main_process():
             run_dir.mkdir(parents=True, exist_ok=True)
-        tok = prepare_tokenizer(cfg, run_dir, train_source)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={cfg.model.vocab_size}: "
-                         f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
-    per_process = cfg.train.batch_size // jax.process_count()
-    data_iter = iter(make_lm_dataset(train_source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
-                                     seed=cfg.train.seed, shard_index=jax.process_index(),
-                                     shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
+        tok = prepare_tokenizer(cfg, run_dir, task.texts(train_source), task.with_mask)
+    task.check_tokenizer(tok)
+    data_iter = task.train_iter(tok, train_source)
     if meta is not None:
         state["step"] = jax.device_put(np.int32(state["step"]), trainer.state_shardings["step"])
         data_iter.set_state(iterator_state_from_json(process_data_state(meta)))
@@ -320,7 +296,8 @@ def _setup(cfg: Config, run_dir: Path):
 def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, train_source,
            val_source, good_step: int | None, evaluate=None) -> dict[str, Any]:
     # evaluate(params) -> {"loss", "perplexity", ...}: a caller's own evaluation (qkv finetune); default run_eval
-    evaluate = evaluate or (lambda params: run_eval(trainer, params, cfg, val_source, tok))
+    task = task_for(cfg) if evaluate is None else None
+    evaluate = evaluate or (lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)))
     from qkv.model import count_params
     n_params = count_params(state["params"])
     log(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(trainer.mesh.shape)}; "
@@ -425,10 +402,13 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
         log(f"stopped by {preempted} after step {done}; checkpoint {done} is complete")
         return summary
     ev = ev or evaluate(state["params"])  # the loop's last step always evaluates
-    summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-    if cfg.train.sample_tokens > 0:
-        summary["sample"] = sample_text(trainer, state["params"], tok, cfg.train.sample_prompt, cfg.train.sample_tokens)
-        log("sample:\n" + summary["sample"])
+    summary.update({f"val_{k}": v for k, v in ev.items() if k not in ("tokens", "pairs")})
+    if task is not None:  # pretraining: the task's last word (a text sample, or BLEU and translations)
+        summary.update(task.report(trainer, state["params"], tok, val_source))
+        if "bleu" in summary:
+            log(f"validation BLEU {summary['bleu']:.1f} on {summary['pairs']} pairs (greedy)")
+        if "sample" in summary:
+            log("sample:\n" + summary["sample"])
     return summary
 
 
@@ -446,16 +426,28 @@ def _bar_write(bar, message: str) -> None:
         log(message)
 
 
-def evaluate(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, float]:
-    """Validation loss and perplexity of the newest checkpoint in ``run_dir``."""
+def evaluate(run_dir: str | Path, overrides: dict[str, Any] | None = None, split: str = "validation",
+             bleu: bool = True, beam_size: int = 1) -> dict[str, Any]:
+    """Loss, perplexity and accuracy of the newest checkpoint in ``run_dir`` on ``split``; for an
+    encoder-decoder also corpus BLEU of its greedy (or beam) translations of that split."""
     meta = checkpoint.read_meta(run_dir)
     data = meta["config"]
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     cfg = config_from_dict(data)
     maybe_initialize(cfg.train.distributed)
+    if cfg.finetune.method == "classify":
+        from .finetune import evaluate_classifier
+        return evaluate_classifier(run_dir, cfg, split)
     trainer = build_trainer(cfg)
     state, meta = checkpoint.restore(run_dir, trainer.abstract_state, with_optimizer=False)
     tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
-    result = run_eval(trainer, state["params"], cfg, open_split(cfg, "validation"), tok)
-    return {"step": meta["step"], **result}
+    task = task_for(cfg)
+    source = task.open(split)
+    result = run_eval(trainer, state["params"], task.eval_batches(tok, source))
+    if task.name == "seq2seq" and bleu:
+        from .translate import translate_and_score
+        scored = translate_and_score(cfg.model, trainer.graphdef, state["params"], tok, list(source),
+                                     max_new_tokens=cfg.data.seq_len, beam_size=beam_size)
+        result.update(bleu=scored["bleu"], bleu_pairs=scored["pairs"], bleu_detail=scored["bleu_detail"])
+    return {"step": meta["step"], "split": split, **result}

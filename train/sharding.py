@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "position": None,
+    "classes": None,  # an encoder's classification head: small, replicated
     "activation_embed": None,  # the residual stream's model dimension (not "embed": that one shards weights)
 }
 

@@ -22,6 +22,7 @@ from .sharding import activation_layout, batch_sharding, replicated, tree_shardi
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+PREPARE_KEY = 1 << 30  # folded into a step's key for batch preparation; micro-batches use 0, 1, ...
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -45,20 +46,33 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any) -> optax
     return optax.chain(*parts)
 
 
-def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0) -> jax.Array:
-    """Per-token cross-entropy −log softmax(logits)[target] (+ z_loss · logZ²), float32 [B, T]."""
+def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0,
+                 label_smoothing: float = 0.0) -> jax.Array:
+    """Per-token cross-entropy −log softmax(logits)[target] (+ z_loss · logZ²), float32 [B, T].
+
+    With label smoothing ε the target distribution is (1 − ε)·onehot + ε/V, so the loss is
+    logZ − (1 − ε)·logit[target] − ε·mean(logits).
+    """
     log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        target_logit_bt = (1 - label_smoothing) * target_logit_bt + label_smoothing * jnp.mean(logits_btv, axis=-1)
     return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
 
 
 def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None,
-                     z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token losses, number of target tokens) for one batch."""
-    model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+                     z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of masked token losses, number of target tokens, number predicted right by argmax) for one batch.
+
+    Every model family maps a batch to logits aligned with ``batch["targets"]`` (``forward_batch``):
+    next tokens (decoder), masked tokens (encoder MLM), classes (encoder classifier, targets [B, 1]),
+    target tokens given the source (encoder-decoder).
+    """
+    logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_losses(logits, batch["targets"], z_loss) * mask), jnp.sum(mask)
+    loss_sum = jnp.sum(token_losses(logits, batch["targets"], z_loss, label_smoothing) * mask)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask)
+    return loss_sum, jnp.sum(mask), correct
 
 
 def abstract_params(model_cfg: ModelConfig, mesh: Mesh, rules: dict[str, Any]) -> tuple[nnx.GraphDef, Any, Any]:
@@ -80,8 +94,11 @@ class Trainer:
     rules: dict[str, Any]
     total_steps: int
     seed: int = 0
+    # on-device batch preparation inside the compiled steps, e.g. MLM masking (train/tasks.py); None: as is
+    prepare: Callable[[Batch, jax.Array], Batch] | None = None
 
     def __post_init__(self) -> None:
+        self.prepare = self.prepare or (lambda batch, key: batch)
         self.graphdef, params, decay_mask = abstract_params(self.model_cfg, self.mesh, self.rules)
         self.tx = make_optimizer(self.optim_cfg, self.total_steps, decay_mask)
         self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
@@ -115,15 +132,16 @@ class Trainer:
 
     def _train_step_body(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         accum = self.optim_cfg.grad_accum
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         step_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+        batch = self.prepare(batch, jax.random.fold_in(step_key, PREPARE_KEY))
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
         def micro_grads(carry, xs):
             micro_batch, i = xs
             def loss_fn(params):
-                loss_sum, _ = forward_loss_sum(self.graphdef, params, micro_batch, jax.random.fold_in(step_key, i),
-                                               self.optim_cfg.z_loss)
+                loss_sum, _, _ = forward_loss_sum(self.graphdef, params, micro_batch, jax.random.fold_in(step_key, i),
+                                                  self.optim_cfg.z_loss, self.optim_cfg.label_smoothing)
                 return loss_sum / n_tokens  # normalised by the whole batch, so micro-grads simply add up
             loss, grads = jax.value_and_grad(loss_fn)(state["params"])
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
@@ -138,8 +156,9 @@ class Trainer:
 
     def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         with activation_layout(self.mesh, self.rules):
-            loss_sum, count = forward_loss_sum(self.graphdef, params, batch, None)
-        return {"loss_sum": loss_sum, "tokens": count}
+            batch = self.prepare(batch, jax.random.key(self.seed + 1))  # the same masking at every evaluation
+            loss_sum, count, correct = forward_loss_sum(self.graphdef, params, batch, None)
+        return {"loss_sum": loss_sum, "tokens": count, "correct": correct}
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
         """This process's rows of the global batch, assembled into one globally sharded array each."""

@@ -1,0 +1,204 @@
+"""What a model family learns from, in one registry: its data, batch preparation and end-of-run report.
+
+``task_for(cfg)`` names the task of a run from ``model.kind`` — the only place training branches on it:
+
+  lm        decoder: next-token prediction on packed text (stdlib, files, jsonl, tfds)
+  mlm       encoder: masked-language modelling on the same packed text (train/mlm.py, on the device)
+  seq2seq   encoder_decoder: target given source, teacher-forced (toy, pairs, tfds translation)
+
+(Encoder classification is a fine-tuning method: ``qkv finetune finetune.method=classify``.)
+Each task gives the loop the same things: ``open(split)`` a random-access source, ``texts(source)``
+to train the tokenizer on, ``train_iter`` (checkpointable: ``get_state``/``set_state``),
+``eval_batches`` (the same number on every process), ``prepare`` (a pure function applied to each
+batch inside the compiled steps, or None) and ``report`` (a sample, or BLEU, at the end of a run).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from qkv.data import (Seq2SeqIterator, Tokenizer, load_pairs, make_eval_dataset, make_lm_dataset, open_text_source,
+                      seq2seq_eval_batches, tfds_pairs, tokenize_pairs, toy_pairs)
+from qkv.data.tokenizer import MASK_ID
+
+from .config import Config
+from .mlm import mlm_corrupt
+
+Batch = dict[str, np.ndarray]
+TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds")
+PAIR_SOURCES = ("toy", "pairs", "tfds")
+
+
+def pad_to_same_count(batches: list[Batch], shard_counts: Sequence[int], template: Batch | None) -> list[Batch]:
+    """This process's batches padded with empty ones (loss_mask 0) to the largest shard's count, so every
+    process runs the same number of compiled evaluation steps."""
+    if template is None:
+        return batches
+    empty = {k: np.zeros_like(v) for k, v in template.items()}
+    return batches + [empty] * (max(shard_counts) - len(batches))
+
+
+class LMTask:
+    """Decoder-only language modelling: predict each next token of packed documents."""
+
+    name, sources, with_mask = "lm", TEXT_SOURCES, False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if cfg.data.source not in self.sources:
+            raise ValueError(f"data.source={cfg.data.source} cannot train model.kind={cfg.model.kind}: "
+                             f"use data.source= one of {', '.join(self.sources)}")
+
+    def open(self, split: str):
+        d = self.cfg.data
+        return open_text_source(d.source, d.path, split, Path(d.data_dir).expanduser(), text_field=d.text_field,
+                                tfds_name=d.tfds_name, validation_fraction=d.validation_fraction)
+
+    def texts(self, source) -> Sequence[str]:
+        return source
+
+    def train_iter(self, tok: Tokenizer, source):
+        per_process = self.cfg.train.batch_size // jax.process_count()
+        return iter(make_lm_dataset(source, tok.encode, seq_len=self.cfg.data.seq_len, batch_size=per_process,
+                                    seed=self.cfg.train.seed, shard_index=jax.process_index(),
+                                    shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
+
+    def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
+        """A fixed number of validation batches per process, padding with empty batches when a shard ends
+        early, so every process runs the same number of compiled steps."""
+        cfg = self.cfg
+        per_process = cfg.train.batch_size // jax.process_count()
+        ds = make_eval_dataset(source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
+                               bos_id=tok.bos_id, eos_id=tok.eos_id, shard_index=jax.process_index(),
+                               shard_count=jax.process_count())
+        it = iter(ds)
+        first = next(it)
+        yield first
+        empty = {k: np.zeros_like(v) for k, v in first.items()}
+        count, limit = 1, cfg.data.eval_batches or math.inf
+        while count < limit:
+            batch = next(it, None)
+            if batch is None and not cfg.data.eval_batches:
+                return
+            yield empty if batch is None else batch
+            count += 1
+
+    def prepare(self):
+        return None
+
+    def check_tokenizer(self, tok: Tokenizer) -> None:
+        if tok.vocab_size > self.cfg.model.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={self.cfg.model.vocab_size}: "
+                             f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
+
+    def report(self, trainer, params, tok: Tokenizer, source) -> dict[str, Any]:
+        t = self.cfg.train
+        if t.sample_tokens <= 0:
+            return {}
+        from .loop import sample_text
+        return {"sample": sample_text(trainer, params, tok, t.sample_prompt, t.sample_tokens)}
+
+
+class MLMTask(LMTask):
+    """Encoder-only masked-language modelling (BERT): recover 15 % of the tokens from both sides."""
+
+    name, with_mask = "mlm", True
+
+    def prepare(self):
+        return functools.partial(mlm_corrupt, mask_id=MASK_ID, vocab_size=self.cfg.model.vocab_size)
+
+    def check_tokenizer(self, tok: Tokenizer) -> None:
+        super().check_tokenizer(tok)
+        if tok.mask_id is None:
+            raise ValueError("the tokenizer has no <mask> piece for masked-language modelling: leave tokenizer.path "
+                             "unset so qkv trains one with it (qkv.data.train_tokenizer(..., with_mask=True))")
+
+    def report(self, trainer, params, tok, source) -> dict[str, Any]:
+        return {}
+
+
+class _PairTexts(Sequence):
+    """Both sides of every pair as one sequence of texts (what the joint vocabulary is trained on)."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return 2 * len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[int(i) // 2][int(i) % 2]
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+class Seq2SeqTask(LMTask):
+    """Encoder-decoder: the target given the source, with teacher forcing (and optional label smoothing)."""
+
+    name, sources = "seq2seq", PAIR_SOURCES
+
+    def open(self, split: str):
+        d = self.cfg.data
+        if d.source == "toy":
+            return toy_pairs(split, d.toy_limit)
+        if d.source == "tfds":
+            if not d.tfds_name:
+                raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. wmt14_translate/de-en)")
+            return tfds_pairs(d.tfds_name, split, Path(d.data_dir).expanduser(), d.source_field, d.target_field)
+        return load_pairs(d.path, split, target_path=d.target_path, source_field=d.source_field,
+                          target_field=d.target_field)
+
+    def texts(self, source) -> Sequence[str]:
+        return _PairTexts(source)
+
+    def _examples(self, tok: Tokenizer, pairs):
+        d = self.cfg.data
+        return tokenize_pairs(pairs, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, src_len=d.source_len,
+                              tgt_len=d.seq_len).items
+
+    def train_iter(self, tok: Tokenizer, source):
+        per_process = self.cfg.train.batch_size // jax.process_count()
+        examples = self._examples(tok, source)[jax.process_index()::jax.process_count()]
+        if not examples:
+            raise ValueError(f"the training pairs are fewer than the {jax.process_count()} processes")
+        return Seq2SeqIterator(examples, src_len=self.cfg.data.source_len, tgt_len=self.cfg.data.seq_len,
+                               batch_size=per_process, seed=self.cfg.train.seed)
+
+    def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
+        d, per_process = self.cfg.data, self.cfg.train.batch_size // jax.process_count()
+        examples = self._examples(tok, source)
+        shards = [seq2seq_eval_batches(examples, src_len=d.source_len, tgt_len=d.seq_len, batch_size=per_process,
+                                       shard_index=i, shard_count=jax.process_count(), max_batches=d.eval_batches)
+                  for i in range(jax.process_count())]
+        template = next((s[0] for s in shards if s), None)
+        return iter(pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template))
+
+    def report(self, trainer, params, tok: Tokenizer, source, limit: int = 200) -> dict[str, Any]:
+        """Greedy translations of the first ``limit`` validation pairs: corpus BLEU and three samples
+        (none with train.sample_tokens=0)."""
+        if self.cfg.train.sample_tokens <= 0:
+            return {}
+        from .translate import translate_and_score
+        result = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, list(source)[:limit],
+                                     max_new_tokens=self.cfg.data.seq_len)
+        samples = result.pop("samples")[:3]
+        return {**result, "sample": "\n".join(f"{s} -> {h}" for s, h, _ in samples)}
+
+
+TASKS = {"lm": LMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask}
+_KIND_TASK = {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
+
+
+def task_for(cfg: Config) -> LMTask:
+    """The pretraining task of ``cfg.model.kind`` (validated against ``cfg.data.source``)."""
+    if cfg.model.n_classes:
+        raise ValueError(f"model.n_classes={cfg.model.n_classes}: classifiers are fine-tuned from an encoder run: "
+                         "qkv finetune finetune.method=classify finetune.init_from=RUN ...")
+    return TASKS[_KIND_TASK[cfg.model.kind]](cfg)
