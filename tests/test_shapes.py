@@ -331,3 +331,26 @@ def test_parameter_trees_of_the_three_shapes():
     assert "cross_attn" in s2s["blocks"] and "cross_attn" not in s2s["encoder_blocks"]
     assert s2s["encoder_blocks"]["attn"]["wq"].shape[0] == 3 and s2s["blocks"]["attn"]["wq"].shape[0] == 2
     assert list(itertools.islice(sorted(s2s), 3)) == ["blocks", "embed", "encoder_blocks"]
+
+
+def test_encoder_decoder_scan_remat_and_bf16_variants_agree():
+    """Layer scan vs unrolled, remat, and bf16 compute: one parameter layout, the same function."""
+    src, src_seg, tgt, tgt_seg = seq2seq_batch(MODERN)
+    batch = {"src_inputs": src, "src_segment_ids": src_seg, "src_positions": np.broadcast_to(np.arange(S), (2, S)),
+             "inputs": tgt, "segment_ids": tgt_seg, "positions": np.broadcast_to(np.arange(T), (2, T))}
+    _, params = build(MODERN)
+
+    def loss_and_grads(cfg):
+        graphdef = split_params(create_model(cfg))[0]
+        f = jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(graphdef, p).forward_batch(batch)[tgt_seg > 0]
+                                                          ** 2)))
+        return f(params)
+
+    ref_loss, ref_grads = loss_and_grads(MODERN)
+    for changes in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}):
+        loss, grads = loss_and_grads(MODERN.replace(**changes))
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(changes))
+    bf16, _ = loss_and_grads(MODERN.replace(dtype="bfloat16"))
+    assert abs(float(bf16) - float(ref_loss)) < 0.05 * abs(float(ref_loss))

@@ -264,3 +264,71 @@ def test_shape_specific_bad_input_is_one_line(bert_run, translator, tmp_path, ca
     code, _, err = run_cli(capsys, "pretrain", "bert-tiny", "data.source=toy", f"train.run_dir={never}")
     assert code == 2 and "data.source=toy cannot train model.kind=encoder" in err, err
     assert not never.exists()
+
+
+# ----------------------------------------------------------------------------- TFDS catalog datasets, end to end
+
+import tensorflow_datasets as tfds  # noqa: E402
+from etils import epath  # noqa: E402
+
+
+class QkvTinyWmt(tfds.core.GeneratorBasedBuilder):
+    """A stand-in for wmt14_translate/de-en: a Translation feature {"de", "en"}, one pair with an empty side."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="de-en")]
+    code_path = epath.Path(__file__)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.Translation(languages=["de", "en"]))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(40)), "validation": self._generate_examples(range(40, 48))}
+
+    def _generate_examples(self, numbers):
+        from qkv.data import number_to_words
+        for n in numbers:
+            yield n, {"de": str(n) if n != 7 else "", "en": number_to_words(n)}
+
+
+class QkvTinySst2(tfds.core.GeneratorBasedBuilder):
+    """A stand-in for glue/sst2: "sentence" and a ClassLabel "label", train and validation splits."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = epath.Path(__file__)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "sentence": tfds.features.Text(), "label": tfds.features.ClassLabel(names=["negative", "positive"])}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(64, 0), "validation": self._generate_examples(16, 1)}
+
+    def _generate_examples(self, n, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            label = int(rng.integers(2))
+            yield i, {"sentence": f"the film was {'great' if label else 'awful'} {i}", "label": label}
+
+
+def test_tfds_translation_and_classification_datasets_train_through_the_cli(bert_run, tmp_path, capsys):
+    data_dir = tmp_path / "tfds"
+    QkvTinyWmt(data_dir=data_dir, config="de-en").download_and_prepare(file_format="array_record")
+    QkvTinySst2(data_dir=data_dir).download_and_prepare(file_format="array_record")
+    run_dir = tmp_path / "wmt"
+    code, out, err = run_cli(capsys, "pretrain", "translate-tiny", *TRANSLATE, "data.source=tfds",
+                             "data.tfds_name=qkv_tiny_wmt/de-en", f"data.data_dir={data_dir}", "data.source_field=de",
+                             "data.target_field=en", f"train.run_dir={run_dir}", "train.steps=3",
+                             "tokenizer.train_documents=80")
+    assert code == 0, err
+    assert "left out 0 pairs longer than data.source_seq_len/seq_len and 1 with an empty side" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["pairs"] == 8 and 0 <= summary["bleu"] <= 100
+    code, out, err = run_cli(capsys, "finetune", "finetune.method=classify", f"finetune.init_from={bert_run}",
+                             "data.source=tfds", "data.tfds_name=qkv_tiny_sst2", f"data.data_dir={data_dir}",
+                             "data.text_field=sentence", f"train.run_dir={tmp_path / 'sst2'}", "train.steps=3",
+                             "data.seq_len=16", "train.batch_size=8", "train.progress=false")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "evaluate", "--checkpoint", str(tmp_path / "sst2"))
+    result = json.loads(out)
+    assert result["labels"] == ["negative", "positive"] and result["tokens"] == 16

@@ -184,22 +184,26 @@ def test_adamw_does_not_decay_norms_or_biases():
     assert decay["blocks"]["attn"]["wq"] is True and decay["embed"] is True
 
 
-def test_flops_per_token_matches_xla_cost_analysis():
+@pytest.mark.parametrize("kind", ["decoder", "encoder", "encoder_decoder"])
+def test_flops_per_token_matches_xla_cost_analysis(kind):
     from flax import nnx
+    from qkv.train.benchmark import synthetic_batch
     from qkv.train.metrics import flops_per_token
     # Unrolled layers: XLA's cost analysis counts a scanned loop body once, not once per layer.
-    cfg = load_config("tiny", TINY + ["model.vocab_size=256", "data.seq_len=32", "model.scan_layers=false"])
+    cfg = load_config("tiny", TINY + ["model.vocab_size=256", "data.seq_len=32", "model.scan_layers=false",
+                                      f"model.kind={kind}", "model.n_encoder_layers=3"])
     trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10)
-    batch = _synthetic_batch(8, 32, 256)
+    source_len = 24 if kind == "encoder_decoder" else 0
+    batch = synthetic_batch(8, 32, 256, source_len=source_len)
 
     def loss(params, b):
-        logits = nnx.merge(trainer.graphdef, params)(b["inputs"])[0]
+        logits = nnx.merge(trainer.graphdef, params).forward_batch(b)
         return jnp.mean(jax.nn.logsumexp(logits, -1))
 
     compiled = jax.jit(jax.grad(loss)).lower(trainer.abstract_state["params"], batch).compile()
     xla = compiled.cost_analysis()["flops"]
     m = cfg.model
-    analytic = flops_per_token(m, 32) * 8 * 32
-    # XLA also multiplies the masked half of every attention matrix, which the causal count skips.
-    masked_half = 6 * m.n_layers * m.n_heads * m.head_size * 32 * 8 * 32
+    analytic = flops_per_token(m, 32, source_len or None) * 8 * 32
+    # XLA also multiplies the masked half of every causal attention matrix, which the count skips.
+    masked_half = 0 if kind == "encoder" else 6 * m.n_layers * m.n_heads * m.head_size * 32 * 8 * 32
     assert abs(xla - (analytic + masked_half)) / (analytic + masked_half) < 0.10, (xla, analytic)

@@ -33,6 +33,7 @@ from qkv.model import ModelConfig, count_params, create_model, split_params
 from . import roofline
 from .config import Config, load_config, parse_override
 from .metrics import flops_per_token
+from .tasks import task_for
 from .profile_summary import summarize_trace
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import Trainer
@@ -63,13 +64,20 @@ def environment() -> dict[str, Any]:
     }
 
 
-def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random tokens shaped like a packed training batch: one document per row, every target counted."""
+def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0,
+                    source_len: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens shaped like a packed training batch: one document per row, every target counted;
+    with ``source_len``, also an encoder-decoder's source side of that length."""
     toks = np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
     ones = np.ones((batch, seq_len), np.int32)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": ones,
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-            "loss_mask": ones}
+    out = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": ones,
+           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+           "loss_mask": ones}
+    if source_len:
+        src = np.random.default_rng(seed + 1).integers(0, vocab, (batch, source_len)).astype(np.int32)
+        out.update(src_inputs=src, src_segment_ids=np.ones_like(src),
+                   src_positions=np.broadcast_to(np.arange(source_len, dtype=np.int32), src.shape).copy())
+    return out
 
 
 def _stats(times: Sequence[float]) -> dict[str, float]:
@@ -103,11 +111,12 @@ class TrainPoint:
         rules = resolve_rules(cfg.mesh.rules)
         check_batch(cfg.train.batch_size, self.mesh, rules)
         self.trainer = Trainer(cfg.model, cfg.optim, self.mesh, rules, max(cfg.train.steps, total_steps),
-                               cfg.train.seed)
+                               cfg.train.seed, task_for(cfg).prepare())  # the pretraining step (MLM masking too)
         self.state = self.trainer.init_state()
         self.n_params = count_params(self.state["params"])
+        self.source_len = cfg.data.source_len if cfg.model.kind == "encoder_decoder" else 0
         self.batch = self.trainer.put_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
-                                                            cfg.model.vocab_size))
+                                                            cfg.model.vocab_size, source_len=self.source_len))
         start = time.perf_counter()
         self.compiled = self.trainer.train_step.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
@@ -137,7 +146,7 @@ class TrainPoint:
         host_tflops = probe.tflops(self.probe_times) if probe is not None else None
         n_dev, seq = len(self.devices), cfg.data.seq_len
         tokens = cfg.train.batch_size * seq
-        flops_tok = flops_per_token(m, seq)
+        flops_tok = flops_per_token(m, seq, self.source_len or None)
         step_s = _stats(self.times)
         tflops_dev = flops_tok * tokens / step_s["median"] / n_dev / 1e12
         peak, peak_source = roofline.peak_tflops_per_device(self.devices[0], n_dev, host_tflops)
@@ -152,7 +161,7 @@ class TrainPoint:
             "tokens_per_s": tokens / step_s["median"], "tokens_per_s_per_device": tokens / step_s["median"] / n_dev,
             "flops_per_token": flops_tok,
             # XLA also multiplies the masked upper triangle of each attention matrix: hardware, not model, FLOPs.
-            "masked_attention_flops_per_token": 6.0 * m.n_layers * m.n_heads * m.head_size * seq,
+            "masked_attention_flops_per_token": 0.0 if m.kind == "encoder" else 6.0 * m.n_layers * m.n_heads * m.head_size * seq,
             "tflops_per_device": tflops_dev, "peak_tflops_per_device": peak, "peak_source": peak_source,
             "mfu": tflops_dev / peak if peak else None,
             "measured_matmul_tflops": host_tflops,

@@ -488,7 +488,8 @@ def _load_examples(cfg: Config, tok: Tokenizer, path: str | None, split: str = "
 
 def finetune(cfg: Config) -> dict[str, Any]:
     """Fine-tune (or resume) the run in ``cfg.train.run_dir``; returns a summary like ``pretrain``."""
-    if not cfg.finetune.init_from or not cfg.finetune.train_path:
+    from_tfds = cfg.finetune.method == "classify" and cfg.data.source == "tfds"
+    if not cfg.finetune.init_from or not (cfg.finetune.train_path or from_tfds):
         raise ValueError("finetune needs finetune.init_from and finetune.train_path (use load_finetune_config)")
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()

@@ -312,7 +312,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                 "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes())}
 
     start = int(jax.device_get(state["step"]))
-    flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
+    flops_per_step = (flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.source_len) * cfg.train.batch_size
+                      * cfg.data.seq_len)
     end = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps)
     skip = cfg.train.skip_nonfinite
     bar = _progress(cfg, start)

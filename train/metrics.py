@@ -13,21 +13,35 @@ import jax
 from qkv.model import ModelConfig
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × (matmul parameters) + causal attention scores and values.
+def flops_per_token(cfg: ModelConfig, seq_len: int, source_len: int | None = None) -> float:
+    """Training FLOPs per (target) token: 6 × (matmul parameters) + attention scores and values.
 
     Forward is 2 FLOPs per multiply-add, backward twice that, hence 6·N. N counts every weight used in
     a matmul, including the output projection even when it is tied to the embedding (the lookup is
     free, the projection is not), but not position or embedding lookups. Attention adds QKᵀ and P·V:
-    per token and head each costs 2·T·E FLOPs forward over T keys, the causal mask halves the average
-    key count, and backward doubles the forward: 3 × 2 × 2·T·E / 2 = 6·T·E per head and layer.
+    per token and head each costs 2·T·E FLOPs forward over T keys, and backward doubles the forward:
+    12·T·E per head and layer, halved to 6·T·E by a causal mask (decoders).
+
+    Encoder-decoder rows hold ``source_len`` (default ``seq_len``) source tokens per ``seq_len`` target
+    tokens: the encoder's work on the source (bidirectional), the decoder's causal self-attention, and
+    cross-attention (queries and output from the target, keys and values projected from the source,
+    every target token attending to all source tokens) are summed per row and divided by ``seq_len``.
     """
     d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size, cfg.d_ff
     attn_weights = d * h * e * 2 + d * k * e * 2  # q, o and k, v projections
     mlp_weights = d * f * (3 if cfg.activation == "swiglu" else 2)
-    matmul_params = cfg.n_layers * (attn_weights + mlp_weights) + d * cfg.vocab_size
-    attention = 6 * cfg.n_layers * h * e * seq_len  # 12·L·H·E·T per token, halved by causality
-    return 6.0 * matmul_params + attention
+    layer_weights = attn_weights + mlp_weights
+    head = d * cfg.vocab_size
+    if cfg.kind == "decoder":
+        return 6.0 * (cfg.n_layers * layer_weights + head) + 6 * cfg.n_layers * h * e * seq_len
+    if cfg.kind == "encoder":
+        head = d * cfg.n_classes / seq_len if cfg.n_classes else head  # a class head reads one pooled vector
+        return 6.0 * (cfg.n_layers * layer_weights + head) + 12 * cfg.n_layers * h * e * seq_len
+    s, t, le, ld = source_len or seq_len, seq_len, cfg.encoder_layers, cfg.n_layers
+    encoder = s * (6.0 * le * layer_weights + 12 * le * h * e * s)
+    cross_kv = s * 6.0 * ld * d * k * e * 2
+    decoder = t * (6.0 * (ld * (layer_weights + d * h * e * 2) + head) + 6 * ld * h * e * t + 12 * ld * h * e * s)
+    return (encoder + cross_kv + decoder) / t
 
 
 class MetricsWriter:

@@ -159,9 +159,16 @@ class Seq2SeqTask(LMTask):
         return _PairTexts(source)
 
     def _examples(self, tok: Tokenizer, pairs):
+        """Tokenized pairs; local files must be clean (errors name file:line), while the rare empty or
+        overlong pairs of a TFDS corpus are left out and counted."""
         d = self.cfg.data
-        return tokenize_pairs(pairs, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, src_len=d.source_len,
-                              tgt_len=d.seq_len).items
+        lenient = "skip" if d.source == "tfds" else "error"
+        out = tokenize_pairs(pairs, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, src_len=d.source_len,
+                             tgt_len=d.seq_len, overlong=lenient, empty=lenient)
+        if out.skipped or out.empty:
+            from .loop import log
+            log(f"left out {out.skipped} pairs longer than data.source_seq_len/seq_len and {out.empty} with an empty side")
+        return out.items
 
     def train_iter(self, tok: Tokenizer, source):
         per_process = self.cfg.train.batch_size // jax.process_count()
