@@ -238,7 +238,7 @@ def _params_abstract(run_dir: Path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_shape_specific_bad_input_is_one_line(bert_run, translator, tmp_path, capsys):
+def test_shape_specific_bad_input_is_one_line(bert_run, translator, corpus, tmp_path, capsys):
     src, tgt = tmp_path / "train.src", tmp_path / "train.tgt"
     src.write_text("1\n2\n3\n")
     tgt.write_text("one\ntwo\n")
@@ -261,8 +261,14 @@ def test_shape_specific_bad_input_is_one_line(bert_run, translator, tmp_path, ca
     code, _, err = run_cli(capsys, "finetune", "finetune.method=classify", f"finetune.init_from={translator}",
                            f"finetune.train_path={train}", f"train.run_dir={never}")
     assert code == 2 and "needs an encoder checkpoint" in err, err
+    code, _, err = run_cli(capsys, "pretrain", "bert-tiny", *BERT, "data.source=files", f"data.path={corpus}",
+                           f"data.data_dir={tmp_path / 'tfds'}", f"tokenizer.path={translator / 'tokenizer.model'}",
+                           f"train.run_dir={never}")
+    assert code == 2 and "the tokenizer has no <mask> piece for masked-language modelling" in err, err
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", str(bert_run.parent / "nothing"), "--prompt", "x")
+    assert code == 2 and "does not exist" in err
     code, _, err = run_cli(capsys, "pretrain", "bert-tiny", "data.source=toy", f"train.run_dir={never}")
-    assert code == 2 and "data.source=toy cannot train model.kind=encoder" in err, err
+    assert code == 2 and "data.source=toy cannot train model.kind=encoder: use data.source=stdlib|" in err, err
     assert not never.exists()
 
 

@@ -450,5 +450,6 @@ def evaluate(run_dir: str | Path, overrides: dict[str, Any] | None = None, split
         from .translate import translate_and_score
         scored = translate_and_score(cfg.model, trainer.graphdef, state["params"], tok, list(source),
                                      max_new_tokens=cfg.data.seq_len, beam_size=beam_size)
-        result.update(bleu=scored["bleu"], bleu_pairs=scored["pairs"], bleu_detail=scored["bleu_detail"])
+        result.update(bleu=scored["bleu"], bleu_pairs=scored["pairs"], exact_match=scored["exact_match"],
+                      bleu_detail=scored["bleu_detail"])
     return {"step": meta["step"], "split": split, **result}

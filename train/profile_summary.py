@@ -53,27 +53,3 @@ def summarize_trace(profile_dir: str, module: str, steps: int, top: int = 8) -> 
     return {"trace": str(traces[-1]), "op_seconds_per_step": sum(by_kind.values()),
             "by_kind": {k: {"s": v, "share": v / total} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_ops": [{"op": k, "s": v} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]}
-
-
-def _breakdown(trainer: Trainer, state: dict, batch: dict, repeats: int, step_median: float) -> dict[str, float]:
-    """Median seconds of the forward pass alone (the real eval step) and of forward + backward without the
-    optimizer (the train step's loss and gradient, jitted on their own); the optimizer update and the
-    rest is the full step minus the latter."""
-    from .step import forward_loss_sum
-
-    def grads(params, b):
-        return jax.value_and_grad(lambda p: forward_loss_sum(trainer.graphdef, p, b, None)[0])(params)
-
-    fwd_bwd = jax.jit(grads, in_shardings=(trainer.param_shardings, trainer.batch_sharding))
-    out = {}
-    for name, fn in (("forward", trainer.eval_step), ("forward_backward", fwd_bwd)):
-        jax.block_until_ready(fn(state["params"], batch))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(state["params"], batch))
-            times.append(time.perf_counter() - start)
-        out[name] = float(np.median(times))
-    out["full_step"] = step_median
-    out["optimizer_and_rest"] = step_median - out["forward_backward"]
-    return out

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from qkv.model import ModelConfig, abstract_model, create_model, logical_axes, param_metadata, split_params
 

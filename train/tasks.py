@@ -53,7 +53,7 @@ class LMTask:
         self.cfg = cfg
         if cfg.data.source not in self.sources:
             raise ValueError(f"data.source={cfg.data.source} cannot train model.kind={cfg.model.kind}: "
-                             f"use data.source= one of {', '.join(self.sources)}")
+                             f"use data.source={'|'.join(self.sources)}")
 
     def open(self, split: str):
         d = self.cfg.data
