@@ -1,7 +1,7 @@
 """qkv.model: Transformer language models as Flax NNX modules, used functionally.
 
 ``create_model`` builds a model from a ``ModelConfig`` through one registry keyed by
-``ModelConfig.kind``; ``split_params`` / ``logical_axes`` give the pure parameter tree and its
+``ModelConfig.kind`` (decoder, encoder, encoder_decoder: model/transformer.py, model/encoder.py); ``split_params`` / ``logical_axes`` give the pure parameter tree and its
 logical axis names. The model takes arrays and knows nothing of data, training or devices.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """qkv: pretrain, fine-tune, decode and benchmark Transformer language models with JAX and Flax NNX.
 
 Public API: ``qkv.load(run_dir)`` returns a ``LanguageModel`` with ``.logits``, ``.generate`` and
-``.stream``; ``qkv.load_config`` and ``qkv.pretrain`` run training from Python.
+``.stream`` (decoders; ``.generate`` translates with encoder-decoders), ``.embed``, ``.neighbours``
+and ``.classify`` (encoders); ``qkv.load_config`` and ``qkv.pretrain`` run training from Python.
 """
 from __future__ import annotations
 

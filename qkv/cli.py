@@ -174,7 +174,8 @@ def cmd_tokenizer(ns: argparse.Namespace) -> int:
         source = open_text_source(kind, ns.input, "train", Path(ns.data_dir).expanduser())
         n = min(ns.documents, len(source))
         texts = source.__getitems__(list(range(n)))
-        path = train_tokenizer(texts, ns.output, vocab_size=ns.vocab_size, model_type=ns.model_type)
+        path = train_tokenizer(texts, ns.output, vocab_size=ns.vocab_size, model_type=ns.model_type,
+                               with_mask=ns.with_mask)
         print(f"wrote {path} ({Tokenizer.load(path).vocab_size} pieces, trained on {n} documents)")
         return 0
     if not Path(ns.model).is_file():
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-type", choices=["bpe", "unigram", "char"], default="bpe")
     t.add_argument("--documents", type=int, default=2000, help="documents to train on")
     t.add_argument("--data-dir", default="~/.cache/qkv/tfds")
+    t.add_argument("--with-mask", action="store_true", help="reserve <mask> (id 4) for encoders' MLM")
     t = tsub.add_parser("encode")
     t.add_argument("--model", required=True)
     t.add_argument("text", help="text to encode, or - for standard input")

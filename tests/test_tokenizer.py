@@ -151,3 +151,13 @@ def test_bad_arguments_raise(tmp_path, corpus):
         train_tokenizer(corpus[:1], tmp_path / "w", model_type="wordpiece")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer.load(tmp_path / "missing.model")
+
+
+def test_mask_piece_for_masked_language_models(tmp_path, corpus, tok):
+    masked = Tokenizer.load(train_tokenizer(corpus[:50], tmp_path / "mlm", vocab_size=400, with_mask=True))
+    assert masked.mask_id == 4 and masked.id_to_piece(4) == "<mask>" and tok.mask_id is None
+    text = "x = '<mask>'\n\tpass\n"
+    ids = masked.encode(text)
+    assert 4 not in ids and masked.decode(ids) == text  # no text encodes to it; round trip stays exact
+    assert masked.decode(ids[:3] + [4] + ids[3:]) == text  # and decoding skips it
+    assert masked.encode("\n") == [5]  # the newline piece moves up by one
