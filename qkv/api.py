@@ -161,6 +161,24 @@ class LanguageModel:
         order = np.argsort(-cosine, axis=-1)[:, :k]
         return [[(texts[j], float(cosine[i, j])) for j in row] for i, row in enumerate(order)]
 
+    def word_neighbours(self, words: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """For each word, the ``k`` vocabulary pieces whose input embeddings are nearest (cosine), best first:
+        the model's word-level "semantic map". A word that is several pieces is the mean of their vectors."""
+        table = np.asarray(self.params["embed"], np.float32)
+        unit = table / np.maximum(np.linalg.norm(table, axis=-1, keepdims=True), 1e-12)
+        out = []
+        for word in words:
+            ids = self.tokenizer.encode(word) if word else []
+            if not ids:
+                raise ValueError("give a non-empty word")
+            query = unit[ids].mean(0)
+            cosine = unit @ (query / max(np.linalg.norm(query), 1e-12))
+            cosine[ids] = -np.inf  # not the word itself
+            cosine[:4 if self.tokenizer.mask_id is None else 5] = -np.inf  # nor pad, unk, bos, eos, <mask>
+            best = np.argsort(-cosine)[:k]
+            out.append([(self.tokenizer.id_to_piece(int(i)).replace("\u2581", " "), float(cosine[i])) for i in best])
+        return out
+
     def classify(self, texts: Sequence[str]) -> list[Any]:
         """The predicted label of each text (a classifier fine-tuned with finetune.method=classify)."""
         self._require("encoder", what="classify")

@@ -4,6 +4,7 @@
     qkv evaluate --checkpoint RUN_DIR            validation loss and perplexity of a checkpoint
     qkv generate --checkpoint RUN_DIR --prompt TEXT     continue text, or translate (encoder-decoder)
     qkv embed --checkpoint RUN_DIR --text A --text B   sentence embeddings and cosine neighbours (encoder)
+    qkv embed --checkpoint RUN_DIR --word def          nearest vocabulary pieces by input embedding
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
     qkv finetune [CONFIG] finetune.init_from=RUN finetune.train_path=F.jsonl [key=value ...]   SFT/DPO, LoRA
@@ -149,6 +150,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_embed(ns: argparse.Namespace) -> int:
+    if ns.word:
+        _require_dir(ns.checkpoint)
+        from qkv.api import load
+
+        lm = load(ns.checkpoint, ns.step)
+        for word, near in zip(ns.word, lm.word_neighbours(ns.word, ns.neighbours)):
+            print(json.dumps({"word": word, "neighbours": [{"piece": t, "cosine": round(c, 4)} for t, c in near]}))
+        return 0
     texts = list(ns.text or [])
     if ns.text_file:
         path = Path(ns.text_file)
@@ -275,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--text", action="append", help="a text; repeat for more")
     p.add_argument("--text-file", help="one text per line")
-    p.add_argument("--neighbours", type=int, default=3, help="how many nearest texts to list for each")
+    p.add_argument("--word", action="append", help="a word: its nearest vocabulary pieces by input embedding")
+    p.add_argument("--neighbours", type=int, default=3, help="how many nearest texts (or pieces) to list for each")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer, encode, decode")

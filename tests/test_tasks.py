@@ -192,6 +192,26 @@ def test_mlm_pretraining_learns_and_checkpoints(bert_run, capsys):
                            "import sys", "--text", "x = [1, 2, 3]", "--neighbours", "1")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == 3 and all(-1 <= r["neighbours"][0]["cosine"] <= 1 for r in rows)
+    # sentence embeddings: the mean of the encoder's output vectors; neighbours: cosine, computed here in NumPy
+    from qkv.api import load
+    lm = load(bert_run)
+    texts = ["import os", "import sys", "x = [1, 2, 3]", "def f(): pass"]
+    vectors = lm.embed(texts).astype(np.float64)
+    unit = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+    cos = unit @ unit.T
+    for i, near in enumerate(lm.neighbours(texts, k=2)):
+        others = sorted((j for j in range(4) if j != i), key=lambda j: -cos[i, j])[:2]
+        assert [t for t, _ in near] == [texts[j] for j in others]
+        np.testing.assert_allclose([c for _, c in near], [cos[i, j] for j in others], rtol=1e-5)
+    # word neighbours: nearest rows of the input embedding table, the word's own pieces and specials left out
+    (near,) = lm.word_neighbours(["import"], k=3)
+    table = np.asarray(lm.params["embed"], np.float64)
+    ids = lm.tokenizer.encode("import")
+    table_unit = table / np.linalg.norm(table, axis=-1, keepdims=True)
+    query = table_unit[ids].mean(0)
+    want = table_unit @ (query / np.linalg.norm(query))
+    want[ids], want[:5] = -np.inf, -np.inf
+    np.testing.assert_allclose([c for _, c in near], np.sort(want)[::-1][:3], rtol=1e-5)
 
 
 def _labeled(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:
