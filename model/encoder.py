@@ -22,6 +22,25 @@ from .layers import Norm, param
 from .transformer import Cache, EmbedAndHead, Transformer, default_slots, layer_keys, run_blocks, stacked_blocks
 
 
+def bidirectional_stack(model: EmbedAndHead, blocks, n_layers: int, tokens_bt: jax.Array,
+                        positions_bt: jax.Array | None, segment_ids_bt: jax.Array | None,
+                        dropout_key: jax.Array | None) -> jax.Array:
+    """Embed ``tokens_bt`` and run ``blocks`` with every token seeing its whole segment (no final norm):
+    the encoder of both shapes."""
+    _, positions_bt, segment_ids_bt = default_slots(tokens_bt, positions_bt, segment_ids_bt)
+    embed_key, keys = layer_keys(model.cfg, dropout_key, n_layers)
+    x_btd, rope = model.embed_tokens(tokens_bt, positions_bt, embed_key)
+    mask_bts = attention_mask(None, segment_ids_bt, segment_ids_bt)
+    return run_blocks(model.cfg, blocks, x_btd, mask_bts, rope, keys=keys)[0]
+
+
+def mean_pool(hidden_btd: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    """The mean over each row's non-padding positions (segment id > 0) [B, D], summed in float32."""
+    real_bt1 = (jnp.ones(hidden_btd.shape[:2]) if segment_ids_bt is None else segment_ids_bt > 0)[..., None]
+    total_bd = jnp.sum(hidden_btd.astype(jnp.float32) * real_bt1, axis=1)
+    return (total_bd / jnp.maximum(jnp.sum(real_bt1, axis=1), 1.0)).astype(hidden_btd.dtype)
+
+
 class Encoder(EmbedAndHead):
     """Encoder-only (BERT): bidirectional blocks; MLM logits over the vocabulary, or class logits."""
 
@@ -36,12 +55,8 @@ class Encoder(EmbedAndHead):
     def encode(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final hidden states [B, T, D]: one contextual vector per token."""
-        _, positions_bt, segment_ids_bt = default_slots(tokens_bt, positions_bt, segment_ids_bt)
-        embed_key, keys = layer_keys(self.cfg, dropout_key, self.cfg.n_layers)
-        x_btd, rope = self.embed_tokens(tokens_bt, positions_bt, embed_key)
-        mask_bts = attention_mask(None, segment_ids_bt, segment_ids_bt)
-        x_btd, _ = run_blocks(self.cfg, self.blocks, x_btd, mask_bts, rope, keys=keys)
-        return self.final(x_btd)
+        return self.final(bidirectional_stack(self, self.blocks, self.cfg.n_layers, tokens_bt, positions_bt,
+                                              segment_ids_bt, dropout_key))
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, cache: Cache | None = None,
@@ -53,11 +68,7 @@ class Encoder(EmbedAndHead):
 
     def pool(self, hidden_btd: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
         """One vector per row [B, D]: the first token's, or the mean over non-padding tokens."""
-        if self.cfg.pooling == "first":
-            return hidden_btd[:, 0]
-        real_bt1 = (jnp.ones(hidden_btd.shape[:2]) if segment_ids_bt is None else segment_ids_bt > 0)[..., None]
-        total_bd = jnp.sum(hidden_btd.astype(jnp.float32) * real_bt1, axis=1)
-        return (total_bd / jnp.maximum(jnp.sum(real_bt1, axis=1), 1.0)).astype(hidden_btd.dtype)
+        return hidden_btd[:, 0] if self.cfg.pooling == "first" else mean_pool(hidden_btd, segment_ids_bt)
 
     def classify(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -90,11 +101,8 @@ class EncoderDecoder(Transformer):
     def encode(self, src_bs: jax.Array, src_positions_bs: jax.Array | None = None,
                src_segments_bs: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
         """The encoder output [B, S, D] ("memory"), computed once per source."""
-        _, src_positions_bs, src_segments_bs = default_slots(src_bs, src_positions_bs, src_segments_bs)
-        embed_key, keys = layer_keys(self.cfg, dropout_key, self.cfg.encoder_layers)
-        x_bsd, rope = self.embed_tokens(src_bs, src_positions_bs, embed_key)
-        mask_bss = attention_mask(None, src_segments_bs, src_segments_bs)
-        x_bsd, _ = run_blocks(self.cfg, self.encoder_blocks, x_bsd, mask_bss, rope, keys=keys)
+        x_bsd = bidirectional_stack(self, self.encoder_blocks, self.cfg.encoder_layers, src_bs, src_positions_bs,
+                                    src_segments_bs, dropout_key)
         return self.encoder_norm(x_bsd) if self.cfg.norm_position == "pre" else x_bsd
 
     def memory_kv(self, memory_bsd: jax.Array) -> tuple[jax.Array, jax.Array]:

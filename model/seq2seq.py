@@ -80,7 +80,7 @@ class Seq2SeqDecoder:
         return [_trim(row, eos_id) for row in np.asarray(tokens)]
 
 
-def _encode(model, cfg: ModelConfig, src_bs, segments_bs, rows: int):
+def _encode(model, src_bs, segments_bs, rows: int):
     """(per-layer memory keys/values, source segments), each source repeated ``rows`` times (beams)."""
     memory_kv = model.memory_kv(model.encode(src_bs, None, segments_bs))
     repeat = lambda a, axis: jnp.repeat(a, rows, axis=axis)  # noqa: E731
@@ -90,7 +90,7 @@ def _encode(model, cfg: ModelConfig, src_bs, segments_bs, rows: int):
 @functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9, 10))
 def _sample(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temperature, top_k, top_p):
     model = nnx.merge(graphdef, params)
-    memory = _encode(model, cfg, src_bs, segments_bs, 1)
+    memory = _encode(model, src_bs, segments_bs, 1)
     b = src_bs.shape[0]
 
     def step(carry, i):
@@ -107,7 +107,7 @@ def _sample(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temp
 @functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7, 8, 9))
 def _beam(graphdef, cfg, params, src_bs, segments_bs, bos_id, eos_id, steps, beam_size, length_penalty):
     model = nnx.merge(graphdef, params)
-    memory = _encode(model, cfg, src_bs, segments_bs, beam_size)
+    memory = _encode(model, src_bs, segments_bs, beam_size)
     b = src_bs.shape[0]
 
     def logits_fn(tokens_n, cache):

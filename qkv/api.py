@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from qkv.data import Tokenizer
 from qkv.model.decode import Decoder, SamplingConfig
+from qkv.model.encoder import mean_pool
 from qkv.train import checkpoint
 from qkv.train.config import Config, MeshConfig, config_from_dict
 from qkv.train.sharding import make_mesh, resolve_rules
@@ -154,8 +154,7 @@ class LanguageModel:
 
     def neighbours(self, texts: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:
         """For each text, the ``k`` other texts with the most similar embeddings (cosine), best first."""
-        vectors = self.embed(texts)
-        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        unit = _unit_rows(self.embed(texts))
         cosine = unit @ unit.T
         np.fill_diagonal(cosine, -np.inf)
         order = np.argsort(-cosine, axis=-1)[:, :k]
@@ -164,15 +163,13 @@ class LanguageModel:
     def word_neighbours(self, words: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
         """For each word, the ``k`` vocabulary pieces whose input embeddings are nearest (cosine), best first:
         the model's word-level "semantic map". A word that is several pieces is the mean of their vectors."""
-        table = np.asarray(self.params["embed"], np.float32)
-        unit = table / np.maximum(np.linalg.norm(table, axis=-1, keepdims=True), 1e-12)
+        unit = _unit_rows(np.asarray(self.params["embed"], np.float32))
         out = []
         for word in words:
             ids = self.tokenizer.encode(word) if word else []
             if not ids:
                 raise ValueError("give a non-empty word")
-            query = unit[ids].mean(0)
-            cosine = unit @ (query / max(np.linalg.norm(query), 1e-12))
+            cosine = unit @ _unit_rows(unit[ids].mean(0))
             cosine[ids] = -np.inf  # not the word itself
             cosine[:4 if self.tokenizer.mask_id is None else 5] = -np.inf  # nor pad, unk, bos, eos, <mask>
             best = np.argsort(-cosine)[:k]
@@ -195,12 +192,14 @@ def _forward(graphdef: nnx.GraphDef, params: Any, ids: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params)(ids)[0]
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to unit length along its last axis (zero vectors stay zero), for cosine similarity."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, segments: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    hidden = model.encode(tokens, None, segments)
-    real = (segments > 0)[..., None]
-    return jnp.sum(hidden * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
+    return mean_pool(nnx.merge(graphdef, params).encode(tokens, None, segments), segments)
 
 
 @functools.partial(jax.jit, static_argnums=0)
