@@ -100,13 +100,17 @@ def _require_dir(path: str) -> None:
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist: pass the train.run_dir of a run")
 
 
+def _nonblank_lines(path_text: str, what: str) -> list[str]:
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path_text!r} does not exist")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _read_prompts(ns: argparse.Namespace) -> list[str]:
     prompts = list(ns.prompt or [])
     if ns.prompt_file:
-        path = Path(ns.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {ns.prompt_file!r} does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += _nonblank_lines(ns.prompt_file, "prompt")
     if not prompts:
         raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
@@ -160,10 +164,7 @@ def cmd_embed(ns: argparse.Namespace) -> int:
         return 0
     texts = list(ns.text or [])
     if ns.text_file:
-        path = Path(ns.text_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {ns.text_file!r} does not exist")
-        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += _nonblank_lines(ns.text_file, "text")
     if len(texts) < 2:
         raise ValueError("give at least two texts (--text, repeatable, or --text-file): neighbours need others")
     _require_dir(ns.checkpoint)

@@ -80,6 +80,12 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0,
     return out
 
 
+def synthetic_batch_for(cfg: Config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``synthetic_batch`` shaped for ``cfg``: its target length, and a source side for encoder-decoders."""
+    source_len = cfg.data.source_len if cfg.model.kind == "encoder_decoder" else 0
+    return synthetic_batch(rows, cfg.data.seq_len, cfg.model.vocab_size, seed, source_len=source_len)
+
+
 def _stats(times: Sequence[float]) -> dict[str, float]:
     return {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
 
@@ -114,9 +120,7 @@ class TrainPoint:
                                cfg.train.seed, task_for(cfg).prepare())  # the pretraining step (MLM masking too)
         self.state = self.trainer.init_state()
         self.n_params = count_params(self.state["params"])
-        self.source_len = cfg.data.source_len if cfg.model.kind == "encoder_decoder" else 0
-        self.batch = self.trainer.put_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
-                                                            cfg.model.vocab_size, source_len=self.source_len))
+        self.batch = self.trainer.put_batch(synthetic_batch_for(cfg, cfg.train.batch_size))
         start = time.perf_counter()
         self.compiled = self.trainer.train_step.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
@@ -146,7 +150,7 @@ class TrainPoint:
         host_tflops = probe.tflops(self.probe_times) if probe is not None else None
         n_dev, seq = len(self.devices), cfg.data.seq_len
         tokens = cfg.train.batch_size * seq
-        flops_tok = flops_per_token(m, seq, self.source_len or None)
+        flops_tok = flops_per_token(m, seq, cfg.data.source_len)
         step_s = _stats(self.times)
         tflops_dev = flops_tok * tokens / step_s["median"] / n_dev / 1e12
         peak, peak_source = roofline.peak_tflops_per_device(self.devices[0], n_dev, host_tflops)

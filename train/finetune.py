@@ -511,16 +511,7 @@ def _setup(cfg: Config, run_dir: Path):
         raise ValueError(f"{ft.train_path} has fewer examples than there are processes ({jax.process_count()})")
     make = ClassifyIterator if classify else DPOIterator if trainer.dpo else PackedSFTIterator
     data_iter = make(items, seq_len=cfg.data.seq_len, batch_size=per_process, seed=cfg.train.seed)
-    if classify:
-        shards = [classify_eval_batches(eval_set.items, seq_len=cfg.data.seq_len, batch_size=per_process,
-                                        shard_index=i, shard_count=jax.process_count(),
-                                        max_batches=cfg.data.eval_batches) for i in range(jax.process_count())]
-    else:
-        shards = [eval_batches(eval_set.items[i::jax.process_count()], dpo=trainer.dpo, seq_len=cfg.data.seq_len,
-                               batch_size=per_process, max_batches=cfg.data.eval_batches)
-                  for i in range(jax.process_count())]  # every process knows every shard's batch count ...
-    template = next(s[0] for s in shards if s)
-    batches = pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template)  # ... and pads
+    batches = _eval_batches(cfg, eval_set.items, trainer.dpo, cfg.data.eval_batches)
     if meta is not None:
         data_iter.set_state(json.loads(process_data_state(meta)))  # this process's own position
         loop.log(f"resumed {run_dir} at step {meta['step']}")
@@ -542,6 +533,20 @@ def _setup(cfg: Config, run_dir: Path):
     return trainer, tok, state, data_iter, batches, meta["step"] if meta is not None else None
 
 
+def _eval_batches(cfg: Config, items: list[Any], dpo: bool, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """This process's evaluation batches, padded with empty ones so every process runs as many steps:
+    each process builds every shard (cheap) to know the largest count."""
+    per_process, n = cfg.train.batch_size // jax.process_count(), jax.process_count()
+    if cfg.finetune.method == "classify":
+        shards = [classify_eval_batches(items, seq_len=cfg.data.seq_len, batch_size=per_process, shard_index=i,
+                                        shard_count=n, max_batches=max_batches) for i in range(n)]
+    else:
+        shards = [eval_batches(items[i::n], dpo=dpo, seq_len=cfg.data.seq_len, batch_size=per_process,
+                               max_batches=max_batches) for i in range(n)]
+    template = next(s[0] for s in shards if s)
+    return pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template)
+
+
 def evaluate_classifier(run_dir: str | Path, cfg: Config, split: str = "validation") -> dict[str, Any]:
     """``qkv evaluate`` of a classifier run: loss and accuracy on finetune.eval_path (or the TFDS split)."""
     trainer = FinetuneTrainer(cfg)
@@ -549,11 +554,6 @@ def evaluate_classifier(run_dir: str | Path, cfg: Config, split: str = "validati
     tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
     path = cfg.finetune.eval_path or (None if cfg.data.source == "tfds" else cfg.finetune.train_path)
     loaded = _load_examples(cfg, tok, path, split)
-    examples = loaded.items
-    per_process = cfg.train.batch_size // jax.process_count()
-    shards = [classify_eval_batches(examples, seq_len=cfg.data.seq_len, batch_size=per_process, shard_index=i,
-                                    shard_count=jax.process_count()) for i in range(jax.process_count())]
-    batches = pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], next(s[0] for s in shards if s))
-    result = run_finetune_eval(trainer, state["params"], batches)
+    result = run_finetune_eval(trainer, state["params"], _eval_batches(cfg, loaded.items, False, max_batches=0))
     return {"step": meta["step"], "split": split, "labels": cfg.finetune.labels, **result,
             "truncated": loaded.truncated}

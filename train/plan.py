@@ -115,9 +115,8 @@ def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[
     }
     plan["analytic_total"] = plan["params"] + plan["optimizer"] + plan["gradients"] + plan["activations"]
     if compile:
-        from .benchmark import synthetic_batch
-        source_len = cfg.data.source_len if cfg.model.kind == "encoder_decoder" else 0
-        example = synthetic_batch(1, cfg.data.seq_len, 2, source_len=source_len)  # the keys and row shapes
+        from .benchmark import synthetic_batch_for
+        example = synthetic_batch_for(cfg, 1)  # the keys and row shapes
         batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), np.int32,
                                          sharding=trainer.batch_sharding) for k, v in example.items()}
         compiled = trainer.train_step.lower(state, batch).compile()

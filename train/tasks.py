@@ -144,6 +144,10 @@ class Seq2SeqTask(LMTask):
 
     name, sources = "seq2seq", PAIR_SOURCES
 
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._eval_cache: tuple[Any, list[Batch]] | None = None  # (source, its batches): tokenized once per run
+
     def open(self, split: str):
         d = self.cfg.data
         if d.source == "toy":
@@ -179,13 +183,16 @@ class Seq2SeqTask(LMTask):
                                batch_size=per_process, seed=self.cfg.train.seed)
 
     def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
-        d, per_process = self.cfg.data, self.cfg.train.batch_size // jax.process_count()
-        examples = self._examples(tok, source)
-        shards = [seq2seq_eval_batches(examples, src_len=d.source_len, tgt_len=d.seq_len, batch_size=per_process,
-                                       shard_index=i, shard_count=jax.process_count(), max_batches=d.eval_batches)
-                  for i in range(jax.process_count())]
-        template = next((s[0] for s in shards if s), None)
-        return iter(pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template))
+        if self._eval_cache is None or self._eval_cache[0] is not source:
+            d, per_process = self.cfg.data, self.cfg.train.batch_size // jax.process_count()
+            examples = self._examples(tok, source)
+            shards = [seq2seq_eval_batches(examples, src_len=d.source_len, tgt_len=d.seq_len, batch_size=per_process,
+                                           shard_index=i, shard_count=jax.process_count(), max_batches=d.eval_batches)
+                      for i in range(jax.process_count())]
+            template = next((s[0] for s in shards if s), None)
+            self._eval_cache = (source, pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards],
+                                                          template))
+        return iter(self._eval_cache[1])
 
     def report(self, trainer, params, tok: Tokenizer, source, limit: int = 200) -> dict[str, Any]:
         """Greedy translations of the first ``limit`` validation pairs: corpus BLEU and three samples
@@ -193,7 +200,8 @@ class Seq2SeqTask(LMTask):
         if self.cfg.train.sample_tokens <= 0:
             return {}
         from .translate import translate_and_score
-        result = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, list(source)[:limit],
+        pairs = [source[i] for i in range(min(limit, len(source)))]  # TFDS sources index, they do not slice
+        result = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, pairs,
                                      max_new_tokens=self.cfg.data.seq_len)
         samples = result.pop("samples")[:3]
         return {**result, "sample": "\n".join(f"{s} -> {h}" for s, h, _ in samples)}
