@@ -293,3 +293,18 @@ def test_stop_signals_only_set_a_flag_inside_the_loop_and_restore_the_handlers()
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_abandoned_read_errors_are_dropped_and_other_asyncio_errors_kept():
+    """A failed checkpoint read leaves asyncio tasks and futures whose exceptions are logged when they
+    are garbage-collected; both kinds are dropped, any other asyncio error still shows."""
+    import logging
+
+    keep = checkpoint._AbandonedTaskFilter()
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert not keep.filter(record("Task exception was never retrieved\nfuture: <Task ...>"))
+    assert not keep.filter(record("Future exception was never retrieved\nfuture: <Future ...>"))
+    assert keep.filter(record("Exception in callback Foo()"))

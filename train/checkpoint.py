@@ -173,11 +173,14 @@ def _drop_closed_loop_noise() -> None:
 
 
 class _AbandonedTaskFilter(logging.Filter):
-    """asyncio logs 'Task exception was never retrieved' when the tasks of a failed (already reported)
-    read are garbage-collected, possibly long after it; those records are dropped."""
+    """asyncio logs 'Task exception was never retrieved' (or 'Future exception ...') when the tasks and
+    futures of a failed (already reported) read are garbage-collected, possibly long after it; those
+    records are dropped."""
+
+    _ABANDONED = ("Task exception was never retrieved", "Future exception was never retrieved")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Task exception was never retrieved")
+        return not str(record.msg).startswith(self._ABANDONED)
 
 
 def _drop_abandoned_task_errors() -> None:
