@@ -214,6 +214,42 @@ def test_mlm_pretraining_learns_and_checkpoints(bert_run, capsys):
     np.testing.assert_allclose([c for _, c in near], np.sort(want)[::-1][:3], rtol=1e-5)
 
 
+def test_validation_batches_are_tokenized_once_per_run(bert_run, corpus):
+    """Evaluation reuses the batches it built the first time (the same arrays, no new tokenizing);
+    with data.eval_batches=0 it streams the whole split again instead of holding it."""
+    from qkv.data import Tokenizer
+    from qkv.train.tasks import task_for
+
+    tok = Tokenizer.load(bert_run / "tokenizer.model")
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode(self, text):
+            calls.append(1)
+            return tok.encode(text)
+
+    common = [*BERT, "data.source=files", f"data.path={corpus}", f"data.data_dir={bert_run.parent / 'tfds'}",
+              "data.validation_fraction=0.1"]
+    task = task_for(load_config("bert-tiny", common))
+    source = task.open("validation")
+    first = list(task.eval_batches(Counting(), source))
+    encoded = len(calls)
+    again = list(task.eval_batches(Counting(), source))
+    assert encoded > 0 and len(calls) == encoded and len(first) == len(again) == 2
+    assert all(a is b for x, y in zip(first, again) for a, b in zip(x.values(), y.values()))
+
+    whole = task_for(load_config("bert-tiny", [*common, "data.eval_batches=0"]))
+    calls.clear()
+    n = len(list(whole.eval_batches(Counting(), source)))
+    streamed = len(calls)
+    assert n > 2 and streamed >= len(source)
+    list(whole.eval_batches(Counting(), source))
+    assert len(calls) == 2 * streamed
+
+
 def _labeled(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:
     rng = np.random.default_rng(seed)
     words = {"pos": "good great fine nice".split(), "neg": "bad awful poor sad".split(), "meh": ["okay"]}

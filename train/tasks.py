@@ -51,6 +51,7 @@ class LMTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self._eval_cache: tuple[Any, list[Batch]] | None = None  # (source, its batches): built once per run
         if cfg.data.source not in self.sources:
             raise ValueError(f"data.source={cfg.data.source} cannot train model.kind={cfg.model.kind}: "
                              f"use data.source={'|'.join(self.sources)}")
@@ -70,8 +71,20 @@ class LMTask:
                                     shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
 
     def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
-        """A fixed number of validation batches per process, padding with empty batches when a shard ends
-        early, so every process runs the same number of compiled steps."""
+        """A fixed number of validation batches per process (``data.eval_batches``; 0: the whole split,
+        streamed), built once per run and reused at every evaluation."""
+        if not self.cfg.data.eval_batches:
+            return self._stream_eval_batches(tok, source)
+        return self._cached_eval_batches(source, lambda: list(self._stream_eval_batches(tok, source)))
+
+    def _cached_eval_batches(self, source, build) -> Iterator[Batch]:
+        if self._eval_cache is None or self._eval_cache[0] is not source:
+            self._eval_cache = (source, build())
+        return iter(self._eval_cache[1])
+
+    def _stream_eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
+        """Padding with empty batches when a shard ends early, so every process runs the same number of
+        compiled steps."""
         cfg = self.cfg
         per_process = cfg.train.batch_size // jax.process_count()
         ds = make_eval_dataset(source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
@@ -144,10 +157,6 @@ class Seq2SeqTask(LMTask):
 
     name, sources = "seq2seq", PAIR_SOURCES
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self._eval_cache: tuple[Any, list[Batch]] | None = None  # (source, its batches): tokenized once per run
-
     def open(self, split: str):
         d = self.cfg.data
         if d.source == "toy":
@@ -183,16 +192,15 @@ class Seq2SeqTask(LMTask):
                                batch_size=per_process, seed=self.cfg.train.seed)
 
     def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
-        if self._eval_cache is None or self._eval_cache[0] is not source:
+        def build() -> list[Batch]:
             d, per_process = self.cfg.data, self.cfg.train.batch_size // jax.process_count()
             examples = self._examples(tok, source)
             shards = [seq2seq_eval_batches(examples, src_len=d.source_len, tgt_len=d.seq_len, batch_size=per_process,
                                            shard_index=i, shard_count=jax.process_count(), max_batches=d.eval_batches)
                       for i in range(jax.process_count())]
             template = next((s[0] for s in shards if s), None)
-            self._eval_cache = (source, pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards],
-                                                          template))
-        return iter(self._eval_cache[1])
+            return pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template)
+        return self._cached_eval_batches(source, build)
 
     def report(self, trainer, params, tok: Tokenizer, source, limit: int = 200) -> dict[str, Any]:
         """Greedy translations of the first ``limit`` validation pairs: corpus BLEU and three samples
