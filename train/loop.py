@@ -39,8 +39,8 @@ def is_main_process() -> bool:
 
 
 def log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
+    if is_main_process():  # one write: under `qkv launch` (unbuffered) other processes' lines cannot split it
+        print(message + "\n", end="", flush=True)
 
 
 def open_split(cfg: Config, split: str):
