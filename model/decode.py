@@ -2,10 +2,13 @@
 
 Prompts of different lengths are left-padded to one length; padding gets segment 0 so real tokens
 never attend to it, and positions count real tokens only. Each decode step is one jitted call with
-a donated cache, so tokens can be streamed to the terminal as they are produced.
+a donated cache, so tokens can be streamed to the terminal as they are produced. Beam search
+(``beam_size`` > 1, model/beam.py) prefills the same way over ``batch × beam`` rows and returns
+whole sequences from one compiled loop.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -14,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .beam import beam_search
 from .config import ModelConfig
-from .transformer import init_cache
+from .transformer import init_cache, reorder_cache
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return tokens, segments
 
 
-class Decoder:
-    """Jitted prefill and decode steps for one model graph and one sampling setting."""
+def trim_at_eos(row: Sequence[int], eos_id: int | None) -> list[int]:
+    """The tokens of ``row`` before its first ``eos_id``."""
+    row = [int(t) for t in row]
+    return row[:row.index(eos_id)] if eos_id in row else row
 
-    def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig):
+
+class Decoder:
+    """Jitted prefill and decode steps for one model graph and one sampling setting; with
+    ``beam_size`` > 1, ``generate`` runs beam search instead of sampling."""
+
+    def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig, beam_size: int = 1,
+                 length_penalty: float = 0.6):
+        if beam_size < 1:
+            raise ValueError(f"beam_size={beam_size} must be >= 1")
         self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
+        self.beam_size, self.length_penalty = beam_size, length_penalty
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
         self._step = jax.jit(self._step_fn, donate_argnums=(3,))
 
@@ -100,16 +115,9 @@ class Decoder:
 
         Rows that already finished keep yielding ``pad_id``.
         """
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: give at least one token of text (or a BOS id)")
-        tokens, segments = left_pad(prompts, pad_id)
-        budget = min(self.sampling.max_new_tokens, self.cfg.max_seq_len - tokens.shape[1])
-        if budget < 1:
-            raise ValueError(
-                f"prompt of {tokens.shape[1]} tokens leaves no room in the model's context of "
-                f"{self.cfg.max_seq_len}: "
-                "shorten the prompt"
-            )
+        if self.beam_size > 1:
+            raise ValueError("beam search returns whole sequences: use generate, or beam_size=1 to stream")
+        tokens, segments, budget = self._padded(prompts, pad_id)
         cache = init_cache(self.cfg, tokens.shape[0], tokens.shape[1] + budget)
         key = jax.random.key(self.sampling.seed)
         done = np.zeros(tokens.shape[0], bool)
@@ -124,9 +132,28 @@ class Decoder:
                 return
             token, position, cache = self._step(params, token, position, cache, jax.random.fold_in(key, step + 1))
 
+    def _padded(self, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Left-padded (tokens, segments) and how many new tokens fit after them."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: give at least one token of text (or a BOS id)")
+        tokens, segments = left_pad(prompts, pad_id)
+        budget = min(self.sampling.max_new_tokens, self.cfg.max_seq_len - tokens.shape[1])
+        if budget < 1:
+            raise ValueError(f"prompt of {tokens.shape[1]} tokens leaves no room in the model's context of "
+                             f"{self.cfg.max_seq_len}: shorten the prompt")
+        return tokens, segments, budget
+
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
                  eos_id: int | None) -> list[list[int]]:
-        """New tokens per prompt (without the prompt), stopping after EOS (EOS itself excluded)."""
+        """New tokens per prompt (without the prompt), stopping after EOS (EOS itself excluded); the
+        best beam's when ``beam_size`` > 1."""
+        if self.beam_size > 1:
+            if eos_id is None:
+                raise ValueError("beam search needs an EOS id to finish hypotheses: the tokenizer has none")
+            tokens, segments, budget = self._padded(prompts, pad_id)
+            best = _beam(self.graphdef, self.cfg, params, tokens, segments, eos_id, budget, self.beam_size,
+                         self.length_penalty)
+            return [trim_at_eos(row, eos_id) for row in np.asarray(best)]
         rows: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         for tokens in self.stream(params, prompts, pad_id, eos_id):
@@ -138,3 +165,26 @@ class Decoder:
                 else:
                     rows[row].append(tok)
         return rows
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7, 8))
+def _beam(graphdef, cfg, params, tokens_bp, segments_bp, eos_id, steps, beam_size, length_penalty):
+    """The best beam's new tokens [B, steps] for left-padded prompts: every prompt but its last token is
+    prefilled once per beam row; beam search feeds that last token first, then its own picks."""
+    model = nnx.merge(graphdef, params)
+    b, p = tokens_bp.shape
+    tokens_np, segments_np = jnp.repeat(tokens_bp, beam_size, axis=0), jnp.repeat(segments_bp, beam_size, axis=0)
+    cache = init_cache(cfg, b * beam_size, p + steps)
+    if p > 1:
+        positions_np = jnp.maximum(jnp.cumsum(segments_np[:, :-1], axis=1) - 1, 0)
+        _, cache = model(tokens_np[:, :-1], positions_np, segments_np[:, :-1], cache=cache)
+    last_position_n = jnp.sum(segments_np, axis=1) - 1  # equal across a prompt's beams, so reordering keeps it
+
+    def logits_fn(token_n, cache):
+        position_n = last_position_n + cache["index"] - (p - 1)
+        logits, cache = model(token_n[:, None], position_n[:, None], jnp.ones_like(token_n)[:, None], cache=cache)
+        return logits[:, -1], cache
+
+    tokens_bkt, _ = beam_search(logits_fn, cache, tokens_bp[:, -1], beam_size=beam_size, max_new_tokens=steps,
+                                eos_id=eos_id, length_penalty=length_penalty, reorder_cache=reorder_cache)
+    return tokens_bkt[:, 0]

@@ -20,8 +20,8 @@ from flax import nnx
 
 from .beam import beam_search
 from .config import ModelConfig
-from .decode import SamplingConfig, sample_logits
-from .transformer import init_cache
+from .decode import SamplingConfig, sample_logits, trim_at_eos
+from .transformer import init_cache, reorder_cache
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -33,17 +33,6 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = N
         tokens[i, :len(row)] = row
         segments[i, :len(row)] = 1
     return tokens, segments
-
-
-def _reorder_cache(cache: dict[str, jax.Array], parent_n: jax.Array) -> dict[str, jax.Array]:
-    """Each row's self-attention cache taken from its parent beam (k/v carry layers first)."""
-    return {"k": cache["k"][:, parent_n], "v": cache["v"][:, parent_n], "segments": cache["segments"][parent_n],
-            "index": cache["index"]}
-
-
-def _trim(row: Sequence[int], eos_id: int) -> list[int]:
-    row = [int(t) for t in row]
-    return row[:row.index(eos_id)] if eos_id in row else row
 
 
 class Seq2SeqDecoder:
@@ -77,7 +66,7 @@ class Seq2SeqDecoder:
             s = self.sampling
             tokens = _sample(self.graphdef, self.cfg, params, src, segments, jax.random.key(s.seed), bos_id, steps,
                              s.temperature, s.top_k, s.top_p)
-        return [_trim(row, eos_id) for row in np.asarray(tokens)]
+        return [trim_at_eos(row, eos_id) for row in np.asarray(tokens)]
 
 
 def _encode(model, src_bs, segments_bs, rows: int):
@@ -116,5 +105,5 @@ def _beam(graphdef, cfg, params, src_bs, segments_bs, bos_id, eos_id, steps, bea
 
     tokens, _ = beam_search(logits_fn, init_cache(cfg, b * beam_size, steps), jnp.full((b,), bos_id, jnp.int32),
                             beam_size=beam_size, max_new_tokens=steps, eos_id=eos_id, length_penalty=length_penalty,
-                            reorder_cache=_reorder_cache)
+                            reorder_cache=reorder_cache)
     return tokens

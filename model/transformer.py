@@ -215,3 +215,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | No
         "segments": jnp.zeros((batch, max_len), jnp.int32),
         "index": jnp.int32(0),
     }
+
+
+def reorder_cache(cache: Cache, parent_n: jax.Array) -> Cache:
+    """Beam search: each row's cache taken from its parent beam's row (k/v carry layers first)."""
+    return {"k": cache["k"][:, parent_n], "v": cache["v"][:, parent_n], "segments": cache["segments"][parent_n],
+            "index": cache["index"]}

@@ -6,7 +6,7 @@
     logits = lm.logits([lm.tokenizer.encode("import os")])   # [1, T, vocab] float32
 
     qkv.load("runs/translate-tiny").generate(["4721"], temperature=0.0)   # encoder-decoder: translations
-    qkv.load("runs/translate-tiny").generate(["4721"], beam_size=4)        # beam search
+    qkv.load("runs/translate-tiny").generate(["4721"], beam_size=4)        # beam search (either shape)
     enc = qkv.load("runs/bert-tiny")
     enc.embed(["import os", "import sys"])        # [2, d_model] sentence embeddings (mean of token vectors)
     enc.neighbours(["import os", "import sys", "x = 1"], k=1)   # cosine-similarity neighbours
@@ -69,10 +69,11 @@ class LanguageModel:
             raise ValueError(f"{ids.shape[1]} tokens exceed the model's context of {self.config.model.max_seq_len}")
         return np.asarray(_forward(self.graphdef, self.params, ids))
 
-    def _decoder(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int) -> Decoder:
+    def _decoder(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
+                 beam_size: int = 1, length_penalty: float = 0.6) -> Decoder:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                   max_new_tokens=max_new_tokens, seed=seed)
-        return Decoder(self.config.model, self.graphdef, sampling)
+        return Decoder(self.config.model, self.graphdef, sampling, beam_size, length_penalty)
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """BOS + token ids per prompt; refuses empty prompts and checkpoints without a tokenizer."""
@@ -98,7 +99,8 @@ class LanguageModel:
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam_size: int = 1,
                  length_penalty: float = 0.6) -> list[str]:
         """Completions (without the prompt) for one or several prompts, decoded in one batch; for an
-        encoder-decoder, the translations of the prompts (beam search with ``beam_size`` > 1)."""
+        encoder-decoder, the translations of the prompts. ``beam_size`` > 1: beam search (GNMT
+        ``length_penalty``) instead of sampling, for either shape."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._require("decoder", "encoder_decoder", what="generation")
         if self.kind == "encoder_decoder":
@@ -108,9 +110,7 @@ class LanguageModel:
                              max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                              batch_size=len(prompts))
-        if beam_size != 1:
-            raise ValueError("beam search is for encoder-decoder checkpoints: use beam_size=1 (sampling) here")
-        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
+        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty)
         rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
         return [self.tokenizer.decode(r) for r in rows]
 

@@ -36,33 +36,29 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
     from qkv.train.config import load_config
-
-    source, overrides = _split_config_args(ns.args)
-    cfg = load_config(source, overrides)
     from qkv.train.loop import pretrain
 
-    summary = pretrain(cfg)
-    printable = {k: v for k, v in summary.items() if k != "sample"}
-    import jax
-
-    if jax.process_index() == 0:  # one summary per job, not one per host
-        print(json.dumps(printable, indent=None, default=str))
-    if summary.get("preempted"):
-        from qkv.train.loop import EXIT_PREEMPTED
-        print(f"qkv: stopped by {summary['preempted']} after step {summary['step']} with a complete checkpoint: "
-              "run the same command again to resume", file=sys.stderr)
-        return EXIT_PREEMPTED
-    return 0
+    source, overrides = _split_config_args(ns.args)
+    return _report_run(pretrain(load_config(source, overrides)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
     from qkv.train.finetune import finetune, load_finetune_config
 
     source, overrides = _split_config_args(ns.args)
-    summary = finetune(load_finetune_config(source, overrides))
-    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, default=str))
+    return _report_run(finetune(load_finetune_config(source, overrides)))
+
+
+def _report_run(summary: dict) -> int:
+    """Print a training run's summary as one JSON line (once per job, not per host); exit 75 if it was
+    stopped by a signal with a complete checkpoint."""
+    import jax
+
+    from qkv.train.loop import EXIT_PREEMPTED
+
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, default=str))
     if summary.get("preempted"):
-        from qkv.train.loop import EXIT_PREEMPTED
         print(f"qkv: stopped by {summary['preempted']} after step {summary['step']} with a complete checkpoint: "
               "run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -138,16 +134,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if lm.kind == "encoder":
         raise ValueError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
                          "(use qkv embed, or qkv evaluate)")
-    if ns.beam_size != 1:
-        raise ValueError("--beam-size is for encoder-decoder checkpoints: drop it to sample from this decoder")
-    if len(prompts) == 1 and not ns.no_stream:
+    if len(prompts) == 1 and not ns.no_stream and ns.beam_size == 1:  # beam search ends whole, not streamed
         sys.stdout.write(prompts[0])
         for piece in lm.stream(prompts[0], **settings):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for prompt, completion in zip(prompts, lm.generate(prompts, **settings)):
+    for prompt, completion in zip(prompts, lm.generate(prompts, beam_size=ns.beam_size,
+                                                       length_penalty=ns.length_penalty, **settings)):
         print(prompt + completion)
         print("-" * 40)
     return 0
@@ -276,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print only when done")
-    p.add_argument("--beam-size", type=int, default=1, help="encoder-decoder: beam search width (1: greedy/sampling)")
+    p.add_argument("--beam-size", type=int, default=1, help="beam search width (1: greedy/sampling)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search: GNMT length penalty alpha")
     p.set_defaults(func=cmd_generate)
 

@@ -45,6 +45,9 @@ def test_pretrain_generate_evaluate(cli_run):
     batch = qkv("generate", "--checkpoint", str(cli_run), "--prompt", "import", "--prompt", "class A:",
                 "--max-new-tokens", "4", "--top-k", "5", "--top-p", "0.9")
     assert batch.returncode == 0 and batch.stdout.count("-" * 40) == 2
+    beam = qkv("generate", "--checkpoint", str(cli_run), "--prompt", "def ", "--max-new-tokens", "4",
+               "--beam-size", "3")
+    assert beam.returncode == 0 and beam.stdout.startswith("def ") and beam.stdout.count("-" * 40) == 1, beam.stderr
     ev = qkv("evaluate", "--checkpoint", str(cli_run))
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 20

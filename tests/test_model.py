@@ -23,7 +23,7 @@ from qkv.model import (
     logical_axes,
     split_params,
 )
-from qkv.model.decode import Decoder, SamplingConfig, left_pad, sample_logits
+from qkv.model.decode import Decoder, SamplingConfig, _beam, left_pad, sample_logits, trim_at_eos
 
 # Donation is a no-op on CPU and JAX warns about it on every Decoder call.
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
@@ -376,6 +376,49 @@ def test_batched_greedy_decoding_matches_each_prompt_alone(name):
     assert got_eos == [w[: w.index(eos)] if eos in w else w for w in want]
     streamed = list(decoder.stream(params, prompts, pad_id=0, eos_id=None))
     assert np.stack(streamed, 1).tolist() == want
+
+
+@pytest.mark.parametrize("name", ["learned", "rope"])
+def test_decoder_beam_search_matches_numpy_beam_over_the_full_forward(name):
+    """Decoder-only beam search (left-padded batch, prefill, KV cache reordered between beams) returns
+    the same best hypothesis as a float64 NumPy beam search whose log-probs come from the uncached
+    full forward pass of each prompt alone; beam size 1 is greedy decoding."""
+    from test_beam_bleu import EOS, beam_np, log_softmax64
+
+    cfg = CONFIGS[name].replace(vocab_size=7)  # a small vocabulary: EOS ends some beams, beams differ from greedy
+    graphdef, params, forward = build(cfg, seed=2)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(2, cfg.vocab_size, n).tolist() for n in (3, 6, 1, 4)]
+    steps, k, alpha = 5, 3, 0.6
+
+    def logp_fn(prompt):
+        memo = {}
+
+        def logp(prefix, tok):  # log p(tok | prompt + prefix) from the full forward of that sequence alone
+            key = tuple(prefix)
+            if key not in memo:
+                seq = list(prompt) + list(prefix)
+                buf = np.zeros((1, cfg.max_seq_len), np.int32)
+                buf[0, :len(seq)] = seq
+                memo[key] = log_softmax64(np.asarray(forward(params, buf)[0])[0, len(seq) - 1])
+            return memo[key][tok]
+        return logp
+
+    beam = Decoder(cfg, graphdef, SamplingConfig(max_new_tokens=steps), beam_size=k, length_penalty=alpha)
+    got = beam.generate(params, prompts, pad_id=0, eos_id=EOS)
+    for prompt, out in zip(prompts, got):
+        best = beam_np(logp_fn(prompt), cfg.vocab_size, k, steps, alpha)[0][0]
+        assert out == [t for t in best if t != EOS][:len(out)] and (len(out) == steps or best[len(out)] == EOS)
+    assert beam.generate(params, prompts[1:2], pad_id=0, eos_id=EOS) == got[1:2]  # rows are independent
+
+    greedy = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=steps))
+    tokens, segments = left_pad(prompts, 0)
+    beam1 = np.asarray(_beam(graphdef, cfg, params, tokens, segments, EOS, steps, 1, 0.0))  # the beam path, K = 1
+    greedy_out = greedy.generate(params, prompts, 0, EOS)
+    assert [trim_at_eos(r, EOS) for r in beam1] == greedy_out
+    assert got != greedy_out and any(len(r) < steps for r in got)  # the case is not trivial
+    with pytest.raises(ValueError, match="use generate"):
+        list(beam.stream(params, prompts, pad_id=0, eos_id=EOS))
 
 
 def test_decoder_rejects_empty_and_too_long_prompts():

@@ -53,7 +53,7 @@ from . import checkpoint, loop
 from .config import Config, MeshConfig, TrainConfig, _set_dotted, config_from_dict, parse_override, read_yaml
 from .distributed import maybe_initialize, process_data_state
 from .sharding import activation_layout, batch_sharding, check_batch, make_mesh, replicated, resolve_rules
-from .step import abstract_params, learning_rate_schedule, make_optimizer, token_losses
+from .step import abstract_params, abstract_train_state, learning_rate_schedule, make_optimizer, token_losses
 from .lora import init_lora, lora_paths, merge_lora
 from .tasks import pad_to_same_count
 
@@ -113,17 +113,9 @@ class FinetuneTrainer:
             decay_mask = jax.tree.map(lambda _: True, shapes)
         else:
             trainable = self.base_abstract
-        self.param_shardings = jax.tree.map(lambda a: a.sharding, trainable)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps, decay_mask)
-        abstract_opt = jax.eval_shape(self.tx.init, trainable)
-        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-                                              transform_non_params=lambda _: replicated(self.mesh))
-        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
-                                "step": replicated(self.mesh)}
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            {"params": trainable, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
-            self.state_shardings)
+        self.state_shardings, self.abstract_state = abstract_train_state(self.tx, trainable, self.mesh)
+        self.param_shardings = self.state_shardings["params"]
         self.frozen_shardings = self.base_shardings if (self.lora or self.dpo) else None
         self.frozen: Any = None  # base model (LoRA) and/or DPO reference; set by the caller
         self.batch_sharding = batch_sharding(self.mesh, self.rules)

@@ -84,6 +84,21 @@ def abstract_params(model_cfg: ModelConfig, mesh: Mesh, rules: dict[str, Any]) -
     return graphdef, params, param_metadata(abstract, "weight_decay")
 
 
+def abstract_train_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> tuple[dict, dict]:
+    """(shardings, ShapeDtypeStructs) of the train state {params, opt_state, step} for ``params``
+    (ShapeDtypeStructs carrying their shardings): optimizer moments shard like their parameters,
+    counters and the step are replicated."""
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated(mesh))
+    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated(mesh)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            {"params": params, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
+                            shardings)
+    return shardings, abstract
+
+
 @dataclass
 class Trainer:
     """Everything needed to build, shard and step one model; created once per run."""
@@ -101,17 +116,8 @@ class Trainer:
         self.prepare = self.prepare or (lambda batch, key: batch)
         self.graphdef, params, decay_mask = abstract_params(self.model_cfg, self.mesh, self.rules)
         self.tx = make_optimizer(self.optim_cfg, self.total_steps, decay_mask)
-        self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
-        abstract_opt = jax.eval_shape(self.tx.init, params)
-        # Optimizer moments shard like their parameters; counters are replicated.
-        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-                                              transform_non_params=lambda _: replicated(self.mesh))
-        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
-                                "step": replicated(self.mesh)}
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            {"params": params, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
-            self.state_shardings)
+        self.state_shardings, self.abstract_state = abstract_train_state(self.tx, params, self.mesh)
+        self.param_shardings = self.state_shardings["params"]
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=0)
