@@ -273,7 +273,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(corpus, wor
     stopped = checkpoint.latest_step(run_dir)
     assert stopped == last_logged_step(run_dir) and 10 <= stopped < 400
     for log in logs:  # both processes report the same step
-        assert f"qkv: stopped by " in log.read_text() and f"after step {stopped} " in log.read_text()
+        assert "qkv: stopped by " in log.read_text() and f"after step {stopped} " in log.read_text()
     assert "SIGTERM" in logs[1].read_text() and "another process" in logs[0].read_text()
 
 
