@@ -240,11 +240,26 @@ def tfds_pairs(name: str, split: str, data_dir: str | Path, source_lang: str, ta
     return TfdsPairs(inner, source_lang, target_lang, f"tfds:{name}:{split}")
 
 
-def pair_texts(pairs: Iterable[tuple[str, str]]) -> Iterator[str]:
-    """Both sides' texts (source, then target, pair by pair): input for a joint SentencePiece vocabulary."""
-    for source, target in pairs:
-        yield source
-        yield target
+class PairTexts(Sequence):
+    """Both sides' texts of ``pairs`` (source, then target, pair by pair) as one random-access sequence
+    (text 2i is pair i's source, 2i+1 its target): input for a joint SentencePiece vocabulary."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return 2 * len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[int(i) // 2][int(i) % 2]
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+    def __iter__(self) -> Iterator[str]:
+        for source, target in self.pairs:
+            yield source
+            yield target
 
 
 # ------------------------------------------------------------------------------------ tokens, batches

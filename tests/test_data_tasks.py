@@ -11,8 +11,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from qkv.data import (CLASSIFY_BATCH_KEYS, SEQ2SEQ_BATCH_KEYS, ClassifyIterator, DataError, LabeledText,
-                      Pair, Seq2SeqIterator, Tokenizer, classify_eval_batches, classify_examples, infer_labels,
-                      load_pairs, number_to_words, pair_texts, read_labeled, seq2seq_eval_batches, tfds_labeled,
+                      Pair, PairTexts, Seq2SeqIterator, Tokenizer, classify_eval_batches, classify_examples,
+                      infer_labels, load_pairs, number_to_words, read_labeled, seq2seq_eval_batches, tfds_labeled,
                       tfds_pairs, tokenize_pairs, toy_pairs, toy_split, train_tokenizer)
 
 BOS, EOS = 2, 3
@@ -73,7 +73,7 @@ def test_load_pairs_tsv_jsonl_and_two_files(tmp_path):
     assert jsonl == want and jsonl[1].where.endswith("train.jsonl:3")
     two = load_pairs(str(tmp_path / "{split}.de"), "train", target_path=str(tmp_path / "{split}.en"))
     assert two == want and two[1].where.endswith("train.de:2") and two[0].source == "ein Haus"
-    assert list(pair_texts(two)) == ["ein Haus", "a house", "zwei", "two"]
+    assert list(PairTexts(two)) == ["ein Haus", "a house", "zwei", "two"]
     (tmp_path / "more.txt").write_text("drei\tthree\n")
     assert load_pairs(str(tmp_path / "more.txt"), kind="tsv") == [("drei", "three")]
 
@@ -120,7 +120,7 @@ def test_load_pairs_missing_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_tok(tmp_path_factory) -> Tokenizer:
-    texts = list(pair_texts(toy_pairs("train")))
+    texts = list(PairTexts(toy_pairs("train")))
     model = train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "toy", vocab_size=320, model_type="bpe")
     return Tokenizer.load(model)
 

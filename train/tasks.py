@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from qkv.data import (Seq2SeqIterator, Tokenizer, load_pairs, make_eval_dataset, make_lm_dataset, open_text_source,
-                      seq2seq_eval_batches, tfds_pairs, tokenize_pairs, toy_pairs)
+                      PairTexts, seq2seq_eval_batches, tfds_pairs, tokenize_pairs, toy_pairs)
 from qkv.data.tokenizer import MASK_ID
 
 from .config import Config
@@ -136,22 +136,6 @@ class MLMTask(LMTask):
         return {}
 
 
-class _PairTexts(Sequence):
-    """Both sides of every pair as one sequence of texts (what the joint vocabulary is trained on)."""
-
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return 2 * len(self.pairs)
-
-    def __getitem__(self, i):
-        return self.pairs[int(i) // 2][int(i) % 2]
-
-    def __getitems__(self, indices):
-        return [self[i] for i in indices]
-
-
 class Seq2SeqTask(LMTask):
     """Encoder-decoder: the target given the source, with teacher forcing (and optional label smoothing)."""
 
@@ -169,7 +153,7 @@ class Seq2SeqTask(LMTask):
                           target_field=d.target_field)
 
     def texts(self, source) -> Sequence[str]:
-        return _PairTexts(source)
+        return PairTexts(source)
 
     def _examples(self, tok: Tokenizer, pairs):
         """Tokenized pairs; local files must be clean (errors name file:line), while the rare empty or
