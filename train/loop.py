@@ -412,10 +412,6 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
     summary.update({f"val_{k}": v for k, v in ev.items() if k not in ("tokens", "pairs")})
     if report is not None:
         summary.update(report(state["params"]))
-        if "bleu" in summary:
-            log(f"validation BLEU {summary['bleu']:.1f} on {summary['pairs']} pairs (greedy)")
-        if "sample" in summary:
-            log("sample:\n" + summary["sample"])
     return summary
 
 
@@ -452,10 +448,6 @@ def evaluate(run_dir: str | Path, overrides: dict[str, Any] | None = None, split
     task = task_for(cfg)
     source = task.open(split)
     result = run_eval(trainer, state["params"], task.eval_batches(tok, source))
-    if task.name == "seq2seq" and bleu:
-        from .translate import translate_and_score
-        scored = translate_and_score(cfg.model, trainer.graphdef, state["params"], tok, list(source),
-                                     max_new_tokens=cfg.data.seq_len, beam_size=beam_size)
-        result.update(bleu=scored["bleu"], bleu_pairs=scored["pairs"], exact_match=scored["exact_match"],
-                      bleu_detail=scored["bleu_detail"])
+    if bleu:
+        result.update(task.split_scores(trainer, state["params"], tok, source, beam_size))
     return {"step": meta["step"], "split": split, **result}

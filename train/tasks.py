@@ -111,11 +111,18 @@ class LMTask:
                              f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
 
     def report(self, trainer, params, tok: Tokenizer, source) -> dict[str, Any]:
+        """The end-of-run report: a sampled continuation of train.sample_prompt (logged too)."""
         t = self.cfg.train
         if t.sample_tokens <= 0:
             return {}
-        from .loop import sample_text
-        return {"sample": sample_text(trainer, params, tok, t.sample_prompt, t.sample_tokens)}
+        from .loop import log, sample_text
+        sample = sample_text(trainer, params, tok, t.sample_prompt, t.sample_tokens)
+        log("sample:\n" + sample)
+        return {"sample": sample}
+
+    def split_scores(self, trainer, params, tok: Tokenizer, source, beam_size: int = 1) -> dict[str, Any]:
+        """What ``qkv evaluate`` adds to the loss and accuracy of a split: nothing for this task."""
+        return {}
 
 
 class MLMTask(LMTask):
@@ -196,7 +203,19 @@ class Seq2SeqTask(LMTask):
         result = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, pairs,
                                      max_new_tokens=self.cfg.data.seq_len)
         samples = result.pop("samples")[:3]
-        return {**result, "sample": "\n".join(f"{s} -> {h}" for s, h, _ in samples)}
+        sample = "\n".join(f"{s} -> {h}" for s, h, _ in samples)
+        from .loop import log
+        log(f"validation BLEU {result['bleu']:.1f} on {result['pairs']} pairs (greedy)")
+        log("sample:\n" + sample)
+        return {**result, "sample": sample}
+
+    def split_scores(self, trainer, params, tok: Tokenizer, source, beam_size: int = 1) -> dict[str, Any]:
+        """Corpus BLEU, exact-match rate and BLEU's parts of greedy (or beam) translations of the whole split."""
+        from .translate import translate_and_score
+        scored = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, list(source),
+                                     max_new_tokens=self.cfg.data.seq_len, beam_size=beam_size)
+        return {"bleu": scored["bleu"], "bleu_pairs": scored["pairs"], "exact_match": scored["exact_match"],
+                "bleu_detail": scored["bleu_detail"]}
 
 
 TASKS = {"lm": LMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask}
