@@ -126,25 +126,20 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     lm = load(ns.checkpoint, ns.step)
     lm.prompt_ids(prompts)  # refuse bad prompts before printing anything
-    if lm.kind == "encoder_decoder":
-        for source, target in zip(prompts, lm.generate(prompts, beam_size=ns.beam_size,
-                                                       length_penalty=ns.length_penalty, **settings)):
-            print(f"{source}\t{target}")
-        return 0
     if lm.kind == "encoder":
         raise ValueError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
                          "(use qkv embed, or qkv evaluate)")
-    if len(prompts) == 1 and not ns.no_stream and ns.beam_size == 1:  # beam search ends whole, not streamed
+    translating = lm.kind == "encoder_decoder"
+    if not translating and len(prompts) == 1 and not ns.no_stream and ns.beam_size == 1:  # beam search ends whole
         sys.stdout.write(prompts[0])
         for piece in lm.stream(prompts[0], **settings):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for prompt, completion in zip(prompts, lm.generate(prompts, beam_size=ns.beam_size,
-                                                       length_penalty=ns.length_penalty, **settings)):
-        print(prompt + completion)
-        print("-" * 40)
+    for prompt, output in zip(prompts, lm.generate(prompts, beam_size=ns.beam_size, length_penalty=ns.length_penalty,
+                                                   **settings)):
+        print(f"{prompt}\t{output}" if translating else f"{prompt}{output}\n{'-' * 40}")
     return 0
 
 
