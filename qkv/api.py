@@ -171,10 +171,14 @@ class LanguageModel:
                 raise ValueError("give a non-empty word")
             cosine = unit @ _unit_rows(unit[ids].mean(0))
             cosine[ids] = -np.inf  # not the word itself
-            cosine[:4 if self.tokenizer.mask_id is None else 5] = -np.inf  # nor pad, unk, bos, eos, <mask>
+            cosine[self._special_ids()] = -np.inf  # nor pad, unk, bos, eos, <mask>
             best = np.argsort(-cosine)[:k]
             out.append([(self.tokenizer.id_to_piece(int(i)).replace("\u2581", " "), float(cosine[i])) for i in best])
         return out
+
+    def _special_ids(self) -> list[int]:
+        t = self.tokenizer
+        return [t.pad_id, t.unk_id, t.bos_id, t.eos_id] + ([t.mask_id] if t.mask_id is not None else [])
 
     def classify(self, texts: Sequence[str]) -> list[Any]:
         """The predicted label of each text (a classifier fine-tuned with finetune.method=classify)."""

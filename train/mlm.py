@@ -10,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-FIRST_REGULAR_ID = 5  # after pad 0, unk 1, bos 2, eos 3 and <mask> 4 (data/tokenizer.py)
+from qkv.data.tokenizer import MASK_ID
+
+FIRST_REGULAR_ID = MASK_ID + 1  # after pad 0, unk 1, bos 2, eos 3 and <mask> 4 (data/tokenizer.py)
 
 
 def mlm_corrupt(batch: dict[str, jax.Array], key: jax.Array, mask_id: int, vocab_size: int,
