@@ -3,7 +3,7 @@
 HF stores torch ``Linear`` weights as [out, in] (GPT-2's ``Conv1D`` as [in, out]) with heads fused
 into one axis; qkv keeps ``[in, heads, head_size]`` einsum layouts and stacks layers on a leading
 axis. Both directions are exact reshapes/transposes, so export → import reproduces every bit.
-File I/O lives in ``qkv.train.convert``; this module only maps dicts of NumPy arrays.
+File I/O lives in ``qkv.tools.convert``; this module only maps dicts of NumPy arrays.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from qkv.data import Tokenizer
-from qkv.model.decode import Decoder, SamplingConfig
+from qkv.inference.decode import Decoder, SamplingConfig
 from qkv.model.encoder import mean_pool
 from qkv.train import checkpoint
 from qkv.train.config import Config, MeshConfig, config_from_dict
@@ -104,7 +104,7 @@ class LanguageModel:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._require("decoder", "encoder_decoder", what="generation")
         if self.kind == "encoder_decoder":
-            from qkv.train.translate import translate
+            from qkv.inference.translate import translate
             self.prompt_ids(prompts)  # the same checks: a tokenizer, no empty prompt
             return translate(self.config.model, self.graphdef, self.params, self.tokenizer, prompts,
                              max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty,
@@ -142,7 +142,7 @@ class LanguageModel:
             raise ValueError("give at least one non-empty text")
         limit = self.config.model.max_seq_len
         ids = [([self.tokenizer.bos_id] + self.tokenizer.encode(t) + [self.tokenizer.eos_id])[:limit] for t in texts]
-        from qkv.model.seq2seq import right_pad
+        from qkv.inference.seq2seq import right_pad
         return right_pad(ids, self.tokenizer.pad_id)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

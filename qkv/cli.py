@@ -113,7 +113,7 @@ def _read_prompts(ns: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from qkv.model.decode import SamplingConfig
+    from qkv.inference.decode import SamplingConfig
 
     prompts = _read_prompts(ns)
     settings = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
@@ -205,19 +205,19 @@ def cmd_launch(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from qkv.train.plan import main as plan_main
+    from qkv.tools.plan import main as plan_main
 
     return plan_main(ns)
 
 
 def cmd_benchmark(ns: argparse.Namespace) -> int:
-    from qkv.train.benchmark import main as benchmark_main
+    from qkv.tools.benchmark import main as benchmark_main
 
     return benchmark_main(ns)
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
-    from qkv.train.convert import export_hf, import_hf
+    from qkv.tools.convert import export_hf, import_hf
 
     if ns.direction == "import":
         print(json.dumps(import_hf(ns.hf_dir, ns.run_dir, ns.tokenizer)))

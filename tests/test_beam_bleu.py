@@ -1,4 +1,4 @@
-"""Tests for qkv.model.beam (beam search) and qkv.train.bleu (corpus BLEU).
+"""Tests for qkv.inference.beam (beam search) and qkv.inference.bleu (corpus BLEU).
 
 Beam search runs on toy "models" whose logits are fixed tables (Markov chains) carried in the cache,
 so results can be checked against greedy decoding, brute force over all sequences and float64 NumPy
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from qkv.model.beam import beam_search, sequence_logprob
-from qkv.train.bleu import corpus_bleu, tokenize_13a
+from qkv.inference.beam import beam_search, sequence_logprob
+from qkv.inference.bleu import corpus_bleu, tokenize_13a
 
 EOS = 1
 

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import qkv  # noqa: E402
-from qkv.model.decode import Decoder, SamplingConfig  # noqa: E402
-from qkv.train.convert import export_hf, import_hf, load_params  # noqa: E402
+from qkv.inference.decode import Decoder, SamplingConfig  # noqa: E402
+from qkv.tools.convert import export_hf, import_hf, load_params  # noqa: E402
 
 SHAPES = {
     "llama-gqa-untied": ("llama", dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -23,7 +23,7 @@ from qkv.model import (
     logical_axes,
     split_params,
 )
-from qkv.model.decode import Decoder, SamplingConfig, _beam, left_pad, sample_logits, trim_at_eos
+from qkv.inference.decode import Decoder, SamplingConfig, _beam, left_pad, sample_logits, trim_at_eos
 
 # Donation is a no-op on CPU and JAX warns about it on every Decoder call.
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qkv.train.config import load_config
-from qkv.train.plan import build_plan, format_plan, parse_mesh
+from qkv.tools.plan import build_plan, format_plan, parse_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_8B_PARAMS = 8_030_261_248  # 2 x 128256 x 4096 (embed, lm_head) + 32 x 218,112,000 (blocks) + 4096 (final norm)

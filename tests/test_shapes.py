@@ -16,8 +16,8 @@ from flax import nnx
 from test_model import (np_mask, np_mlp, np_norm, np_rope, np_sinusoidal, np_softmax_attention, randomize)
 
 from qkv.model import Encoder, EncoderDecoder, ModelConfig, create_model, init_cache, split_params
-from qkv.model.decode import SamplingConfig
-from qkv.model.seq2seq import Seq2SeqDecoder
+from qkv.inference.decode import SamplingConfig
+from qkv.inference.seq2seq import Seq2SeqDecoder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

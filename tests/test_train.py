@@ -187,7 +187,7 @@ def test_adamw_does_not_decay_norms_or_biases():
 @pytest.mark.parametrize("kind", ["decoder", "encoder", "encoder_decoder"])
 def test_flops_per_token_matches_xla_cost_analysis(kind):
     from flax import nnx
-    from qkv.train.benchmark import synthetic_batch
+    from qkv.tools.benchmark import synthetic_batch
     from qkv.train.metrics import flops_per_token
     # Unrolled layers: XLA's cost analysis counts a scanned loop body once, not once per layer.
     cfg = load_config("tiny", TINY + ["model.vocab_size=256", "data.seq_len=32", "model.scan_layers=false",

@@ -47,7 +47,7 @@ from flax import nnx
 from qkv.data import (ClassifyIterator, Tokenizer, classify_eval_batches, classify_examples, infer_labels, read_labeled,
                       tfds_labeled)
 from qkv.data.sft import DPOIterator, PackedSFTIterator, eval_batches, load_dpo, load_sft
-from qkv.model.decode import Decoder, SamplingConfig
+from qkv.inference.decode import Decoder, SamplingConfig
 
 from . import checkpoint, loop
 from .config import Config, MeshConfig, TrainConfig, _set_dotted, config_from_dict, parse_override, read_yaml

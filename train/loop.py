@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from qkv.data import Tokenizer, iterator_state_from_json, iterator_state_to_json, train_tokenizer
-from qkv.model.decode import Decoder, SamplingConfig
+from qkv.inference.decode import Decoder, SamplingConfig
 
 from . import checkpoint
 from .config import Config, config_from_dict

@@ -198,7 +198,7 @@ class Seq2SeqTask(LMTask):
         (none with train.sample_tokens=0)."""
         if self.cfg.train.sample_tokens <= 0:
             return {}
-        from .translate import translate_and_score
+        from qkv.inference.translate import translate_and_score
         pairs = [source[i] for i in range(min(limit, len(source)))]  # TFDS sources index, they do not slice
         result = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, pairs,
                                      max_new_tokens=self.cfg.data.seq_len)
@@ -211,7 +211,7 @@ class Seq2SeqTask(LMTask):
 
     def split_scores(self, trainer, params, tok: Tokenizer, source, beam_size: int = 1) -> dict[str, Any]:
         """Corpus BLEU, exact-match rate and BLEU's parts of greedy (or beam) translations of the whole split."""
-        from .translate import translate_and_score
+        from qkv.inference.translate import translate_and_score
         scored = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, list(source),
                                      max_new_tokens=self.cfg.data.seq_len, beam_size=beam_size)
         return {"bleu": scored["bleu"], "bleu_pairs": scored["pairs"], "exact_match": scored["exact_match"],

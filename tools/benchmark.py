@@ -3,7 +3,7 @@
 Train: builds the run's ``Trainer`` (the jitted, sharded, donating train step ``pretrain`` uses) on one
 random token batch of the config's shape, compiles it (timed), warms up, then times each step with
 ``block_until_ready``. FLOPs come from the analytic ``flops_per_token`` (train/metrics.py); MFU divides
-by the device's peak (train/roofline.py). A sweep builds and compiles a grid of overrides in one process,
+by the device's peak (tools/roofline.py). A sweep builds and compiles a grid of overrides in one process,
 then times the points round-robin, one step each per round, so load changes hit all points alike.
 
 Decode: the real ``Decoder`` (jitted prefill and donated-cache decode step), greedy, per batch size:
@@ -31,12 +31,12 @@ import numpy as np
 from qkv.model import ModelConfig, count_params, create_model, split_params
 
 from . import roofline
-from .config import Config, load_config, parse_override
-from .metrics import flops_per_token
-from .tasks import task_for
+from qkv.train.config import Config, load_config, parse_override
+from qkv.train.metrics import flops_per_token
+from qkv.train.tasks import task_for
 from .profile_summary import summarize_trace
-from .sharding import check_batch, make_mesh, resolve_rules
-from .step import Trainer
+from qkv.train.sharding import check_batch, make_mesh, resolve_rules
+from qkv.train.step import Trainer
 
 # Short names accepted by --sweep; any section.key works too. mesh=DxFxT and devices=N are special.
 SWEEP_ALIASES = {"batch_size": "train.batch_size", "batch": "train.batch_size", "remat": "model.remat",
@@ -187,7 +187,7 @@ def _breakdown(point: "TrainPoint", repeats: int) -> dict[str, float]:
     """Median seconds, timed round-robin, of the forward pass alone (the real eval step), of forward +
     backward without the optimizer (the train step's loss and gradient, jitted on their own) and of the
     full step; the optimizer update and the rest is the full step minus forward + backward."""
-    from .step import forward_loss_sum
+    from qkv.train.step import forward_loss_sum
 
     trainer = point.trainer
 
@@ -319,7 +319,7 @@ def benchmark_decode(model_cfg: ModelConfig, graphdef: Any, params: Any, batch_s
                      prompt_len: int, new_tokens: int, repeats: int = 3, device: Any = None) -> list[dict[str, Any]]:
     """Prefill and per-token decode timings of the real ``Decoder`` (greedy) for each batch size."""
     from qkv.model import init_cache
-    from qkv.model.decode import Decoder, SamplingConfig
+    from qkv.inference.decode import Decoder, SamplingConfig
 
     if prompt_len < 1 or new_tokens < 2:
         raise ValueError(f"--prompt-len={prompt_len} must be >= 1 and --new-tokens={new_tokens} >= 2")

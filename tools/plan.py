@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .config import Config, load_config
+from qkv.train.config import Config, load_config
 
 GIB = 1024 ** 3
 
@@ -91,8 +91,8 @@ def analytic_activation_bytes(cfg: Config, mesh: dict[str, int]) -> dict[str, in
 
 def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[str, Any]:
     """The memory plan for ``cfg`` on ``mesh``; needs data*fsdp*tensor JAX (CPU) devices in this process."""
-    from .sharding import check_batch, make_mesh, resolve_rules
-    from .step import Trainer
+    from qkv.train.sharding import check_batch, make_mesh, resolve_rules
+    from qkv.train.step import Trainer
 
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     devices = jax.devices()

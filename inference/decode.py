@@ -3,7 +3,7 @@
 Prompts of different lengths are left-padded to one length; padding gets segment 0 so real tokens
 never attend to it, and positions count real tokens only. Each decode step is one jitted call with
 a donated cache, so tokens can be streamed to the terminal as they are produced. Beam search
-(``beam_size`` > 1, model/beam.py) prefills the same way over ``batch × beam`` rows and returns
+(``beam_size`` > 1, inference/beam.py) prefills the same way over ``batch × beam`` rows and returns
 whole sequences from one compiled loop.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from .beam import beam_search
-from .config import ModelConfig
-from .transformer import init_cache, reorder_cache
+from qkv.model.config import ModelConfig
+from qkv.model.transformer import init_cache, reorder_cache
 
 
 @dataclass(frozen=True)

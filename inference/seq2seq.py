@@ -4,7 +4,7 @@ The encoder runs once per batch; its output is projected once into every decoder
 cross-attention keys and values (``EncoderDecoder.memory_kv``), which each step reuses, while the
 decoder's own self-attention keys and values grow in a KV cache as for the decoder-only model.
 Greedy decoding and sampling run as one compiled ``lax.scan`` over the steps; beam search
-(model/beam.py) runs the same step function over ``batch × beam`` rows.
+(inference/beam.py) runs the same step function over ``batch × beam`` rows.
 
 Sources of different lengths are right-padded (segment 0 on padding, which no target token sees).
 """
@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from .beam import beam_search
-from .config import ModelConfig
+from qkv.model.config import ModelConfig
 from .decode import SamplingConfig, sample_logits, trim_at_eos
-from .transformer import init_cache, reorder_cache
+from qkv.model.transformer import init_cache, reorder_cache
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

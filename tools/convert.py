@@ -22,10 +22,10 @@ import orbax.checkpoint as ocp
 from qkv.model import abstract_model, split_params
 from qkv.model.hf import ARCHITECTURES, architecture_of
 
-from . import checkpoint
-from .config import Config, DataConfig, MeshConfig, config_from_dict
-from .sharding import make_mesh, resolve_rules
-from .step import abstract_params
+from qkv.train import checkpoint
+from qkv.train.config import Config, DataConfig, MeshConfig, config_from_dict
+from qkv.train.sharding import make_mesh, resolve_rules
+from qkv.train.step import abstract_params
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Tools: benchmarks, memory/compile plans, rooflines, profile summaries, Hugging Face conversion."""
