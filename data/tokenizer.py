@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -242,6 +243,22 @@ class Tokenizer:
         """Text of `ids`, skipping pad/bos/eos; `decode(encode(s)) == s` for any str s."""
         kept = [int(i) for i in ids if int(i) not in self._skip_ids]
         return self._sp.decode(kept)
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for, int32 [vocab_size]: what bits per byte divide by.
+
+        A byte-fallback piece is 1 byte, "▁" in a piece is a space (1 byte), "\n" is 1 byte, and the
+        control ids (pad, unk, bos, eos, <mask>) are 0, so summing over the ids of ``encode(s)`` gives
+        ``len(s.encode("utf-8"))`` exactly (unk never appears: unknown characters fall back to bytes).
+        """
+        sp = self._sp
+        lengths = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if sp.IsByte(i):
+                lengths[i] = 1
+            elif not (sp.IsControl(i) or sp.IsUnknown(i)):
+                lengths[i] = len(sp.id_to_piece(i).replace(_SPM_SPACE, " ").encode("utf-8"))
+        return lengths
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))

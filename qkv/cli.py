@@ -1,7 +1,7 @@
 """The ``qkv`` command: one entry point, a subcommand per job.
 
     qkv pretrain [CONFIG] [key=value ...]        train (or resume) a model; default: the tiny preset
-    qkv evaluate --checkpoint RUN_DIR            validation loss and perplexity of a checkpoint
+    qkv evaluate --checkpoint RUN_DIR            validation loss, perplexity, bits/byte of a checkpoint
     qkv generate --checkpoint RUN_DIR --prompt TEXT     continue text, or translate (encoder-decoder)
     qkv embed --checkpoint RUN_DIR --text A --text B   sentence embeddings and cosine neighbours (encoder)
     qkv embed --checkpoint RUN_DIR --word def          nearest vocabulary pieces by input embedding
@@ -87,7 +87,11 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         section, name = key.split(".", 1)
         overrides.setdefault(section, {})[name] = value
     _require_dir(ns.checkpoint)
-    print(json.dumps(evaluate(ns.checkpoint, overrides, split=ns.split, bleu=not ns.no_bleu, beam_size=ns.beam_size)))
+    result = evaluate(ns.checkpoint, overrides, split=ns.split, bleu=not ns.no_bleu, beam_size=ns.beam_size)
+    if ns.baseline:  # gzip/bz2/xz on every document of the same split, one file at a time
+        from qkv.tools.baselines import split_baselines
+        result["baseline_bits_per_byte"] = split_baselines(ns.checkpoint, ns.split, overrides)
+    print(json.dumps(result))
     return 0
 
 
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", help="data split (e.g. test for the toy translation task)")
     p.add_argument("--beam-size", type=int, default=1, help="encoder-decoder BLEU: beam search width (1: greedy)")
     p.add_argument("--no-bleu", action="store_true", help="encoder-decoder: skip translating the split")
+    p.add_argument("--baseline", action="store_true",
+                   help="text: add gzip/bz2/xz bits per byte of the whole split, one document at a time")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.eval_batches=0 (whole split)")
     p.set_defaults(func=cmd_evaluate)
 

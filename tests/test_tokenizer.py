@@ -161,3 +161,18 @@ def test_mask_piece_for_masked_language_models(tmp_path, corpus, tok):
     assert 4 not in ids and masked.decode(ids) == text  # no text encodes to it; round trip stays exact
     assert masked.decode(ids[:3] + [4] + ids[3:]) == text  # and decoding skips it
     assert masked.encode("\n") == [5]  # the newline piece moves up by one
+
+
+def test_byte_lengths_sum_to_utf8_length(tmp_path, corpus, tok):
+    """Summed over the ids of any text, the byte-length table gives the text's UTF-8 length (bits per byte
+    divide by it): byte pieces count 1, "▁" counts as a space, specials count 0."""
+    masked = Tokenizer.load(train_tokenizer(corpus[:50], tmp_path / "mlm", vocab_size=400, with_mask=True))
+    char = Tokenizer.load(train_tokenizer(corpus[:3], tmp_path / "char", vocab_size=600, model_type="char"))
+    for t in (tok, masked, char):
+        lengths = t.byte_lengths()
+        assert lengths.shape == (t.vocab_size,)
+        assert lengths[[t.pad_id, t.unk_id, t.bos_id, t.eos_id]].tolist() == [0, 0, 0, 0]
+        for text in [*ROUND_TRIP_CASES.values(), corpus[1][:5000]]:
+            assert int(lengths[t.encode(text)].sum()) == len(text.encode("utf-8")), text[:40]
+    assert masked.byte_lengths()[4] == 0  # <mask>
+    assert tok.byte_lengths()[tok.piece_to_id("<0xE2>")] == 1

@@ -207,3 +207,29 @@ def test_flops_per_token_matches_xla_cost_analysis(kind):
     # XLA also multiplies the masked half of every causal attention matrix, which the count skips.
     masked_half = 0 if kind == "encoder" else 6 * m.n_layers * m.n_heads * m.head_size * 32 * 8 * 32
     assert abs(xla - (analytic + masked_half)) / (analytic + masked_half) < 0.10, (xla, analytic)
+
+def test_bits_per_byte_counts_the_utf8_bytes_of_the_evaluated_documents(trained_run):
+    """Bits per byte divide the summed loss (in bits) by exactly the UTF-8 bytes of the evaluated documents
+    (the whole validation split here), and reach the log and metrics.jsonl."""
+    import math
+    from qkv.data import record_text
+    from qkv.train.config import config_from_dict
+    from qkv.train.loop import evaluate, open_split
+    result = evaluate(trained_run, {"data": {"eval_batches": 0}})  # 0: the whole split, every document
+    cfg = config_from_dict(checkpoint.read_meta(trained_run)["config"])
+    source = open_split(cfg, "validation")
+    expected = sum(len(record_text(source[i]).encode("utf-8")) for i in range(len(source)))
+    assert result["bytes"] == expected > 1000
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / expected)
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert all(0 < r["bits_per_byte"] < r["loss"] / math.log(2) for r in evals)  # > 1 byte per token
+
+
+def test_evaluate_baseline_on_the_command_line(trained_run, capsys):
+    from qkv.cli import main
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--baseline", "data.eval_batches=0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    base = result["baseline_bits_per_byte"]
+    assert base["bytes"] == result["bytes"]  # the same documents as the model's whole-split evaluation
+    assert 1.0 < base["xz -9"] < base["gzip -9"] < 4.0 and result["bits_per_byte"] > 0

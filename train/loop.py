@@ -98,16 +98,24 @@ def build_trainer(cfg: Config) -> Trainer:
     return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed, task_for(cfg).prepare())
 
 
-def run_eval(trainer: Trainer, params: Any, batches) -> dict[str, float]:
-    """Loss, perplexity and argmax accuracy over the target tokens (or labels) of ``batches``."""
-    loss_sum, tokens, correct = 0.0, 0.0, 0.0
+def run_eval(trainer: Trainer, params: Any, batches, byte_lengths: np.ndarray | None = None) -> dict[str, float]:
+    """Loss, perplexity and argmax accuracy over the target tokens (or labels) of ``batches``; with
+    ``byte_lengths`` (UTF-8 bytes per id, ``Tokenizer.byte_lengths``) also bits per byte: the summed loss
+    in bits over the UTF-8 bytes of the counted targets, i.e. of the evaluated text, whatever the tokenizer."""
+    loss_sum, tokens, correct, n_bytes = 0.0, 0.0, 0.0, 0
     for batch in batches:
+        if byte_lengths is not None:
+            batch = {**batch, "target_bytes": byte_lengths[batch["targets"]] * (batch["loss_mask"] > 0)}
         out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
         correct += float(out["correct"])
+        n_bytes += int(out.get("bytes", 0))
     loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0),
-            "tokens": tokens}
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0),
+              "tokens": tokens}
+    if n_bytes:
+        result.update(bits_per_byte=loss_sum / math.log(2) / n_bytes, bytes=float(n_bytes))
+    return result
 
 
 def sample_text(trainer: Trainer, params: Any, tok: Tokenizer, prompt: str, max_new_tokens: int,
@@ -263,8 +271,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     trainer, tok, state, data_iter, task, val_source, good_step = setup
+    byte_lengths = task.byte_lengths(tok)
     return _train(cfg, run_dir, trainer, tok, state, data_iter, good_step,
-                  evaluate=lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)),
+                  evaluate=lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source), byte_lengths),
                   report=lambda params: task.report(trainer, params, tok, val_source))
 
 
@@ -380,7 +389,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                     ev = evaluate(state["params"])
                     writer.write(done, ev, prefix="eval")
                     _bar_write(bar, f"step {done}: train loss {last.get('loss', float('nan')):.4f}, "
-                                    f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}")
+                                    f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}"
+                                    + (f", val bits/byte {ev['bits_per_byte']:.3f}" if "bits_per_byte" in ev else ""))
                     window_start = time.time()  # evaluation time is not training throughput
                 if done % cfg.train.checkpoint_every == 0 or done == end or stopping:
                     if pending:  # steps not yet checked at a log point: never save a state past a NaN
@@ -409,7 +419,7 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
         log(f"stopped by {preempted} after step {done}; checkpoint {done} is complete")
         return summary
     ev = ev or evaluate(state["params"])  # the loop's last step always evaluates
-    summary.update({f"val_{k}": v for k, v in ev.items() if k not in ("tokens", "pairs")})
+    summary.update({f"val_{k}": v for k, v in ev.items() if k not in ("tokens", "pairs", "bytes")})
     if report is not None:
         summary.update(report(state["params"]))
     return summary
@@ -447,7 +457,7 @@ def evaluate(run_dir: str | Path, overrides: dict[str, Any] | None = None, split
     tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
     task = task_for(cfg)
     source = task.open(split)
-    result = run_eval(trainer, state["params"], task.eval_batches(tok, source))
+    result = run_eval(trainer, state["params"], task.eval_batches(tok, source), task.byte_lengths(tok))
     if bleu:
         result.update(task.split_scores(trainer, state["params"], tok, source, beam_size))
     return {"step": meta["step"], "split": split, **result}

@@ -164,7 +164,10 @@ class Trainer:
         with activation_layout(self.mesh, self.rules):
             batch = self.prepare(batch, jax.random.key(self.seed + 1))  # the same masking at every evaluation
             loss_sum, count, correct = forward_loss_sum(self.graphdef, params, batch, None)
-        return {"loss_sum": loss_sum, "tokens": count, "correct": correct}
+        out = {"loss_sum": loss_sum, "tokens": count, "correct": correct}
+        if "target_bytes" in batch:  # text: UTF-8 bytes of each counted target (run_eval adds them), for bits/byte
+            out["bytes"] = jnp.sum(batch["target_bytes"])
+        return out
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
         """This process's rows of the global batch, assembled into one globally sharded array each."""

@@ -105,6 +105,10 @@ class LMTask:
     def prepare(self):
         return None
 
+    def byte_lengths(self, tok: Tokenizer) -> np.ndarray | None:
+        """UTF-8 bytes per token id, for bits per byte of the targets (None where that means nothing)."""
+        return tok.byte_lengths()
+
     def check_tokenizer(self, tok: Tokenizer) -> None:
         if tok.vocab_size > self.cfg.model.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={self.cfg.model.vocab_size}: "
@@ -132,6 +136,9 @@ class MLMTask(LMTask):
 
     def prepare(self):
         return functools.partial(mlm_corrupt, mask_id=MASK_ID, vocab_size=self.cfg.model.vocab_size)
+
+    def byte_lengths(self, tok: Tokenizer) -> None:
+        return None  # the loss covers the 15 % masked tokens only, not the text's bytes
 
     def check_tokenizer(self, tok: Tokenizer) -> None:
         super().check_tokenizer(tok)
