@@ -59,7 +59,9 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # storage dtype of parameters
     remat: Remat = "none"  # gradient checkpointing per block
-    scan_layers: bool = True  # lax.scan over stacked layers (fast compiles) or unrolled
+    # lax.scan over stacked layers (fast compiles) or unrolled; None: the platform's choice, made by the trainer
+    # (train/step.py: unrolled on CPU up to 8 layers, scanned elsewhere); the model alone scans
+    scan_layers: bool | None = None
     attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend, or the einsum reference
     init_std: float = 0.02
     n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)

@@ -97,9 +97,9 @@ def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=No
         return constrain(x, RESIDUAL), layer_kv
 
     if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_layers is False)
     xs = (stacked, kv, keys, memory_kv)
-    if cfg.scan_layers:
+    if cfg.scan_layers is not False:  # None (the platform's choice, unresolved) scans
         return jax.lax.scan(layer, x, xs)
     outputs = []
     for i in range(jax.tree.leaves(stacked)[0].shape[0]):

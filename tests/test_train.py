@@ -233,3 +233,20 @@ def test_evaluate_baseline_on_the_command_line(trained_run, capsys):
     base = result["baseline_bits_per_byte"]
     assert base["bytes"] == result["bytes"]  # the same documents as the model's whole-split evaluation
     assert 1.0 < base["xz -9"] < base["gzip -9"] < 4.0 and result["bits_per_byte"] > 0
+
+
+def test_cpu_unrolls_small_models_with_the_same_losses(one_device_run):
+    """scan_layers=None leaves the choice to the platform: unrolled on CPU up to 8 layers (faster there, same
+    math), scanned beyond; an explicit true/false is kept. Scanned and unrolled steps agree to float tolerance."""
+    from qkv.train.step import platform_model_config
+    cfg = load_config("tiny", MESH_TEST)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    assert cfg.model.scan_layers is None
+    assert platform_model_config(cfg.model, mesh).scan_layers is False
+    assert platform_model_config(cfg.model.replace(n_layers=9), mesh).scan_layers is True
+    assert platform_model_config(cfg.model.replace(scan_layers=True), mesh).scan_layers is True
+    scanned, ps = _run_steps(load_config("tiny", MESH_TEST + ["model.scan_layers=true"]), MeshConfig(data=1), 1)
+    unrolled, pu = one_device_run
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(pu), jax.tree.leaves(ps)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

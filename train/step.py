@@ -23,6 +23,21 @@ from .sharding import activation_layout, batch_sharding, replicated, tree_shardi
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
 PREPARE_KEY = 1 << 30  # folded into a step's key for batch preparation; micro-batches use 0, 1, ...
+CPU_UNROLL_MAX_LAYERS = 8
+
+
+def platform_model_config(model_cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """``model_cfg`` with the settings it leaves to the platform decided (the math is the same either way).
+
+    ``scan_layers=None``: unrolled on CPU up to ``CPU_UNROLL_MAX_LAYERS`` layers — XLA:CPU spends more on a
+    scan's bookkeeping (zero-filled, copied per-layer residual and gradient stacks, dynamic slices) than
+    the small matmuls of such models take (docs/benchmarks.md) — and scanned elsewhere (fast compiles).
+    """
+    if model_cfg.scan_layers is not None:
+        return model_cfg
+    cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    depth = max(model_cfg.n_layers, model_cfg.encoder_layers)
+    return model_cfg.replace(scan_layers=not (cpu and depth <= CPU_UNROLL_MAX_LAYERS))
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -114,6 +129,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.prepare = self.prepare or (lambda batch, key: batch)
+        self.model_cfg = platform_model_config(self.model_cfg, self.mesh)
         self.graphdef, params, decay_mask = abstract_params(self.model_cfg, self.mesh, self.rules)
         self.tx = make_optimizer(self.optim_cfg, self.total_steps, decay_mask)
         self.state_shardings, self.abstract_state = abstract_train_state(self.tx, params, self.mesh)
@@ -143,17 +159,21 @@ class Trainer:
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
-        def micro_grads(carry, xs):
-            micro_batch, i = xs
+        def loss_and_grads(micro_batch, i):
             def loss_fn(params):
                 loss_sum, _, _ = forward_loss_sum(self.graphdef, params, micro_batch, jax.random.fold_in(step_key, i),
                                                   self.optim_cfg.z_loss, self.optim_cfg.label_smoothing)
                 return loss_sum / n_tokens  # normalised by the whole batch, so micro-grads simply add up
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            return jax.value_and_grad(loss_fn)(state["params"])
 
-        zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(accum)))
+        def micro_grads(carry, xs):
+            return jax.tree.map(jnp.add, carry, loss_and_grads(*xs)), None
+
+        if accum == 1:  # no loop: a one-trip scan still zero-fills and copies every gradient buffer (CPU profile)
+            loss, grads = loss_and_grads(batch, jnp.int32(0))
+        else:
+            zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, state["params"]))
+            (loss, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(accum)))
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens,
