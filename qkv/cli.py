@@ -27,25 +27,19 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """The first argument is a preset or YAML path unless it is already a key=value override."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
-
-
 def cmd_pretrain(ns: argparse.Namespace) -> int:
-    from qkv.train.config import load_config
+    from qkv.train.config import load_config, split_config_args
     from qkv.train.loop import pretrain
 
-    source, overrides = _split_config_args(ns.args)
+    source, overrides = split_config_args(ns.args)
     return _report_run(pretrain(load_config(source, overrides)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
+    from qkv.train.config import split_config_args
     from qkv.train.finetune import finetune, load_finetune_config
 
-    source, overrides = _split_config_args(ns.args)
+    source, overrides = split_config_args(ns.args)
     return _report_run(finetune(load_finetune_config(source, overrides)))
 
 
@@ -68,9 +62,9 @@ def _report_run(summary: dict) -> int:
 def cmd_config(ns: argparse.Namespace) -> int:
     import yaml
 
-    from qkv.train.config import load_config
+    from qkv.train.config import load_config, split_config_args
 
-    source, overrides = _split_config_args(ns.args)
+    source, overrides = split_config_args(ns.args)
     print(yaml.safe_dump(load_config(source, overrides).to_dict(), sort_keys=False), end="")
     return 0
 

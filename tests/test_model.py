@@ -23,7 +23,7 @@ from qkv.model import (
     logical_axes,
     split_params,
 )
-from qkv.inference.decode import Decoder, SamplingConfig, _beam, left_pad, sample_logits, trim_at_eos
+from qkv.inference.decode import Decoder, SamplingConfig, beam_generate, left_pad, sample_logits, trim_at_eos
 
 # Donation is a no-op on CPU and JAX warns about it on every Decoder call.
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
@@ -413,7 +413,7 @@ def test_decoder_beam_search_matches_numpy_beam_over_the_full_forward(name):
 
     greedy = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=steps))
     tokens, segments = left_pad(prompts, 0)
-    beam1 = np.asarray(_beam(graphdef, cfg, params, tokens, segments, EOS, steps, 1, 0.0))  # the beam path, K = 1
+    beam1 = np.asarray(beam_generate(graphdef, cfg, params, (tokens, segments), EOS, steps, 1, 0.0))  # the beam path, K = 1
     greedy_out = greedy.generate(params, prompts, 0, EOS)
     assert [trim_at_eos(r, EOS) for r in beam1] == greedy_out
     assert got != greedy_out and any(len(r) < steps for r in got)  # the case is not trivial

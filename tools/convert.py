@@ -17,15 +17,13 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from qkv.inference.run import load_run
 from qkv.model import abstract_model, split_params
 from qkv.model.hf import ARCHITECTURES, architecture_of
 
 from qkv.train import checkpoint
-from qkv.train.config import Config, DataConfig, MeshConfig, config_from_dict
-from qkv.train.sharding import make_mesh, resolve_rules
-from qkv.train.step import abstract_params
+from qkv.train.config import Config, DataConfig
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -82,21 +80,15 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     meta: dict[str, Any] = {"config": cfg.to_dict(), "step": 0, "source": {"hf_dir": str(hf_dir), "arch": arch.hf_name}}
     if tok_path.is_file():
         meta["tokenizer"] = checkpoint.encode_tokenizer(tok_path.read_bytes())
-    mngr = checkpoint.manager(run_dir, keep=1)
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.save_params(run_dir, params, meta, step=0)
     return {"run_dir": str(run_dir.resolve()), "arch": arch.hf_name, "tokenizer": "tokenizer" in meta,
             "params": int(sum(a.size for a in jax.tree.leaves(params)))}
 
 
 def load_params(run_dir: str | Path, step: int | None = None) -> tuple[Config, dict[str, Any], dict[str, Any]]:
-    """(config, params as NumPy, meta) of a checkpoint, restored on one host."""
-    meta = checkpoint.read_meta(run_dir, step)
-    cfg = config_from_dict(meta["config"])
-    _, abstract, _ = abstract_params(cfg.model, make_mesh(MeshConfig()), resolve_rules(cfg.mesh.rules))
-    state, meta = checkpoint.restore(run_dir, {"params": abstract}, meta["step"], with_optimizer=False)
-    return cfg, jax.tree.map(np.asarray, jax.device_get(state["params"])), meta
+    """(config, params as NumPy, meta) of a checkpoint, restored on one host (a LoRA run merged)."""
+    run = load_run(run_dir, step)
+    return run.config, jax.tree.map(np.asarray, jax.device_get(run.params)), run.meta
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: int | None = None) -> dict[str, Any]:

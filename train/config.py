@@ -290,5 +290,14 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
     return from_dict(Config, data)
 
 
+def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """(preset or YAML path, key=value overrides) of a command line: the first argument is the config
+    source unless it is already an override. Every subcommand reads its configuration this way."""
+    args = list(args)
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     return from_dict(Config, data)
