@@ -35,18 +35,22 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
+    from qkv.inference.report import pretrain_report
     from qkv.train.config import load_config
     from qkv.train.loop import pretrain
 
     source, overrides = _split_config_args(ns.args)
-    return _report_run(pretrain(load_config(source, overrides)))
+    cfg = load_config(source, overrides)
+    return _report_run(pretrain(cfg, report=pretrain_report(cfg)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
+    from qkv.inference.report import finetune_report
     from qkv.train.finetune import finetune, load_finetune_config
 
     source, overrides = _split_config_args(ns.args)
-    return _report_run(finetune(load_finetune_config(source, overrides)))
+    cfg = load_finetune_config(source, overrides)
+    return _report_run(finetune(cfg, report=finetune_report(cfg)))
 
 
 def _report_run(summary: dict) -> int:
@@ -77,7 +81,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from qkv.train.config import parse_override
-    from qkv.train.loop import evaluate
+    from qkv.inference.evaluate import evaluate
 
     overrides: dict = {}
     for text in ns.overrides:
