@@ -202,8 +202,10 @@ class Trainer:
     def _init_adapters(self, seed: int) -> Any:
         return init_lora(self.base_abstract, self._axes, self.lora.targets, self.lora.rank, seed)
 
-    def train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        return self._train_step(state, self.frozen, batch)
+    @property
+    def train_step(self) -> "WithFrozen":
+        """The compiled step as ``train_step(state, batch)`` (and ``.lower(state, batch)``), frozen tree bound."""
+        return WithFrozen(self._train_step, self.frozen)
 
     def eval_step(self, params: Any, batch: Batch, index: int = 0) -> dict[str, jax.Array]:
         i = jax.make_array_from_process_local_data(replicated(self.mesh), np.int32(index))
@@ -229,6 +231,20 @@ class Trainer:
     def put_batch(self, batch: dict[str, Any]) -> Batch:
         """This process's rows of the global batch, assembled into one globally sharded array each."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class WithFrozen:
+    """A compiled ``fn(state, frozen, batch)`` called, or lowered, as ``(state, batch)``."""
+
+    fn: Any
+    frozen: Any
+
+    def __call__(self, state: State, batch: Batch):
+        return self.fn(state, self.frozen, batch)
+
+    def lower(self, state: Any, batch: Any):
+        return self.fn.lower(state, self.frozen, batch)
 
 
 def agree_across_processes(value: int) -> tuple[int, int]:
