@@ -67,11 +67,13 @@ def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_
 
 
 def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch,
-                   dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(summed log-probability of each row's loss-masked targets [B], their count [B])."""
+                   dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed log-probability of each row's loss-masked targets [B], their count [B], how many of them
+    argmax predicts [B]); targets are response tokens (SFT, DPO) or the row's class (classify)."""
     logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(token_losses(logits, batch["targets"]) * mask, axis=-1), jnp.sum(mask, axis=-1)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask, axis=-1)
+    return -jnp.sum(token_losses(logits, batch["targets"]) * mask, axis=-1), jnp.sum(mask, axis=-1), correct
 
 
 def dpo_terms(policy_logps: jax.Array, reference_logps: jax.Array, beta: float) -> dict[str, jax.Array]:
@@ -143,12 +145,25 @@ def seq2seq(z_loss: float = 0.0, label_smoothing: float = 0.0) -> Objective:
     return cross_entropy("seq2seq", z_loss, label_smoothing)
 
 
+def _sequence_loss(graphdef, params, reference, batch, key):
+    del reference
+    return -jnp.sum(sequence_logps(graphdef, params, batch, key)[0]), {}
+
+
+def _sequence_eval(graphdef, params, reference, batch):
+    del reference
+    logps, counts, correct = sequence_logps(graphdef, params, batch, None)
+    return {"loss_sum": -jnp.sum(logps), "tokens": jnp.sum(counts), "correct": jnp.sum(correct)}
+
+
 def sft() -> Objective:
-    return cross_entropy("sft")
+    """Plain cross-entropy over the response tokens (summed per example first, as DPO's log-probs are)."""
+    return Objective("sft", _sequence_loss, loss_tokens, _sequence_eval, _token_summary)
 
 
 def classify() -> Objective:
-    return cross_entropy("classify")
+    """Plain cross-entropy of each example's label (targets [B, 1])."""
+    return Objective("classify", _sequence_loss, loss_tokens, _sequence_eval, _token_summary)
 
 
 # ------------------------------------------------------------------------ DPO
@@ -164,7 +179,7 @@ def _dpo_loss(graphdef, params, reference, batch, key, *, beta: float):
 
 
 def _dpo_eval(graphdef, params, reference, batch, *, beta: float):
-    logps, counts = sequence_logps(graphdef, params, batch, None)
+    logps, counts, _ = sequence_logps(graphdef, params, batch, None)
     terms = dpo_terms(logps, sequence_logps(graphdef, reference, batch, None)[0], beta)
     valid = (counts[0::2] > 0).astype(jnp.float32)
     return {**{k: jnp.sum(v * valid) for k, v in terms.items()}, "pairs": jnp.sum(valid),
