@@ -28,19 +28,23 @@ EXIT_USAGE = 2
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
+    from qkv.inference.report import pretrain_report
     from qkv.train.config import load_config, split_config_args
     from qkv.train.loop import pretrain
 
     source, overrides = split_config_args(ns.args)
-    return _report_run(pretrain(load_config(source, overrides)))
+    cfg = load_config(source, overrides)
+    return _report_run(pretrain(cfg, report=pretrain_report(cfg)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
+    from qkv.inference.report import finetune_report
     from qkv.train.config import split_config_args
     from qkv.train.finetune import finetune, load_finetune_config
 
     source, overrides = split_config_args(ns.args)
-    return _report_run(finetune(load_finetune_config(source, overrides)))
+    cfg = load_finetune_config(source, overrides)
+    return _report_run(finetune(cfg, report=finetune_report(cfg)))
 
 
 def _report_run(summary: dict) -> int:
@@ -71,7 +75,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from qkv.train.config import parse_override
-    from qkv.train.loop import evaluate
+    from qkv.inference.evaluate import evaluate
 
     overrides: dict = {}
     for text in ns.overrides:
@@ -216,7 +220,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     if ns.direction == "import":
         print(json.dumps(import_hf(ns.hf_dir, ns.run_dir, ns.tokenizer)))
     elif ns.direction == "merge-lora":
-        from qkv.train.finetune import merge_lora_run
+        from qkv.tools.convert import merge_lora_run
         _require_dir(ns.run_dir)
         print(json.dumps(merge_lora_run(ns.run_dir, ns.out_dir, ns.step)))
     else:

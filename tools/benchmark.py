@@ -117,7 +117,7 @@ class TrainPoint:
         rules = resolve_rules(cfg.mesh.rules)
         check_batch(cfg.train.batch_size, self.mesh, rules)
         self.trainer = Trainer(cfg.model, cfg.optim, self.mesh, rules, max(cfg.train.steps, total_steps),
-                               cfg.train.seed, task_for(cfg).prepare())  # the pretraining step (MLM masking too)
+                               cfg.train.seed, task_for(cfg).objective())  # the pretraining step (MLM masking too)
         self.state = self.trainer.init_state()
         self.n_params = count_params(self.state["params"])
         self.batch = self.trainer.put_batch(synthetic_batch_for(cfg, cfg.train.batch_size))
@@ -187,7 +187,7 @@ def _breakdown(point: "TrainPoint", repeats: int) -> dict[str, float]:
     """Median seconds, timed round-robin, of the forward pass alone (the real eval step), of forward +
     backward without the optimizer (the train step's loss and gradient, jitted on their own) and of the
     full step; the optimizer update and the rest is the full step minus forward + backward."""
-    from qkv.train.step import forward_loss_sum
+    from qkv.train.objectives import forward_loss_sum
 
     trainer = point.trainer
 

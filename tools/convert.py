@@ -8,6 +8,7 @@ when the HF directory has a SentencePiece ``tokenizer.model``, the tokenizer), l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ from qkv.model import abstract_model, split_params
 from qkv.model.hf import ARCHITECTURES, architecture_of
 
 from qkv.train import checkpoint
-from qkv.train.config import Config, DataConfig
+from qkv.train.config import Config, DataConfig, config_from_dict
+from qkv.train.lora import lora_paths
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -118,3 +120,21 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out_dir": str(out_dir.resolve()), "arch": arch.hf_name, "tensors": len(tensors), "step": meta["step"]}
+
+
+def merge_lora_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """``qkv convert merge-lora``: a LoRA run (base + adapters) -> a plain params checkpoint in out_dir."""
+    run_dir, out_dir = Path(run_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if checkpoint.latest_step(out_dir) is not None:
+        raise ValueError(f"{out_dir} already holds a checkpoint: choose a new output directory")
+    cfg = config_from_dict(checkpoint.read_meta(run_dir, step)["config"])
+    if cfg.finetune.lora.rank == 0:
+        raise ValueError(f"{run_dir} is not a LoRA run (finetune.lora.rank=0): it is already a plain checkpoint")
+    run = load_run(run_dir, step)  # base + adapters, merged
+    plain = dataclasses.replace(cfg, finetune=dataclasses.replace(
+        cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0)))
+    checkpoint.save_params(out_dir, run.params, {"config": plain.to_dict(), "tokenizer": run.meta["tokenizer"],
+                                                 "source": {"merged_lora_run": str(run_dir), "step": run.step}},
+                           step=run.step)
+    return {"out_dir": str(out_dir), "step": run.step, "base": cfg.finetune.init_from,
+            "adapted": [".".join(p) for p in lora_paths(run.params, cfg.finetune.lora.targets)]}
