@@ -45,8 +45,7 @@ def _ticks(ax, labels_x: list[str], labels_y: list[str], size: float) -> None:
 
 def _heatmap(ax, w_ts: np.ndarray, causal: bool, plt, annotate: bool = False):
     shown = np.ma.masked_where(np.triu(np.ones_like(w_ts, bool), 1), w_ts) if causal else w_ts
-    cmap = plt.get_cmap("Blues").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("Blues").with_extremes(bad="white")
     image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     if annotate:
         for (i, j), v in np.ndenumerate(w_ts):
