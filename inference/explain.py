@@ -281,14 +281,13 @@ def embedding_numbers(embed_vd: np.ndarray, tokenizer, ids: list[int], k: int = 
 
 
 def read(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, tokenizer, prompt: str, source: str | None = None,
-         position: int | None = None, new_tokens: int = 16
-         ) -> tuple[Inputs, np.ndarray, dict[str, np.ndarray], list[int] | None]:
+         position: int | None = None) -> tuple[Inputs, np.ndarray, dict[str, np.ndarray], list[int] | None]:
     """One explained forward pass: (inputs, logits [T, V], {stack: weights [L, H, T, S]}, the greedy target
     ids an encoder-decoder translated ``prompt`` into when no ``source`` was given, else None)."""
     target_ids = None
     if cfg.kind == "encoder_decoder" and source is None:  # explain the model's own translation
         probe = build_inputs(cfg, tokenizer, prompt)
-        budget = min(new_tokens, cfg.max_seq_len - 1)
+        budget = cfg.max_seq_len - 1  # the whole translation (one compiled scan)
         target_ids = Seq2SeqDecoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=budget)).generate(
             params, [probe.source], tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)[0]
     inputs = build_inputs(cfg, tokenizer, prompt, source, position, target_ids)
@@ -302,7 +301,7 @@ def explain(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, tokenizer, pr
             map_pieces: int = 200) -> Explanation:
     """Everything ``qkv explain`` shows about ``prompt`` (and ``source``), computed from the model."""
     SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # refuse bad settings before the work
-    inputs, logits, weights, target_ids = read(cfg, graphdef, params, tokenizer, prompt, source, position, new_tokens)
+    inputs, logits, weights, target_ids = read(cfg, graphdef, params, tokenizer, prompt, source, position)
     causal = cfg.kind != "encoder"
     numbers: dict[str, Any] = {
         "kind": cfg.kind, "prompt": prompt, "source": source, "position": inputs.position,
