@@ -140,17 +140,17 @@ def forward_with_weights(graphdef: nnx.GraphDef, params: Any, batch: dict[str, A
 
 def head_summary(weights_hts: np.ndarray, causal: bool) -> list[dict[str, Any]]:
     """Per head: mean entropy of its rows (bits) and the share of attention on the first token, the same
-    token, the previous token, other earlier tokens ("far back"), the next token and other later tokens
-    (bidirectional only), averaged over the queries from position 2 on (where those are all different);
+    token, the previous token, the two before it, tokens further back, the next token and those further
+    ahead (bidirectional only), averaged over the queries from position 2 on (where those are all different);
     ``mostly`` names the largest share."""
     h, t, s = weights_hts.shape
     p = np.clip(weights_hts.astype(np.float64), 1e-30, 1.0)
     entropy = -(weights_hts * np.log2(p)).sum(-1).mean(-1)
     q, k = np.arange(t)[:, None], np.arange(s)[None, :]
     regions = {"first": k == 0, "same": (k == q) & (k > 0), "previous": (k == q - 1) & (k > 0),
-               "far back": (k > 0) & (k < q - 1)}
+               "2-3 back": (k > 0) & (k >= q - 3) & (k < q - 1), "far back": (k > 0) & (k < q - 3)}
     if not causal:
-        regions.update({"next": k == q + 1, "far ahead": k > q + 1})
+        regions.update({"next": k == q + 1, "further ahead": k > q + 1})
     rows = slice(2, None) if t > 2 else slice(0, None)
     out = []
     for head in range(h):

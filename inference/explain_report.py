@@ -33,8 +33,9 @@ def _plt():
 
 
 def label(row: dict[str, Any]) -> str:
-    """How a piece is printed: SentencePiece's ▁ (a space) kept visible, byte pieces as <0x..>."""
-    return row["piece"]
+    """How a piece is printed: SentencePiece's ▁ (a space) kept visible, byte pieces as <0x..>, and a
+    newline or tab piece as \\n or \\t."""
+    return row["piece"].replace("\n", "\\n").replace("\t", "\\t")
 
 
 def _ticks(ax, labels_x: list[str], labels_y: list[str], size: float) -> None:
@@ -130,7 +131,7 @@ def draw_embedding_map(emb: dict[str, Any], highlight: set[int], path: Path) -> 
     fig, ax = plt.subplots(figsize=(9, 7), constrained_layout=True)
     ax.scatter(xy[:, 0], xy[:, 1], s=6, color="#9ecae1")
     for (x, y), i, piece in zip(xy, emb["map"]["ids"], emb["map"]["pieces"]):
-        ax.annotate(piece, (x, y), fontsize=6, color="#b30000" if i in highlight else "#333333")
+        ax.annotate(label({"piece": piece}), (x, y), fontsize=6, color="#b30000" if i in highlight else "#333333")
     var = emb["map"]["variance"]
     ax.set_xlabel(f"PC 1 ({100 * var[0]:.1f} % of variance)")
     ax.set_ylabel(f"PC 2 ({100 * var[1]:.1f} % of variance)")
@@ -193,7 +194,7 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1
 
 
 def _token_spans(rows: list[dict[str, Any]]) -> str:
-    return "".join(f'<span class="tok{" byte" if r["byte"] else ""}">{_esc(r["piece"])} <small>{r["id"]}</small>'
+    return "".join(f'<span class="tok{" byte" if r["byte"] else ""}">{_esc(label(r))} <small>{r["id"]}</small>'
                    "</span>" for r in rows)
 
 
@@ -273,7 +274,7 @@ def _write_into(exp: Explanation, out: Path, layer: int | None, head: int | None
                  f"{table['top_p']:g} filter keeps the token ({table['kept']} tokens kept in all; entropy at T = 1: "
                  f"{table['entropy_bits_t1']:.2f} bits).</p>")
     parts.append(_table(["rank", "piece", "id", "logit", "p (T=1)", f"p (T={table['temperature']:g})", "kept",
-                         "p sampled"], [[r["rank"], r["piece"], r["id"], f"{r['logit']:.3f}", f"{r['p_t1']:.4f}",
+                         "p sampled"], [[r["rank"], label(r), r["id"], f"{r['logit']:.3f}", f"{r['p_t1']:.4f}",
                                          f"{r['p_temperature']:.4f}", "yes" if r["kept"] else "no",
                                          f"{r['p_sampled']:.4f}"] for r in table["rows"]]))
     parts.append('<img src="next_token.png" alt="next-token probabilities">')
@@ -282,7 +283,7 @@ def _write_into(exp: Explanation, out: Path, layer: int | None, head: int | None
     draw_embedding_map(emb, highlight, out / "embeddings.png")
     parts.append("<h2>Embeddings</h2><p>Nearest vocabulary pieces by cosine similarity of input embeddings:</p>")
     parts.append(_table(["piece", "nearest pieces (cosine)"],
-                        [[e["piece"], ", ".join(f"{x['piece']} ({x['cosine']:.2f})" for x in e["neighbours"])]
+                        [[label(e), ", ".join(f"{label(x)} ({x['cosine']:.2f})" for x in e["neighbours"])]
                          for e in emb["neighbours"]]))
     parts.append('<img src="embeddings.png" alt="embedding map">')
     if "kv_cache" in n:
@@ -330,16 +331,16 @@ def write_training_report(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 def terminal_summary(exp: Explanation, index: Path | None = None) -> str:
     n = exp.numbers
-    lines = ["tokens: " + " ".join(f"{r['piece']}[{r['id']}]" for r in n["tokens"])]
+    lines = ["tokens: " + " ".join(f"{label(r)}[{r['id']}]" for r in n["tokens"])]
     if n["source_tokens"]:
-        lines.insert(0, "source: " + " ".join(f"{r['piece']}[{r['id']}]" for r in n["source_tokens"]))
+        lines.insert(0, "source: " + " ".join(f"{label(r)}[{r['id']}]" for r in n["source_tokens"]))
     for stack, layers in n["heads"].items():
         for li, heads in enumerate(layers):
             cells = [f"h{h['head']} {h.get('mostly', 'peak %.2f' % h.get('peak_weight', 0))} {h['entropy_bits']:.1f}b"
                      for h in heads]
             lines.append(f"{stack} layer {li}: " + ", ".join(cells))
     t = n["next_token"]
-    best = ", ".join(f"{r['piece']!r} {r['p_t1']:.3f}{'' if r['kept'] else ' (dropped)'}" for r in t["rows"][:5])
+    best = ", ".join(f"{label(r)!r} {r['p_t1']:.3f}{'' if r['kept'] else ' (dropped)'}" for r in t["rows"][:5])
     lines.append(f"next token at position {n['position']}: {best}")
     check = n.get("greedy_check")
     if check:

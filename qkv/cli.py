@@ -196,7 +196,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
         raise ValueError(f"--head {ns.head} is out of range: this model has heads 0..{cfg.n_heads - 1}")
     exp = lm.explain(ns.prompt, source=ns.source, position=ns.position, k=ns.k, temperature=ns.temperature,
                      top_k=ns.top_k, top_p=ns.top_p, new_tokens=ns.new_tokens)
-    index = write_report(exp, ns.out, ns.layer, ns.head, run_dir=ns.checkpoint, title=str(ns.checkpoint))
+    index = write_report(exp, ns.out, ns.layer, ns.head, run_dir=ns.checkpoint, title=f"{ns.checkpoint}, step {lm.step}")
     print(terminal_summary(exp, index))
     return 0
 
