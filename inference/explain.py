@@ -27,9 +27,8 @@ from flax import nnx
 from qkv.model.config import ModelConfig
 from qkv.train.metrics import flops_per_token
 
-from .decode import Decoder, SamplingConfig, filter_logits
+from .decode import Decoder, SamplingConfig, Seq2SeqDecoder, filter_logits
 from .embeddings import nearest_pieces, pca_2d, special_ids
-from .seq2seq import Seq2SeqDecoder
 
 # Where the sown weights live in each shape, and what the report calls them.
 STACKS = {("blocks", "attn"): "self", ("encoder_blocks", "attn"): "encoder", ("blocks", "cross_attn"): "cross"}
