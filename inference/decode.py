@@ -52,11 +52,9 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
-def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Next token ids [B] from float32 logits [B, V] (the sampling settings are static)."""
-    if temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = logits_bv / temperature
+def filter_logits(logits_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Temperature-scaled float32 logits [B, V] with the tokens that top-k and top-p drop set to the dtype's
+    minimum (the sampler's filter; ``qkv explain`` marks the survivors with it)."""
     neg_inf = jnp.finfo(logits_bv.dtype).min
     if top_k > 0:
         kth_best = jax.lax.top_k(logits_bv, min(top_k, logits_bv.shape[-1]))[0][:, -1:]
@@ -69,6 +67,14 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_
         n_keep_b = jnp.sum(mass_before_bv < top_p, axis=-1)
         threshold_b1 = jnp.take_along_axis(sorted_bv, n_keep_b[:, None] - 1, axis=-1)
         logits_bv = jnp.where(logits_bv < threshold_b1, neg_inf, logits_bv)
+    return logits_bv
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V] (the sampling settings are static)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = filter_logits(logits_bv / temperature, top_k, top_p)
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 

@@ -39,16 +39,19 @@ def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_seg
     return causal_bts & same_segment_bts
 
 
-def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """The textbook definition, written out with einsums (float32 softmax)."""
+def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array,
+                        with_weights: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The textbook definition, written out with einsums (float32 softmax); ``with_weights`` also returns
+    the softmax weights [b, h, t, s] (what ``qkv explain`` draws)."""
     b, t, h, e = q_bthe.shape
     k_heads = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, k_heads, h // k_heads, e)
     scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) / math.sqrt(e)
     scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
-    return out_btkge.reshape(b, t, h, e)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out_btkge = jnp.einsum("bkgts,bske->btkge", probs.astype(v_bske.dtype), v_bske)
+    out_bthe = out_btkge.reshape(b, t, h, e)
+    return (out_bthe, probs.reshape(b, h, t, -1)) if with_weights else out_bthe
 
 
 def dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, impl: str) -> jax.Array:
@@ -64,6 +67,7 @@ class Attention(nnx.Module):
         d, h, k, e = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         std, wd = cfg.init_std, cfg.weight_dtype
         self.dtype, self.impl, self.use_rope = cfg.compute_dtype, cfg.attention_impl, cfg.positions == "rope"
+        self.sow_weights = False  # qkv explain sets it (model.set_attributes): keep the softmax weights
         self.wq = param(rngs, (d, h, e), ("embed", "heads", "head_dim"), std, wd)
         self.wk = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
         self.wv = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
@@ -104,7 +108,12 @@ class Attention(nnx.Module):
             k_bske = jax.lax.dynamic_update_slice(cache_k, k_bske.astype(cache_k.dtype), start)
             v_bske = jax.lax.dynamic_update_slice(cache_v, v_bske.astype(cache_v.dtype), start)
             kv_cache = (k_bske, v_bske)
-        out_bthe = dot_product_attention(q_bthe, k_bske.astype(self.dtype), v_bske.astype(self.dtype), mask_bts, self.impl)
+        k_bske, v_bske = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
+        if self.sow_weights:  # the reference path, its weights [b, h, t, s] sown as an nnx.Intermediate
+            out_bthe, weights_bhts = reference_attention(q_bthe, k_bske, v_bske, mask_bts, with_weights=True)
+            self.sow(nnx.Intermediate, "weights", weights_bhts)
+        else:
+            out_bthe = dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, self.impl)
         out_btd = jnp.einsum("bthe,hed->btd", out_bthe, self.wo[...].astype(self.dtype))
         if self.bo is not None:
             out_btd = out_btd + self.bo[...].astype(self.dtype)

@@ -94,18 +94,22 @@ def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=No
             layer_memory_kv = block.cross_attn.memory_kv(memory_bsd)
         layer_memory = None if memory_mask is None else (layer_memory_kv, memory_mask)
         x, layer_kv = block(x, mask, rope, layer_kv, index, key, layer_memory)
-        return constrain(x, RESIDUAL), layer_kv
+        sown = nnx.pop(block, nnx.Intermediate)  # attention weights when asked for (qkv explain), else empty
+        return constrain(x, RESIDUAL), (layer_kv, sown)
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_layers is False)
     xs = (stacked, kv, keys, memory_kv)
     if cfg.scan_layers is not False:  # None (the platform's choice, unresolved) scans
-        return jax.lax.scan(layer, x, xs)
-    outputs = []
-    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-        x, layer_kv = layer(x, jax.tree.map(lambda a: a[i], xs))
-        outputs.append(layer_kv)
-    return x, (None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs))
+        x, (kv, sown) = jax.lax.scan(layer, x, xs)
+    else:
+        outputs = [None] * jax.tree.leaves(stacked)[0].shape[0]
+        for i in range(len(outputs)):
+            x, outputs[i] = layer(x, jax.tree.map(lambda a: a[i], xs))
+        kv, sown = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    if jax.tree.leaves(sown):
+        nnx.update(blocks, sown)  # stacked like the parameters: [layers, ...] on the blocks' modules
+    return x, kv
 
 
 def layer_keys(cfg: ModelConfig, key: jax.Array | None, n_layers: int) -> tuple[jax.Array | None, Any]:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from qkv.data import Tokenizer
 from qkv.inference.decode import Decoder, SamplingConfig
+from qkv.inference.embeddings import nearest_pieces, special_ids, unit_rows
 from qkv.model.encoder import mean_pool
 from qkv.inference.run import load_run
 from qkv.train.config import Config
@@ -140,7 +141,7 @@ class LanguageModel:
 
     def neighbours(self, texts: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:
         """For each text, the ``k`` other texts with the most similar embeddings (cosine), best first."""
-        unit = _unit_rows(self.embed(texts))
+        unit = unit_rows(self.embed(texts))
         cosine = unit @ unit.T
         np.fill_diagonal(cosine, -np.inf)
         order = np.argsort(-cosine, axis=-1)[:, :k]
@@ -149,22 +150,36 @@ class LanguageModel:
     def word_neighbours(self, words: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
         """For each word, the ``k`` vocabulary pieces whose input embeddings are nearest (cosine), best first:
         the model's word-level "semantic map". A word that is several pieces is the mean of their vectors."""
-        unit = _unit_rows(np.asarray(self.params["embed"], np.float32))
+        embed = np.asarray(self.params["embed"], np.float32)
         out = []
         for word in words:
-            ids = self.tokenizer.encode(word) if word else []
-            if not ids:
-                raise ValueError("give a non-empty word")
-            cosine = unit @ _unit_rows(unit[ids].mean(0))
-            cosine[ids] = -np.inf  # not the word itself
-            cosine[self._special_ids()] = -np.inf  # nor pad, unk, bos, eos, <mask>
-            best = np.argsort(-cosine)[:k]
-            out.append([(self.tokenizer.id_to_piece(int(i)).replace("\u2581", " "), float(cosine[i])) for i in best])
+            near = nearest_pieces(embed, self.tokenizer.encode(word) if word else [], special_ids(self.tokenizer), k)
+            out.append([(self.tokenizer.id_to_piece(i).replace("\u2581", " "), c) for i, c in near])
         return out
 
-    def _special_ids(self) -> list[int]:
-        t = self.tokenizer
-        return [t.pad_id, t.unk_id, t.bos_id, t.eos_id] + ([t.mask_id] if t.mask_id is not None else [])
+    def explain(self, text: str, **settings) -> Any:
+        """Everything ``qkv explain`` reports about ``text`` (inference/explain.py: source=, position=, k=,
+        temperature=, top_k=, top_p=, new_tokens=): ``.numbers`` (JSON-able) and ``.weights``."""
+        from qkv.inference.explain import explain
+        return explain(self.config.model, self.graphdef, self.params, self.tokenizer, text, **settings)
+
+    def attention(self, text: str, source: str | None = None, stack: str = "self") -> np.ndarray:
+        """Attention weights [layers, heads, T, S] of ``text`` from the model's forward pass (rows sum to 1);
+        an encoder-decoder also has stack="encoder" and "cross" (target × source)."""
+        from qkv.inference.explain import read
+        weights = read(self.config.model, self.graphdef, self.params, self.tokenizer, text, source)[2]
+        if stack not in weights:
+            raise ValueError(f"stack={stack!r}: this model has {', '.join(weights)}")
+        return weights[stack]
+
+    def next_token_table(self, text: str, k: int = 10, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         position: int | None = None, source: str | None = None) -> list[dict[str, Any]]:
+        """The ``k`` likeliest next tokens after ``text`` (encoder: at the masked ``position``) with logits,
+        probabilities at T=1 and ``temperature``, and whether the sampler's top-k/top-p filter keeps them."""
+        from qkv.inference.explain import next_token_table, read
+        inputs, logits, _, _ = read(self.config.model, self.graphdef, self.params, self.tokenizer, text, source,
+                                    position)
+        return next_token_table(logits[inputs.position], self.tokenizer, k, temperature, top_k, top_p)["rows"]
 
     def classify(self, texts: Sequence[str]) -> list[Any]:
         """The predicted label of each text (a classifier fine-tuned with finetune.method=classify)."""
@@ -180,11 +195,6 @@ class LanguageModel:
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef: nnx.GraphDef, params: Any, ids: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params)(ids)[0]
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """``x`` scaled to unit length along its last axis (zero vectors stay zero), for cosine similarity."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @functools.partial(jax.jit, static_argnums=0)

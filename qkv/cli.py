@@ -5,6 +5,7 @@
     qkv generate --checkpoint RUN_DIR --prompt TEXT     continue text, or translate (encoder-decoder)
     qkv embed --checkpoint RUN_DIR --text A --text B   sentence embeddings and cosine neighbours (encoder)
     qkv embed --checkpoint RUN_DIR --word def          nearest vocabulary pieces by input embedding
+    qkv explain --checkpoint RUN_DIR --prompt TEXT [--out DIR]   tokens, attention, next-token odds: an HTML report
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
     qkv finetune [CONFIG] finetune.init_from=RUN finetune.train_path=F.jsonl [key=value ...]   SFT/DPO, LoRA
@@ -168,6 +169,40 @@ def cmd_embed(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from qkv.inference.decode import SamplingConfig
+
+    if ns.checkpoint is None:
+        if ns.run is None:
+            raise ValueError("no checkpoint given: pass --checkpoint RUN_DIR (or --run RUN_DIR for training curves)")
+        _require_dir(ns.run)
+        from qkv.inference.explain_report import write_training_report
+        print(f"report: {write_training_report(ns.run, ns.out)}")
+        return 0
+    if not ns.prompt:
+        raise ValueError("empty prompt: give the text to explain with --prompt TEXT")
+    SamplingConfig(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)  # validate before the slow part
+    for flag, value in (("--layer", ns.layer), ("--head", ns.head), ("--new-tokens", ns.new_tokens)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} {value} must be >= 0")
+    _require_dir(ns.checkpoint)
+    from qkv.api import load
+    from qkv.inference.explain_report import terminal_summary, write_report
+
+    lm = load(ns.checkpoint, ns.step)
+    cfg = lm.config.model
+    depth = min(cfg.n_layers, cfg.encoder_layers) if cfg.kind == "encoder_decoder" else cfg.n_layers
+    if ns.layer is not None and ns.layer >= depth:
+        raise ValueError(f"--layer {ns.layer} is out of range: this model has layers 0..{depth - 1}")
+    if ns.head is not None and ns.head >= cfg.n_heads:
+        raise ValueError(f"--head {ns.head} is out of range: this model has heads 0..{cfg.n_heads - 1}")
+    exp = lm.explain(ns.prompt, source=ns.source, position=ns.position, k=ns.k, temperature=ns.temperature,
+                     top_k=ns.top_k, top_p=ns.top_p, new_tokens=ns.new_tokens)
+    index = write_report(exp, ns.out, ns.layer, ns.head, run_dir=ns.checkpoint, title=f"{ns.checkpoint}, step {lm.step}")
+    print(terminal_summary(exp, index))
+    return 0
+
+
 def cmd_tokenizer(ns: argparse.Namespace) -> int:
     from qkv.data import Tokenizer, open_text_source, train_tokenizer
 
@@ -282,6 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--word", action="append", help="a word: its nearest vocabulary pieces by input embedding")
     p.add_argument("--neighbours", type=int, default=3, help="how many nearest texts (or pieces) to list for each")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("explain", help="look inside a checkpoint: tokens, attention, next-token odds, KV cache")
+    p.add_argument("--checkpoint", help="run directory written by qkv pretrain")
+    p.add_argument("--run", help="without --checkpoint: only draw this run's loss and learning-rate curves")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--prompt", help="the text (encoder-decoder: the target, or the source when --source is absent)")
+    p.add_argument("--source", help="encoder-decoder: the source text (default: translate --prompt)")
+    p.add_argument("--out", default="qkv-explain", help="report folder (index.html, PNGs, explanation.json)")
+    p.add_argument("--layer", type=int, default=None, help="draw only this layer (default: all)")
+    p.add_argument("--head", type=int, default=None, help="draw only this head (default: all)")
+    p.add_argument("--position", type=int, default=None,
+                   help="token index of the next-token table (default: last; encoder: the position to mask)")
+    p.add_argument("--k", type=int, default=10, help="rows of the next-token table")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--new-tokens", type=int, default=16, help="continuation length for the KV-cache check")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer, encode, decode")
     tsub = p.add_subparsers(dest="tok_command", required=True)
