@@ -61,6 +61,7 @@ class ModelConfig:
     remat: Remat = "none"  # gradient checkpointing per block
     scan_layers: bool = True  # lax.scan over stacked layers (fast compiles) or unrolled
     attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend, or the einsum reference
+    loss_chunk: int = -1  # positions per cross-entropy chunk (model/loss.py): -1 auto (chunk when T x vocab is large), 0 off
     init_std: float = 0.02
     n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)
     n_classes: int = 0  # encoder: > 0 adds a classification head over the pooled sequence
@@ -91,6 +92,8 @@ class ModelConfig:
         if self.n_classes and (self.n_classes < 2 or self.kind != "encoder"):
             raise ValueError(f"model.n_classes={self.n_classes}: a classification head needs model.kind=encoder "
                              "and n_classes >= 2 (0: none)")
+        if self.loss_chunk < -1:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk}: use -1 (auto), 0 (no chunking) or a chunk length")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
 

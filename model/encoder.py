@@ -87,6 +87,12 @@ class Encoder(EmbedAndHead):
             return self.classify(*args)[:, None, :]
         return self(*args[:3], dropout_key=dropout_key)[0]
 
+    def forward_hidden(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array | None:
+        """Final hidden states behind the MLM logits; None for a classifier (its logits are not a vocab projection)."""
+        if self.cfg.n_classes:
+            return None
+        return self.encode(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+
 
 class EncoderDecoder(Transformer):
     """Encoder-decoder: a bidirectional encoder stack, and the decoder stack with cross-attention."""
@@ -116,3 +122,10 @@ class EncoderDecoder(Transformer):
         memory_bsd = self.encode(batch["src_inputs"], batch["src_positions"], batch["src_segment_ids"], enc_key)
         return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dec_key,
                     memory=(memory_bsd, batch["src_segment_ids"]))[0]
+
+    def forward_hidden(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
+        """The decoder's final hidden states behind ``forward_batch``'s logits."""
+        enc_key, dec_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        memory_bsd = self.encode(batch["src_inputs"], batch["src_positions"], batch["src_segment_ids"], enc_key)
+        return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dec_key,
+                    memory=(memory_bsd, batch["src_segment_ids"]), hidden=True)[0]
