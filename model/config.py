@@ -17,7 +17,7 @@ NormPosition = Literal["pre", "post"]
 Activation = Literal["relu", "gelu", "swiglu"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
-AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+AttentionImpl = Literal["auto", "xla", "splash", "cudnn", "reference"]
 Pooling = Literal["first", "mean"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -29,7 +29,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
-    "attention_impl": ("auto", "xla", "cudnn", "reference"),
+    "attention_impl": ("auto", "xla", "splash", "cudnn", "reference"),
     "pooling": ("first", "mean"),
 }
 
@@ -60,7 +60,7 @@ class ModelConfig:
     param_dtype: DType = "float32"  # storage dtype of parameters
     remat: Remat = "none"  # gradient checkpointing per block
     scan_layers: bool = True  # lax.scan over stacked layers (fast compiles) or unrolled
-    attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend, or the einsum reference
+    attention_impl: AttentionImpl = "auto"  # auto: splash on TPU, cudnn on GPU, xla on CPU (model/attention.py)
     loss_chunk: int = -1  # positions per cross-entropy chunk (model/loss.py): -1 auto (chunk when T x vocab is large), 0 off
     init_std: float = 0.02
     n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)

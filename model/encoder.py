@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import attention_mask
+from .attention import Mask
 from .config import ModelConfig
 from .layers import Norm, param
 from .transformer import Cache, EmbedAndHead, Transformer, default_slots, layer_keys, run_blocks, stacked_blocks
@@ -30,7 +30,7 @@ def bidirectional_stack(model: EmbedAndHead, blocks, n_layers: int, tokens_bt: j
     _, positions_bt, segment_ids_bt = default_slots(tokens_bt, positions_bt, segment_ids_bt)
     embed_key, keys = layer_keys(model.cfg, dropout_key, n_layers)
     x_btd, rope = model.embed_tokens(tokens_bt, positions_bt, embed_key)
-    mask_bts = attention_mask(None, segment_ids_bt, segment_ids_bt)
+    mask_bts = Mask(None, segment_ids_bt, segment_ids_bt)  # attention_mask's parts
     return run_blocks(model.cfg, blocks, x_btd, mask_bts, rope, keys=keys)[0]
 
 

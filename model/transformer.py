@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import Attention, attention_mask
+from .attention import Attention, Mask
 from .config import ModelConfig
 from .constrain import constrain
 from .loss import project
@@ -192,9 +192,9 @@ class Transformer(EmbedAndHead):
         else:
             k_segments_bs = jax.lax.dynamic_update_slice(cache["segments"], segment_ids_bt, (0, index))
             kv = (cache["k"], cache["v"])
-        mask_bts = attention_mask(q_slots_bt, segment_ids_bt, k_segments_bs)
+        mask_bts = Mask(q_slots_bt, segment_ids_bt, k_segments_bs)  # attention_mask's parts (flash kernels)
         if memory is not None:
-            memory = (memory[0], attention_mask(None, segment_ids_bt, memory[1]))
+            memory = (memory[0], Mask(None, segment_ids_bt, memory[1]))
         x_btd, kv = run_blocks(self.cfg, self.blocks, x_btd, mask_bts, rope, kv, index, keys, memory)
         x_btd = self.final(x_btd)
         t = tokens_bt.shape[1]
