@@ -70,11 +70,8 @@ def test_splash_runs_per_shard_under_the_train_layout():
 def test_auto_picks_the_kernel_of_the_platform():
     assert jax.default_backend() == "cpu"
     assert select_impl("auto", 128, 128, 64) == "xla"  # CPU: XLA
-    topology = pytest.importorskip("jax.experimental.topologies")
-    try:
-        tpu = topology.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices
-    except Exception as exc:  # noqa: BLE001 (no libtpu: nothing to select for)
-        pytest.skip(f"no TPU compiler: {exc}")
+    from qkv.tools.tpu_plan import topology_devices
+    tpu = topology_devices("v5p:2x2x1")  # the TPU compiler's devices (libtpu from the test extra), no TPU
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=1), tpu)
     with activation_layout(mesh, LOGICAL_RULES):
         assert select_impl("auto", 1024, 1024, 128) == "splash"
