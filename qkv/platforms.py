@@ -5,7 +5,8 @@ and prints initialisation errors ("could not determine TPU accelerator type", "u
 hostname"), taking seconds. Before JAX starts, qkv's entry points call ``restrict_platforms``: when
 libtpu is installed, ``JAX_PLATFORMS`` is unset and this machine shows no TPU, JAX is told to use
 the platforms that are here (a CUDA GPU when one is, and the CPU). A real TPU or GPU is never
-hidden, and an explicit ``JAX_PLATFORMS`` always wins. Compiling *for* a TPU slice
+hidden, and an explicit ``JAX_PLATFORMS`` always wins. Without a TPU, several processes may also
+load libtpu at once (``ALLOW_MULTIPLE_LIBTPU_LOAD``) for compile-only work. Compiling *for* a TPU slice
 (``qkv plan --topology``) does not need the TPU platform: ``get_topology_desc`` works without it.
 """
 from __future__ import annotations
@@ -30,7 +31,12 @@ def gpu_present() -> bool:
 def restrict_platforms() -> str | None:
     """Set JAX's platforms to those present when libtpu would otherwise probe for a missing TPU;
     returns what was set (None: nothing to do)."""
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or tpu_present():
+    if importlib.util.find_spec("libtpu") is None or tpu_present():
+        return None
+    # Compile-only use (qkv plan --topology): several processes may load libtpu at once without a TPU
+    # (else the second fails on /tmp/libtpu_lockfile). Read when libtpu loads, so set it first.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
+    if os.environ.get("JAX_PLATFORMS"):
         return None
     platforms = "cuda,cpu" if gpu_present() else "cpu"
     os.environ["JAX_PLATFORMS"] = platforms

@@ -68,9 +68,8 @@ def topology_devices(name: str) -> list:
     """The devices of a TPU slice such as ``v5p:4x4x8`` (TPU generation: topology), compile-only."""
     if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+)*", name):
         raise ValueError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4")
-    from qkv.platforms import tpu_present
-    if not tpu_present():  # compile-only: several processes may describe slices at once (libtpu's lockfile)
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
+    from qkv.platforms import restrict_platforms
+    restrict_platforms()  # without a TPU: allow several compile-only libtpu loads (if libtpu is not loaded yet)
     try:
         from jax.experimental import topologies
         with quiet_native_stderr():
