@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from qkv.tools.tpu_plan import collective_stats, topology_plan
 from qkv.train.config import load_config
