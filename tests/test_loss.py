@@ -9,7 +9,7 @@ import pytest
 
 from qkv.model import ModelConfig, create_model, split_params
 from qkv.model.loss import AUTO_LIMIT, chunk_length, project
-from qkv.train.step import forward_loss_sum
+from qkv.train.objectives import forward_loss_sum
 
 TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32)
 
