@@ -18,9 +18,10 @@ import sys
 
 
 def tpu_present() -> bool:
-    """A TPU VM shows its chips as /dev/accel* (v2-v5e) or /dev/vfio/N (v5p, v6e), or names them in env."""
+    """A TPU VM shows its chips as /dev/accel* (v2-v5e) or /dev/vfio/N (v5p, v6e), or names them in env.
+    (Not TPU_SKIP_MDS_QUERY / TPU_LIBRARY_PATH: JAX sets those itself when it finds libtpu.)"""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or os.environ.get("TPU_ACCELERATOR_TYPE")
-                or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_SKIP_MDS_QUERY"))
+                or os.environ.get("TPU_WORKER_HOSTNAMES"))
 
 
 def gpu_present() -> bool:
