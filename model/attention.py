@@ -4,9 +4,19 @@ softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. O
 three uses: self-attention projects queries, keys and values from the same sequence (causal in a
 decoder, bidirectional in an encoder, the mask decides); cross-attention takes its keys and values
 from another sequence (the encoder's output), projected once with ``memory_kv`` and reused at every
-decoding step. The kernel is
-``jax.nn.dot_product_attention`` (XLA everywhere; the cuDNN flash path on GPUs); the explicit
-einsum ``reference_attention`` is the readable definition and what tests compare against.
+decoding step. The explicit einsum ``reference_attention`` is the readable definition and what
+tests compare against; ``model.attention_impl`` chooses what runs:
+
+- ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, which materialises the
+  ``[b, h, t, s]`` scores (quadratic memory in T).
+- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory.
+- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document, else the Pallas GPU flash
+  kernel with segment ids (model/flash.py), O(T) memory.
+- ``auto`` (default): splash when compiling for TPU, cudnn on GPU, xla on CPU.
+
+The flash kernels serve training-time self-attention (causal or bidirectional, packed segments,
+padding, grouped-query heads); decoding over a cache and cross-attention always run on ``xla``,
+and so do shapes the kernel cannot tile (``flash.splash_supported``).
 
 Shape suffixes: b batch, t query length, s key length, d model width, h query heads, k kv heads,
 g query heads per kv head, e head size.
@@ -19,6 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from typing import NamedTuple
+
+from . import flash
 from .config import ModelConfig
 from .layers import apply_rope, dense, param
 
@@ -39,6 +52,31 @@ def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_seg
     return causal_bts & same_segment_bts
 
 
+class Mask(NamedTuple):
+    """The parts of ``attention_mask`` (one rule), kept apart so flash kernels can read them.
+
+    ``dense()`` is the boolean [b, t, s] of the rule; kernels use q_slots (None: not causal) and the
+    segment ids directly. Where a dense array is passed instead, attention runs on XLA.
+    """
+
+    q_slots_bt: jax.Array | None
+    q_segments_bt: jax.Array
+    k_segments_bs: jax.Array
+
+    def dense(self) -> jax.Array:
+        return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs)
+
+
+def select_impl(impl: str, t: int, s: int, e: int) -> str:
+    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e."""
+    platform = flash.target_platform()
+    if impl == "auto":
+        impl = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+    if impl == "splash" and platform == "tpu" and not flash.splash_supported(t, s, e):
+        return "xla"
+    return impl
+
+
 def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array,
                         with_weights: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The textbook definition, written out with einsums (float32 softmax); ``with_weights`` also returns
@@ -54,12 +92,18 @@ def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     return (out_bthe, probs.reshape(b, h, t, -1)) if with_weights else out_bthe
 
 
-def dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, impl: str) -> jax.Array:
+def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: str) -> jax.Array:
+    """Attention by ``impl``; a flash kernel only for self-attention given as a ``Mask`` whose query
+    slots are 0..T-1 (training and prefill from an empty cache), XLA otherwise."""
+    if isinstance(mask, Mask):
+        impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3])
+        if impl in flash.KERNELS:
+            return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs,
+                                       causal=mask.q_slots_bt is not None)
+        mask = mask.dense()
     if impl == "reference":
-        return reference_attention(q_bthe, k_bske, v_bske, mask_bts)
-    return jax.nn.dot_product_attention(
-        q_bthe, k_bske, v_bske, mask=mask_bts[:, None], implementation=None if impl == "auto" else impl
-    )
+        return reference_attention(q_bthe, k_bske, v_bske, mask)
+    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask[:, None], implementation="xla")
 
 
 class Attention(nnx.Module):
@@ -102,6 +146,8 @@ class Attention(nnx.Module):
             v_bske = self._project(x_btd, self.wv, self.bv)
         if self.use_rope and memory_kv is None:
             q_bthe, k_bske = apply_rope(q_bthe, rope), apply_rope(k_bske, rope)
+        if kv_cache is not None or memory_kv is not None:  # decoding, cross-attention: the dense mask, XLA
+            mask_bts = mask_bts.dense() if isinstance(mask_bts, Mask) else mask_bts
         if kv_cache is not None:  # write this step's keys/values at cache_index, attend over the buffer
             cache_k, cache_v = kv_cache
             start = (0, cache_index, 0, 0)
@@ -110,7 +156,8 @@ class Attention(nnx.Module):
             kv_cache = (k_bske, v_bske)
         k_bske, v_bske = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
         if self.sow_weights:  # the reference path, its weights [b, h, t, s] sown as an nnx.Intermediate
-            out_bthe, weights_bhts = reference_attention(q_bthe, k_bske, v_bske, mask_bts, with_weights=True)
+            dense_bts = mask_bts.dense() if isinstance(mask_bts, Mask) else mask_bts
+            out_bthe, weights_bhts = reference_attention(q_bthe, k_bske, v_bske, dense_bts, with_weights=True)
             self.sow(nnx.Intermediate, "weights", weights_bhts)
         else:
             out_bthe = dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, self.impl)

@@ -17,7 +17,7 @@ NormPosition = Literal["pre", "post"]
 Activation = Literal["relu", "gelu", "swiglu"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
-AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+AttentionImpl = Literal["auto", "xla", "splash", "cudnn", "reference"]
 Pooling = Literal["first", "mean"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -29,7 +29,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
-    "attention_impl": ("auto", "xla", "cudnn", "reference"),
+    "attention_impl": ("auto", "xla", "splash", "cudnn", "reference"),
     "pooling": ("first", "mean"),
 }
 
@@ -62,7 +62,8 @@ class ModelConfig:
     # lax.scan over stacked layers (fast compiles) or unrolled; None: the platform's choice, made by the trainer
     # (train/step.py: unrolled on CPU up to 8 layers, scanned elsewhere); the model alone scans
     scan_layers: bool | None = None
-    attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend, or the einsum reference
+    attention_impl: AttentionImpl = "auto"  # auto: splash on TPU, cudnn on GPU, xla on CPU (model/attention.py)
+    loss_chunk: int = -1  # positions per cross-entropy chunk (model/loss.py): -1 auto (chunk when T x vocab is large), 0 off
     init_std: float = 0.02
     n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)
     n_classes: int = 0  # encoder: > 0 adds a classification head over the pooled sequence
@@ -93,6 +94,8 @@ class ModelConfig:
         if self.n_classes and (self.n_classes < 2 or self.kind != "encoder"):
             raise ValueError(f"model.n_classes={self.n_classes}: a classification head needs model.kind=encoder "
                              "and n_classes >= 2 (0: none)")
+        if self.loss_chunk < -1:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk}: use -1 (auto), 0 (no chunking) or a chunk length")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
 

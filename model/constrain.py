@@ -24,6 +24,15 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return x if to_sharding is None else jax.lax.with_sharding_constraint(x, to_sharding(axes, x.shape))
 
 
+def layout_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...]) -> Any | None:
+    """The active layout's sharding for an array with these logical axes, or None outside a layout.
+
+    Kernels XLA cannot partition (model/flash.py) read the mesh and specs from it for ``shard_map``.
+    """
+    to_sharding = _LAYOUT.get()
+    return None if to_sharding is None else to_sharding(axes, shape)
+
+
 @contextlib.contextmanager
 def activation_layout(to_sharding: Layout) -> Iterator[None]:
     """Within the block, ``constrain`` maps logical axes to shardings with ``to_sharding``."""

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import attention_mask
+from .attention import Mask
 from .config import ModelConfig
 from .layers import Norm, param
 from .transformer import Cache, EmbedAndHead, Transformer, default_slots, layer_keys, run_blocks, stacked_blocks
@@ -30,7 +30,7 @@ def bidirectional_stack(model: EmbedAndHead, blocks, n_layers: int, tokens_bt: j
     _, positions_bt, segment_ids_bt = default_slots(tokens_bt, positions_bt, segment_ids_bt)
     embed_key, keys = layer_keys(model.cfg, dropout_key, n_layers)
     x_btd, rope = model.embed_tokens(tokens_bt, positions_bt, embed_key)
-    mask_bts = attention_mask(None, segment_ids_bt, segment_ids_bt)
+    mask_bts = Mask(None, segment_ids_bt, segment_ids_bt)  # attention_mask's parts
     return run_blocks(model.cfg, blocks, x_btd, mask_bts, rope, keys=keys)[0]
 
 
@@ -87,6 +87,12 @@ class Encoder(EmbedAndHead):
             return self.classify(*args)[:, None, :]
         return self(*args[:3], dropout_key=dropout_key)[0]
 
+    def forward_hidden(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array | None:
+        """Final hidden states behind the MLM logits; None for a classifier (its logits are not a vocab projection)."""
+        if self.cfg.n_classes:
+            return None
+        return self.encode(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+
 
 class EncoderDecoder(Transformer):
     """Encoder-decoder: a bidirectional encoder stack, and the decoder stack with cross-attention."""
@@ -116,3 +122,10 @@ class EncoderDecoder(Transformer):
         memory_bsd = self.encode(batch["src_inputs"], batch["src_positions"], batch["src_segment_ids"], enc_key)
         return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dec_key,
                     memory=(memory_bsd, batch["src_segment_ids"]))[0]
+
+    def forward_hidden(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
+        """The decoder's final hidden states behind ``forward_batch``'s logits."""
+        enc_key, dec_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        memory_bsd = self.encode(batch["src_inputs"], batch["src_positions"], batch["src_segment_ids"], enc_key)
+        return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dec_key,
+                    memory=(memory_bsd, batch["src_segment_ids"]), hidden=True)[0]

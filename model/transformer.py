@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import Attention, attention_mask
+from .attention import Attention, Mask
 from .config import ModelConfig
 from .constrain import constrain
+from .loss import project
 from .layers import Mlp, Norm, dropout, param, rope_angles, sinusoidal_embedding
 
 Cache = dict[str, jax.Array]
@@ -149,14 +150,13 @@ class EmbedAndHead(nnx.Module):
     def final(self, x_btd):
         return self.final_norm(x_btd) if self.cfg.norm_position == "pre" else x_btd
 
+    def output_weights(self) -> tuple[jax.Array, bool]:
+        """(the output projection's weights, tied): the embedding [V, D] when tied, else lm_head [D, V]."""
+        return (self.embed[...], True) if self.cfg.tie_embeddings else (self.lm_head[...], False)
+
     def vocab_logits(self, x_btd):
-        """Float32 logits [B, T, vocab] of final-normalised hidden states."""
-        dtype = self.cfg.compute_dtype
-        if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(dtype))
-        else:
-            logits = jnp.einsum("btd,dv->btv", x_btd, self.lm_head[...].astype(dtype))
-        return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+        """Float32 logits [B, T, vocab] of final-normalised hidden states (float32 accumulation)."""
+        return project(x_btd, *self.output_weights())
 
 
 def default_slots(tokens_bt, positions_bt, segment_ids_bt, index=None):
@@ -178,13 +178,14 @@ class Transformer(EmbedAndHead):
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, cache: Cache | None = None,
                  dropout_key: jax.Array | None = None, memory: tuple[Any, jax.Array] | None = None,
-                 ) -> tuple[jax.Array, Cache | None]:
+                 hidden: bool = False) -> tuple[jax.Array, Cache | None]:
         """Float32 logits [B, T, vocab] and the updated cache (None when not decoding).
 
         positions: index of each token within its document (default 0..T-1, offset by the cache).
         segment_ids: document id of each token for packed rows; 0 marks padding (default all 1).
         memory: (encoder output [B, S, D] or its per-layer keys/values, source segment ids [B, S]) for
         the encoder-decoder's cross-attention; a target token sees the source tokens of its segment.
+        hidden: return the final hidden states [B, T, D] instead of the logits.
         """
         index = jnp.int32(0) if cache is None else cache["index"]
         q_slots_bt, positions_bt, segment_ids_bt = default_slots(tokens_bt, positions_bt, segment_ids_bt, index)
@@ -195,18 +196,23 @@ class Transformer(EmbedAndHead):
         else:
             k_segments_bs = jax.lax.dynamic_update_slice(cache["segments"], segment_ids_bt, (0, index))
             kv = (cache["k"], cache["v"])
-        mask_bts = attention_mask(q_slots_bt, segment_ids_bt, k_segments_bs)
+        mask_bts = Mask(q_slots_bt, segment_ids_bt, k_segments_bs)  # attention_mask's parts (flash kernels)
         if memory is not None:
-            memory = (memory[0], attention_mask(None, segment_ids_bt, memory[1]))
+            memory = (memory[0], Mask(None, segment_ids_bt, memory[1]))
         x_btd, kv = run_blocks(self.cfg, self.blocks, x_btd, mask_bts, rope, kv, index, keys, memory)
-        logits = self.vocab_logits(self.final(x_btd))
+        x_btd = self.final(x_btd)
         t = tokens_bt.shape[1]
         new_cache = None if cache is None else {"k": kv[0], "v": kv[1], "segments": k_segments_bs, "index": index + t}
-        return logits, new_cache
+        return (x_btd if hidden else self.vocab_logits(x_btd)), new_cache
 
     def forward_batch(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits aligned with ``batch["targets"]`` (the train step's one entry point into every shape)."""
         return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)[0]
+
+    def forward_hidden(self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
+        """Final hidden states whose ``vocab_logits`` are ``forward_batch`` (the chunked loss's input)."""
+        return self(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key,
+                    hidden=True)[0]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> Cache:

@@ -6,6 +6,10 @@ and ``.classify`` (encoders); ``qkv.load_config`` and ``qkv.pretrain`` run train
 """
 from __future__ import annotations
 
+from .platforms import restrict_platforms
+
+restrict_platforms()  # before JAX starts: no TPU-probe noise on CPU machines with libtpu (qkv/platforms.py)
+
 __version__ = "0.1.0"
 
 

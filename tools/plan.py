@@ -179,6 +179,12 @@ def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
 
 def main(ns) -> int:
     """The ``qkv plan`` command (argparse namespace from qkv/cli.py)."""
+    if getattr(ns, "topology", None):  # the TPU compiler's answer (tools/tpu_plan.py), in this process
+        from .tpu_plan import format_topology_plan, topology_plan
+        source, overrides = split_config_args(ns.args)
+        plan = topology_plan(load_config(source, overrides), ns.topology, parse_mesh(ns.mesh) if ns.mesh else None)
+        print(json.dumps(plan) if ns.json else format_topology_plan(plan))
+        return 0 if plan["fits"] else 1
     if ns.device is not None and ns.device not in DEVICES:
         raise ValueError(f"--device {ns.device!r} is unknown: choose one of {', '.join(DEVICES)}")
     source, overrides = split_config_args(ns.args)

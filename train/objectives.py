@@ -36,34 +36,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qkv.data.tokenizer import MASK_ID
+from qkv.model.loss import batch_token_losses, token_losses
 
 from .mlm import mlm_corrupt
 
 Batch = dict[str, jax.Array]
 
 
-def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0,
-                 label_smoothing: float = 0.0) -> jax.Array:
-    """Per-token cross-entropy −log softmax(logits)[target] (+ z_loss · logZ²), float32 [B, T].
-
-    With label smoothing ε the target distribution is (1 − ε)·onehot + ε/V, so the loss is
-    logZ − (1 − ε)·logit[target] − ε·mean(logits).
-    """
-    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    if label_smoothing:
-        target_logit_bt = (1 - label_smoothing) * target_logit_bt + label_smoothing * jnp.mean(logits_btv, axis=-1)
-    return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
-
-
 def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None,
                      z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sum of masked token losses, number of target tokens, number predicted right by argmax) for one batch."""
-    logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    loss_sum = jnp.sum(token_losses(logits, batch["targets"], z_loss, label_smoothing) * mask)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask)
-    return loss_sum, jnp.sum(mask), correct
+    losses, hits = batch_token_losses(nnx.merge(graphdef, params), batch, dropout_key, z_loss, label_smoothing)
+    mask = batch["loss_mask"].astype(jnp.float32)  # (the loss is chunked over the sequence: model/loss.py)
+    return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(hits * mask)
 
 
 def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch,

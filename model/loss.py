@@ -1,0 +1,98 @@
+"""Cross-entropy over the vocabulary, with the output projection inside, in sequence chunks.
+
+The full loss materialises float32 logits ``[B, T, V]`` (and, for the backward pass, their softmax
+and gradient): at T=8192 and a 128k vocabulary that is 4 GiB per row, three times over. The chunked
+loss splits the sequence into chunks of ``C`` positions and, for each chunk in turn (``lax.map``),
+projects the final hidden states to logits, takes the loss and throws the logits away; the chunk
+is rematerialised (``jax.checkpoint``) in the backward pass, so peak logits memory is ``B × C × V``.
+Same math, same float32 accumulation, so losses and gradients equal the full loss to rounding.
+
+``model.loss_chunk``: -1 (auto) chunks when ``T × V`` exceeds ``AUTO_LIMIT`` elements per row, with
+the largest chunk under it; 0 never chunks; N > 0 uses chunks of N positions. Families whose logits
+are not a vocabulary projection of hidden states (an encoder's classifier) always take the full path.
+
+The projection contracts in the compute dtype and accumulates in float32
+(``preferred_element_type``), so bf16 compute no longer rounds the logits to bf16 before the loss.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .constrain import constrain
+
+AUTO_LIMIT = 1 << 25  # positions x vocabulary per row above which auto chunks (32M floats = 128 MiB)
+LOGITS = ("batch", "length", "vocab")
+
+
+def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0,
+                 label_smoothing: float = 0.0) -> jax.Array:
+    """Per-token cross-entropy −log softmax(logits)[target] (+ z_loss · logZ²), float32 [B, T].
+
+    With label smoothing ε the target distribution is (1 − ε)·onehot + ε/V, so the loss is
+    logZ − (1 − ε)·logit[target] − ε·mean(logits).
+    """
+    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        target_logit_bt = (1 - label_smoothing) * target_logit_bt + label_smoothing * jnp.mean(logits_btv, axis=-1)
+    return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
+
+
+def project(x_btd: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
+    """Float32 logits [B, T, V]: hidden states times the output weights (tied: the embedding [V, D])."""
+    spec = "btd,vd->btv" if tied else "btd,dv->btv"
+    return constrain(jnp.einsum(spec, x_btd, w.astype(x_btd.dtype), preferred_element_type=jnp.float32), LOGITS)
+
+
+def chunk_length(loss_chunk: int, seq_len: int, vocab: int) -> int:
+    """Positions per chunk for ``model.loss_chunk`` (0: one chunk, the full loss)."""
+    if loss_chunk > 0:
+        return min(loss_chunk, seq_len)
+    if loss_chunk == 0 or seq_len * vocab <= AUTO_LIMIT:
+        return 0
+    return max(AUTO_LIMIT // vocab, 1)
+
+
+def chunked_token_losses(x_btd: jax.Array, w: jax.Array, tied: bool, targets_bt: jax.Array, chunk: int,
+                         z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(per-token losses [B, T], argmax == target [B, T]) computed ``chunk`` positions at a time.
+
+    The sequence is padded to a multiple of ``chunk`` (padded positions are dropped at the end).
+    """
+    b, t, d = x_btd.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    x_nbcd = jnp.pad(x_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint  # keep only the chunk's inputs; recompute its logits in the backward pass
+    def one_chunk(xs):
+        x_bcd, targets_bc = xs
+        logits_bcv = project(x_bcd, w, tied)
+        hits_bc = jnp.argmax(logits_bcv, axis=-1) == targets_bc
+        return token_losses(logits_bcv, targets_bc, z_loss, label_smoothing), hits_bc
+
+    losses_nbc, hits_nbc = jax.lax.map(one_chunk, (x_nbcd, targets_nbc))
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]  # noqa: E731
+    return unchunk(losses_nbc), unchunk(hits_nbc)
+
+
+def batch_token_losses(model: Any, batch: dict[str, jax.Array], dropout_key: jax.Array | None,
+                       z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(per-token losses, argmax == target) of one batch against ``batch["targets"]``, both [B, T].
+
+    Chunked (``model.loss_chunk``) where the model's logits are a vocabulary projection
+    (``model.forward_hidden`` returns hidden states), the full logits otherwise.
+    """
+    targets_bt, cfg = batch["targets"], model.cfg
+    chunk = chunk_length(cfg.loss_chunk, targets_bt.shape[1], cfg.vocab_size)
+    hidden = model.forward_hidden(batch, dropout_key) if chunk else None
+    if hidden is None:
+        logits_btv = model.forward_batch(batch, dropout_key)
+        return (token_losses(logits_btv, targets_bt, z_loss, label_smoothing),
+                jnp.argmax(logits_btv, axis=-1) == targets_bt)
+    w, tied = model.output_weights()
+    return chunked_token_losses(hidden, w, tied, targets_bt, chunk, z_loss, label_smoothing)

@@ -1,0 +1,117 @@
+"""``qkv plan --topology``: the real train step compiled by the TPU compiler on this CPU machine (libtpu
+from the test extra, no TPU), its memory, collectives and cost estimate; splash attention keeps the
+compiled temporaries about linear in T where XLA attention grows quadratically; no TPU noise on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+from qkv.tools.tpu_plan import collective_stats, topology_plan
+from qkv.train.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOPOLOGY = "v5p:2x2x1"  # 4 chips
+
+
+def _qkv(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qkv.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def _no_platform_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+
+
+def test_tiny_train_step_compiles_for_a_tpu_slice_quietly():
+    out = _qkv("plan", "tiny", "train.batch_size=8", "--topology", TOPOLOGY, "--mesh", "fsdp=4", "--json",
+               env=_no_platform_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[:2000]  # libtpu's probe held back
+    plan = json.loads(out.stdout)
+    assert plan["chips"] == 4 and plan["chip"] == "TPU v5p" and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    c = plan["compiled"]
+    state = plan["model_parameters"] * 4 * 3 // 4  # float32 params + two AdamW moments, a quarter per chip
+    assert state < c["arguments"] < state * 2  # TPU layouts pad small dimensions (head 32) to 128-lane tiles
+    assert c["aliased"] >= 0.99 * state and plan["fits"]  # the state is donated and updated in place
+    assert plan["collectives"]["all-gather"]["count"] > 0  # fsdp gathers the weights
+    e = plan["estimate"]
+    assert e["step_seconds"] > 0 and 0 < e["mfu"] < 1
+
+
+def test_llama_1b_shaped_step_on_a_slice():
+    cfg = load_config("llama-1b", ["model.n_layers=2", "train.batch_size=4"])
+    plan = topology_plan(cfg, TOPOLOGY, {"data": 1, "fsdp": 4, "tensor": 1})
+    assert plan["attention"] == "splash" and plan["loss_chunk"] > 0  # the TPU defaults at T=2048, V=128k
+    assert plan["fits"] and plan["compiled"]["peak"] < 95 * 2 ** 30
+    # the train state dominates the arguments: 2 layers + the 128256 x 2048 tied embedding, 12 bytes per parameter
+    assert plan["compiled"]["arguments"] > plan["model_parameters"] * 12 / 4
+    assert plan["collectives"]["all-gather"]["bytes"] > 0 and 0 < plan["estimate"]["mfu"] < 1
+
+
+def _temporaries(attention: str, seq: int) -> int:
+    cfg = load_config("llama-1b", ["model.n_layers=1", "model.vocab_size=1024", "model.d_model=1024",
+                                   "model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=128", "model.d_ff=2048",
+                                   f"model.max_seq_len={seq}", f"data.seq_len={seq}", "train.batch_size=4",
+                                   f"model.attention_impl={attention}", "model.remat=full"])
+    plan = topology_plan(cfg, TOPOLOGY, {"data": 1, "fsdp": 4, "tensor": 1}, with_estimate=False)
+    assert plan["attention"] == attention
+    return plan["compiled"]["temporaries"]
+
+
+def test_splash_temporaries_grow_linearly_in_t_xla_quadratically():
+    splash = _temporaries("splash", 8192) / _temporaries("splash", 2048)
+    xla = _temporaries("xla", 8192) / _temporaries("xla", 2048)
+    assert splash < 6, splash  # 4x the tokens: ~4x the memory
+    assert xla > 10, xla  # 16x the [T, T] scores
+
+
+HLO = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %c = s32[]{:T(128)} constant(16)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[1024,256]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  %ar = (f32[128]{0}, f32[128]{0}) all-reduce(%a, %b), channel_id=2, to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %y)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %rs = f32[64]{0} reduce-scatter(%g), channel_id=3, dimensions={0}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_count_loop_bodies_once_per_trip():
+    stats = collective_stats(HLO)
+    assert stats["all-gather"] == {"count": 16, "bytes": 16 * 1024 * 256 * 2}
+    assert stats["all-reduce"] == {"count": 16, "bytes": 16 * 2 * 128 * 4}
+    assert stats["reduce-scatter"] == {"count": 1, "bytes": 64 * 4}
+    assert stats["all-to-all"]["count"] == 0
+
+
+def test_unknown_topology_is_one_line_error():
+    out = _qkv("plan", "tiny", "--topology", "v5p-8")
+    assert out.returncode == 2 and out.stderr.startswith("qkv: error: --topology 'v5p-8': use GENERATION:SHAPE")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_users_see_no_tpu_noise():
+    """libtpu is installed (the test extra) and no TPU exists: importing qkv restricts JAX to the CPU
+    before it starts, so the TPU probe's errors never print; an explicit JAX_PLATFORMS still wins."""
+    code = "import qkv.model, jax; print(jax.default_backend(), len(jax.devices()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_no_platform_env(),
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["cpu", "1"], out.stderr
+    assert out.stderr == "", out.stderr
+    from qkv.platforms import restrict_platforms
+    assert os.environ["JAX_PLATFORMS"] == "cpu" and restrict_platforms() is None  # explicit: left alone

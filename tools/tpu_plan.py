@@ -1,0 +1,320 @@
+"""``qkv plan CONFIG --topology v5p:4x4x8``: the TPU compiler's answer, on any machine.
+
+With ``jax[tpu]`` (libtpu) installed, ``jax.experimental.topologies.get_topology_desc`` describes a TPU
+slice without any TPU; the run's real train step (same ``Trainer``, rules table and shardings) is
+lowered over the slice's devices and compiled by the TPU compiler on this CPU. From the compiled
+program:
+
+- **HBM per chip** from ``compiled.memory_analysis()``: exact for this program (arguments = train
+  state + batch shards, temporaries = activations, gradients, logits, workspace), against the chip's
+  capacity. A program that does not fit fails to compile ("Ran out of memory in memory space hbm");
+  the compiler's own figures are reported then.
+- **Collectives** in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all,
+  collective-permute): count and bytes per step, loop bodies counted once per trip.
+- **The compiler's estimate** ``cost_analysis()["optimal_seconds"]``: turned into a step time and
+  MFU (model FLOPs 6·N·tokens + attention, over the chips' bf16 peak). An estimate of the TPU cost
+  model, never a measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+import jax
+import numpy as np
+
+from qkv.train.config import Config
+
+GIB = 1024 ** 3
+
+# device_kind -> (name, HBM GiB per chip, dense bf16 peak TFLOP/s per chip), from Cloud TPU's tables.
+CHIPS: dict[str, tuple[str, float, float]] = {
+    "TPU v4": ("TPU v4", 32, 275),
+    "TPU v5 lite": ("TPU v5e", 16, 197),
+    "TPU v5": ("TPU v5p", 95, 459),
+    "TPU v6 lite": ("TPU v6e", 32, 918),
+}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Hold back what libtpu prints to the C-level stderr while it describes a topology without a TPU
+    (host-bound and worker-hostname warnings); shown again if the block fails."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            os.write(2, sink.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU slice such as ``v5p:4x4x8`` (TPU generation: topology), compile-only."""
+    if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+)*", name):
+        raise ValueError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4")
+    from qkv.platforms import restrict_platforms
+    restrict_platforms()  # without a TPU: allow several compile-only libtpu loads (if libtpu is not loaded yet)
+    try:
+        from jax.experimental import topologies
+        with quiet_native_stderr():
+            return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as err:  # noqa: BLE001 (no libtpu, or a shape it does not know)
+        raise ValueError(f"--topology {name!r}: the TPU compiler cannot describe it ({str(err).splitlines()[0][:160]}); "
+                         'install it with pip install -e ".[tpu-compile]"') from None
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for dt, dims in re.findall(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]", text))
+
+
+def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
+    """{collective: {"count", "bytes"}} per step from compiled HLO text: each op's output bytes,
+    computations reached through a while loop counted once per trip (the loop condition's bound)."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head and not line.startswith(" "):
+            name = "ENTRY" if line.startswith("ENTRY") else head.group(1)
+            comps[name] = []
+        elif name is not None and line.startswith("  "):
+            comps[name].append(line)
+
+    def trips(condition: str) -> int:
+        consts = [int(c) for ln in comps.get(condition, []) for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", ln)]
+        return max(consts) if len(consts) == 1 else 1
+
+    totals = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
+
+    def visit(comp: str, times: int, depth: int = 0) -> None:
+        if depth > 20:
+            return
+        for ln in comps.get(comp, []):
+            op = re.search(r"\)?\s([a-z\-]+)\(", ln.split(" = ", 1)[-1]) if " = " in ln else None
+            opname = op.group(1) if op else ""
+            base = opname.removesuffix("-start")
+            if base in totals and not opname.endswith("-done"):
+                out_type = ln.split(" = ", 1)[1].split(f" {opname}(", 1)[0]
+                size = _shape_bytes(out_type)
+                if opname.endswith("-start") and base != "all-reduce":
+                    size = max(_shape_bytes(s) for s in re.findall(r"\w+\[[0-9,]*\]", out_type))
+                elif opname.endswith("-start"):
+                    size //= 2
+                totals[base]["count"] += times
+                totals[base]["bytes"] += times * size
+            body = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", ln)
+            if body:
+                visit(body.group(2), times * trips(body.group(1)), depth + 1)
+            for callee in re.findall(r"(?:calls|true_computation|false_computation)=%?([\w.\-]+)", ln):
+                visit(callee, times, depth + 1)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", ln):
+                for callee in re.findall(r"%?([\w.\-]+)", group):
+                    visit(callee, times, depth + 1)
+
+    visit("ENTRY", 1)
+    return totals
+
+
+def model_flops_per_step(cfg: Config, n_params: int) -> float:
+    """Training FLOPs of one step: 6 · (matmul parameters) · tokens + 12 · layers · heads · head · T · tokens.
+    The embedding lookup is no matmul: an untied input table is left out."""
+    m = cfg.model
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    matmul_params = n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+    attention = 12 * m.n_layers * m.n_heads * m.head_size * cfg.data.seq_len * tokens
+    return 6.0 * matmul_params * tokens + attention
+
+
+def _oom_figures(message: str) -> dict[str, Any]:
+    """The TPU compiler's own numbers from its out-of-memory error, where it gives them."""
+    out: dict[str, Any] = {"compiler_message": " ".join(message.split())[:600]}
+    used = re.search(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm", message)
+    if used:
+        scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+        out["peak"] = int(float(used.group(1)) * scale[used.group(2)])
+        out["compiler_capacity"] = int(float(used.group(3)) * scale[used.group(4)])
+    return out
+
+
+def advice(plan: dict[str, Any]) -> str:
+    """Which term dominates and what to change, for a plan that does not fit."""
+    c = plan.get("compiled", {})
+    args, temps = c.get("arguments", 0), c.get("temporaries", 0)
+    if args and args >= temps:
+        return ("the train state (arguments) dominates: split it over more chips (a larger mesh fsdp), a bigger slice, "
+                "or keep parameters in bfloat16 (model.param_dtype=bfloat16)")
+    fixes = ["model.remat=full" if plan["remat"] != "full" else None,
+             "model.attention_impl=splash" if plan["attention"] == "xla" else None,
+             "model.loss_chunk=-1 (chunked loss)" if not plan["loss_chunk"] else None,
+             "fewer rows per chip (train.batch_size, or optim.grad_accum)", "more tensor parallelism (mesh tensor=N)"]
+    return "activations (temporaries) dominate: try " + ", ".join(f for f in fixes if f)
+
+
+def _optimal_seconds(cfg: Config, mesh, rules, n_layers: int) -> tuple[float, float]:
+    """(optimal_seconds, flops) of the cost model for the step with ``n_layers`` unrolled layers and the
+    full loss: no loops, which the cost model counts once whatever their trip count."""
+    from qkv.train.step import Trainer
+
+    from .benchmark import synthetic_batch_for
+
+    model = replace(cfg.model, n_layers=n_layers, scan_layers=False, loss_chunk=0)
+    optim = replace(cfg.optim, grad_accum=1)
+    rows = cfg.train.batch_size // cfg.optim.grad_accum
+    trainer = Trainer(model, optim, mesh, rules, cfg.train.steps, cfg.train.seed)
+    example = synthetic_batch_for(cfg, 1)
+    batch = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), np.int32, sharding=trainer.batch_sharding)
+             for k, v in example.items()}
+    cost = trainer.train_step.lower(trainer.abstract_state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["optimal_seconds"]), float(cost["flops"])
+
+
+def estimate(cfg: Config, mesh, rules, n_params: int, attention: str, peak_tflops: float) -> dict[str, Any]:
+    """The compiler's step-time estimate, extrapolated over layers, and the MFU it implies.
+
+    XLA's cost analysis counts a loop body once (the scan over layers, the loss chunks, the micro-batch
+    loop), so the step is compiled twice more with 1 and 2 *unrolled* layers and the full loss:
+    step = grad_accum x (t1 + (layers - 1) x (t2 - t1)). The splash kernel carries no cost estimate, so
+    its FLOPs are invisible to the cost model; they are added at the chip's peak rate (optimistic).
+    """
+    try:
+        t1, f1 = _optimal_seconds(cfg, mesh, rules, 1)
+        t2, f2 = _optimal_seconds(cfg, mesh, rules, 2)
+    except Exception as err:  # noqa: BLE001 (e.g. the full logits of the small variants do not fit)
+        return {"unavailable": str(err).splitlines()[0][:200]}
+    m, chips = cfg.model, math.prod(mesh.shape.values())
+    step = cfg.optim.grad_accum * (t1 + (m.n_layers - 1) * (t2 - t1))
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    kernel_flops = 12 * m.n_layers * m.n_heads * m.head_size * cfg.data.seq_len * tokens / 2 / chips  # causal
+    kernel_seconds = kernel_flops / (peak_tflops * 1e12) if attention == "splash" else 0.0
+    step += kernel_seconds
+    flops = model_flops_per_step(cfg, n_params)
+    return {"step_seconds": step, "splash_seconds_at_peak": kernel_seconds,
+            "compiler_flops_per_chip": cfg.optim.grad_accum * (f1 + (m.n_layers - 1) * (f2 - f1)),
+            "model_flops_per_step": flops, "tokens_per_second": tokens / step,
+            "mfu": flops / chips / (step * peak_tflops * 1e12)}
+
+
+def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_estimate: bool = True) -> dict[str, Any]:
+    """Compile ``cfg``'s train step for ``topology`` with the TPU compiler; the plan as a dict
+    (``with_estimate``: also the step-time estimate, two more small compiles)."""
+    from qkv.model.flash import splash_supported
+    from qkv.model.loss import chunk_length
+    from qkv.train.sharding import check_batch, make_mesh, mesh_shape, resolve_rules
+    from qkv.train.step import Trainer
+
+    from .benchmark import synthetic_batch_for
+
+    devices = topology_devices(topology)
+    kind = devices[0].device_kind
+    chip, hbm_gib, peak_tflops = CHIPS.get(kind, (kind, float("nan"), float("nan")))
+    mesh_cfg = replace(cfg.mesh, **mesh) if mesh else cfg.mesh
+    n = len(devices)
+    shape = mesh_shape(mesh_cfg, n)
+    cfg = replace(cfg, mesh=replace(mesh_cfg, data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    jmesh = make_mesh(cfg.mesh, devices)
+    rules = resolve_rules(cfg.mesh.rules)
+    check_batch(cfg.train.batch_size, jmesh, rules)
+    trainer = Trainer(cfg.model, cfg.optim, jmesh, rules, cfg.train.steps, cfg.train.seed)
+    state = trainer.abstract_state
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+    example = synthetic_batch_for(cfg, 1)
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), np.int32, sharding=trainer.batch_sharding)
+             for k, v in example.items()}
+    attention = cfg.model.attention_impl if cfg.model.attention_impl != "auto" else "splash"  # auto on TPU
+    if attention == "splash" and not splash_supported(cfg.data.seq_len, cfg.data.seq_len, cfg.model.head_size):
+        attention = "xla"
+    plan: dict[str, Any] = {
+        "topology": topology, "chip": chip, "chips": n, "hbm_per_chip": int(hbm_gib * GIB) if hbm_gib == hbm_gib else None,
+        "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "model_parameters": n_params, "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
+        "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1]), "remat": cfg.model.remat,
+        "attention": attention, "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
+    }
+    start = time.perf_counter()
+    try:
+        compiled = trainer.train_step.lower(state, batch).compile()
+    except Exception as err:  # noqa: BLE001
+        if "Ran out of memory" not in str(err) and "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        plan["compile_seconds"] = time.perf_counter() - start
+        plan["compiled"] = _oom_figures(str(err))
+        plan["fits"] = False
+        plan["advice"] = advice(plan)
+        return plan
+    plan["compile_seconds"] = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    args, out, alias, temp = (stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
+                              stats.temp_size_in_bytes)
+    plan["compiled"] = {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp,
+                        "peak": args + out - alias + temp}
+    plan["fits"] = plan["hbm_per_chip"] is None or plan["compiled"]["peak"] <= plan["hbm_per_chip"]
+    if not plan["fits"]:
+        plan["advice"] = advice(plan)
+    plan["collectives"] = collective_stats(compiled.as_text())
+    if with_estimate:
+        plan["estimate"] = estimate(cfg, jmesh, rules, n_params, attention, peak_tflops)
+    return plan
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if abs(b) >= GIB / 10 else f"{b / 2 ** 20:.2f} MiB"
+
+
+def format_topology_plan(plan: dict[str, Any]) -> str:
+    m, c = plan["mesh"], plan["compiled"]
+    n = plan["model_parameters"]
+    lines = [f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"]
+    lines = [f"{lines[0]} parameters on {plan['topology']}: {plan['chips']} x {plan['chip']} "
+             f"({_gib(plan['hbm_per_chip'] or 0)} HBM, {plan['peak_tflops_per_chip']:g} TFLOP/s bf16 each), "
+             "compiled by the TPU compiler on this machine",
+             f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; {plan['rows_per_chip']:g} rows x "
+             f"{plan['seq_len']} tokens per chip; attention {plan['attention']}, remat {plan['remat']}, loss "
+             + (f"in chunks of {plan['loss_chunk']} positions" if plan["loss_chunk"] else "over full logits"),
+             f"compile time {plan['compile_seconds']:.0f} s", "", "HBM per chip (compiled memory analysis):"]
+    if "arguments" in c:
+        lines += [f"  arguments           {_gib(c['arguments']):>12}  (train state + batch shards)",
+                  f"  temporaries         {_gib(c['temporaries']):>12}  (activations, gradients, logits, workspace)",
+                  f"  outputs not aliased {_gib(c['outputs'] - c['aliased']):>12}"]
+    peak, cap = c.get("peak"), plan["hbm_per_chip"]
+    if peak is not None and cap:
+        verdict = f"fits, {_gib(cap - peak)} spare" if plan["fits"] else f"does NOT fit: short by {_gib(peak - cap)}"
+        lines.append(f"  peak                {_gib(peak):>12}  of {_gib(cap)}: {verdict}")
+    elif not plan["fits"]:
+        lines.append("  does NOT fit: the compiler ran out of HBM")
+    if "compiler_message" in c:
+        lines.append(f"  compiler: {c['compiler_message'][:300]}")
+    if "advice" in plan:
+        lines.append(f"  what to change: {plan['advice']}")
+    if "collectives" in plan:
+        lines += ["", "collectives per step (compiled HLO, loop bodies x trips):"]
+        lines += [f"  {name:18s} {v['count']:6d}  {_gib(v['bytes']):>12}" for name, v in plan["collectives"].items()
+                  if v["count"]]
+    e = plan.get("estimate", {})
+    if "unavailable" in e:
+        lines += ["", f"no step-time estimate: {e['unavailable']}"]
+    elif e:
+        lines += ["", "the TPU compiler's estimate (its cost model's optimal_seconds, 1- and 2-layer compiles "
+                  "extrapolated; not a measurement):",
+                  f"  step {e['step_seconds'] * 1e3:.4g} ms, {e['tokens_per_second'] / 1e6:.3g}M tokens/s, "
+                  f"MFU {e['mfu']:.1%} (model FLOPs {e['model_flops_per_step']:.3g} per step"
+                  + (f"; splash kernels counted at peak: {e['splash_seconds_at_peak'] * 1e3:.3g} ms" if
+                     e["splash_seconds_at_peak"] else "") + ")"]
+    return "\n".join(lines)
