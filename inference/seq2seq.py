@@ -20,7 +20,7 @@ from flax import nnx
 
 from .beam import beam_search
 from qkv.model.config import ModelConfig
-from .decode import SamplingConfig, sample_logits, trim_at_eos
+from .decode import SamplingConfig, check_beam, limit_vocab, sample_logits, trim_at_eos
 from qkv.model.transformer import init_cache, reorder_cache
 
 
@@ -43,8 +43,7 @@ class Seq2SeqDecoder:
         if cfg.kind != "encoder_decoder":
             raise ValueError(f"model.kind={cfg.kind!r} has no decoder reading a source: translation needs an "
                              "encoder_decoder checkpoint")
-        if beam_size < 1:
-            raise ValueError(f"beam_size={beam_size} must be >= 1")
+        check_beam(beam_size, length_penalty)
         self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
         self.beam_size, self.length_penalty = beam_size, length_penalty
 
@@ -61,11 +60,11 @@ class Seq2SeqDecoder:
         src, segments = right_pad(sources, pad_id)
         if self.beam_size > 1:
             tokens = _beam(self.graphdef, self.cfg, params, src, segments, bos_id, eos_id, steps, self.beam_size,
-                           self.length_penalty)[:, 0]
+                           self.length_penalty, self.sampling.vocab_limit)[:, 0]
         else:
             s = self.sampling
             tokens = _sample(self.graphdef, self.cfg, params, src, segments, jax.random.key(s.seed), bos_id, steps,
-                             s.temperature, s.top_k, s.top_p)
+                             s.temperature, s.top_k, s.top_p, s.vocab_limit)
         return [trim_at_eos(row, eos_id) for row in np.asarray(tokens)]
 
 
@@ -76,8 +75,8 @@ def _encode(model, src_bs, segments_bs, rows: int):
     return (repeat(memory_kv[0], 1), repeat(memory_kv[1], 1)), repeat(segments_bs, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9, 10))
-def _sample(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9, 10, 11))
+def _sample(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temperature, top_k, top_p, vocab_limit=0):
     model = nnx.merge(graphdef, params)
     memory = _encode(model, src_bs, segments_bs, 1)
     b = src_bs.shape[0]
@@ -85,7 +84,7 @@ def _sample(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temp
     def step(carry, i):
         token_b, cache = carry
         logits, cache = model(token_b[:, None], cache=cache, memory=memory)
-        token_b = sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p)
+        token_b = sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p, vocab_limit)
         return (token_b, cache), token_b
 
     start = (jnp.full((b,), bos_id, jnp.int32), init_cache(cfg, b, steps))
@@ -93,15 +92,15 @@ def _sample(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temp
     return tokens_tb.T
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7, 8, 9))
-def _beam(graphdef, cfg, params, src_bs, segments_bs, bos_id, eos_id, steps, beam_size, length_penalty):
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7, 8, 9, 10))
+def _beam(graphdef, cfg, params, src_bs, segments_bs, bos_id, eos_id, steps, beam_size, length_penalty, vocab_limit=0):
     model = nnx.merge(graphdef, params)
     memory = _encode(model, src_bs, segments_bs, beam_size)
     b = src_bs.shape[0]
 
     def logits_fn(tokens_n, cache):
         logits, cache = model(tokens_n[:, None], cache=cache, memory=memory)
-        return logits[:, -1], cache
+        return limit_vocab(logits[:, -1], vocab_limit), cache
 
     tokens, _ = beam_search(logits_fn, init_cache(cfg, b * beam_size, steps), jnp.full((b,), bos_id, jnp.int32),
                             beam_size=beam_size, max_new_tokens=steps, eos_id=eos_id, length_penalty=length_penalty,

@@ -56,6 +56,7 @@ from .sharding import activation_layout, batch_sharding, check_batch, make_mesh,
 from .step import abstract_params, abstract_train_state, learning_rate_schedule, make_optimizer, token_losses
 from .lora import init_lora, lora_paths, merge_lora
 from .tasks import pad_to_same_count
+from .validate import check_run_dir
 
 # ---------------------------------------------------------------------------------------------
 # The trainer: same interface as train.step.Trainer, as far as train.loop uses it
@@ -422,6 +423,7 @@ def finetune(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
     if run_dir == Path(cfg.finetune.init_from):
         raise ValueError("train.run_dir is finetune.init_from: write the fine-tuned run to a new directory")
+    check_run_dir(run_dir)
     fresh_dir = not run_dir.exists()
     try:
         setup = _setup(cfg, run_dir)
@@ -441,7 +443,8 @@ def finetune(cfg: Config) -> dict[str, Any]:
             and cfg.model.kind == "decoder":
         restored = checkpoint.restore(run_dir, trainer.abstract_state, with_optimizer=False)[0]
         params = trainer.policy_params(restored["params"], trainer.frozen)
-        decoder = Decoder(cfg.model, trainer.graphdef, SamplingConfig(temperature=0.0, max_new_tokens=cfg.train.sample_tokens))
+        decoder = Decoder(cfg.model, trainer.graphdef, SamplingConfig(temperature=0.0, max_new_tokens=cfg.train.sample_tokens,
+                                                                         vocab_limit=tok.vocab_size))
         ids = decoder.generate(params, [[tok.bos_id] + tok.encode(cfg.train.sample_prompt)], tok.pad_id, tok.eos_id)[0]
         summary["sample"] = cfg.train.sample_prompt + tok.decode(ids)
         loop.log("sample (greedy):\n" + summary["sample"])

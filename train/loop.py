@@ -32,6 +32,7 @@ from .metrics import MetricsWriter, flops_per_token
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import Trainer
 from .tasks import task_for
+from .validate import check_run_dir
 
 
 def is_main_process() -> bool:
@@ -113,8 +114,10 @@ def run_eval(trainer: Trainer, params: Any, batches) -> dict[str, float]:
 def sample_text(trainer: Trainer, params: Any, tok: Tokenizer, prompt: str, max_new_tokens: int,
                 seed: int = 0) -> str:
     decoder = Decoder(trainer.model_cfg, trainer.graphdef,
-                      SamplingConfig(temperature=0.7, top_k=40, max_new_tokens=max_new_tokens, seed=seed))
-    ids = decoder.generate(params, [[tok.bos_id] + tok.encode(prompt)], tok.pad_id, tok.eos_id)[0]
+                      SamplingConfig(temperature=0.7, top_k=40, max_new_tokens=max_new_tokens, seed=seed,
+                                     vocab_limit=tok.vocab_size))
+    prompt_ids = ([tok.bos_id] + tok.encode(prompt))[-(trainer.model_cfg.max_seq_len - 1):]  # a long prompt: its end
+    ids = decoder.generate(params, [prompt_ids], tok.pad_id, tok.eos_id)[0]
     return prompt + tok.decode(ids)
 
 
@@ -254,6 +257,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     """
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
+    check_run_dir(run_dir)
     fresh_dir = not run_dir.exists()
     try:
         setup = _setup(cfg, run_dir)

@@ -182,3 +182,23 @@ def check_section(section: str, obj: Any) -> None:
         value = getattr(obj, key)
         if not test(value):
             raise ValueError(f"{section}.{key}={show(value)} must be {need}: {fix}")
+
+
+def check_run_dir(run_dir: "Path") -> None:
+    """``train.run_dir`` must be a directory, or a path where one can be made: not a file, not under a file,
+    not under a folder this process cannot write to. Checked before anything is created."""
+    import os
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.run_dir={str(run_dir)!r} is a file, not a directory: choose another train.run_dir")
+    ancestor = run_dir
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"train.run_dir={str(run_dir)!r} lies under the file {str(ancestor)!r}: choose another "
+                         "train.run_dir")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"train.run_dir={str(run_dir)!r}: {str(ancestor)!r} is not writable by this user: choose "
+                         "another train.run_dir")
