@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from qkv.data import Tokenizer
-from qkv.inference.decode import Decoder, SamplingConfig
+from qkv.inference.decode import Decoder, SamplingConfig, check_beam
 from qkv.model.encoder import mean_pool
 from qkv.train import checkpoint
 from qkv.train.config import Config, MeshConfig, config_from_dict
@@ -122,6 +122,7 @@ class LanguageModel:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._require("decoder", "encoder_decoder", what="generation")
         SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        check_beam(beam_size, length_penalty)
         max_new_tokens = self._fitted(prompts, max_new_tokens)
         if self.kind == "encoder_decoder":
             from qkv.inference.translate import translate

@@ -95,3 +95,204 @@ def test_boundary_values_accepted():
                                f"train.seed={2**32 - 1}", "data.eval_batches=0", "optim.min_lr_ratio=1",
                                "mesh.rules={batch: [data, fsdp], embed: null}"])
     assert cfg.train.seed == 2**32 - 1 and cfg.data.seq_len == 2
+
+
+# ----------------------------------------------------------------------------- runs, corpora, tokenizers, sampling
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+SMALL = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "data.eval_batches=1",
+         "tokenizer.train_documents=40", "data.validation_fraction=0.5", "train.progress=false"]
+TINY_TEXT = ["def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
+             "class Box:\n    def __init__(self, x):\n        self.x = x\n"]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qkv: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run on a two-file corpus: its tokenizer has far fewer pieces than model.vocab_size=512, and the
+    end-of-run sample (sampling over the whole output layer) must not produce ids no piece has."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TINY_TEXT):
+        (corpus / f"{i}.py").write_text(text)
+    code = main(["pretrain", "tiny", *SMALL, "train.steps=2", "train.sample_tokens=24", "data.source=files",
+                 f"data.path={corpus}", f"data.data_dir={tmp / 'd'}", f"train.run_dir={tmp / 'run'}",
+                 "train.checkpoint_every=1", "train.keep_checkpoints=5"])
+    assert code == 0
+    return tmp / "run"
+
+
+def test_tokenizer_smaller_than_the_model_vocab_trains_and_samples(tiny_run, capsys):
+    from qkv.data import Tokenizer
+    tok = Tokenizer.load(tiny_run / "tokenizer.model")
+    assert tok.vocab_size < 400  # far below model.vocab_size=512: the ids above it have no piece
+    assert main(["generate", "--checkpoint", str(tiny_run), "--prompt", "def ", "--max-new-tokens", "20",
+                 "--temperature", "2.0", "--seed", "3"]) == 0
+    assert main(["generate", "--checkpoint", str(tiny_run), "--prompt", "def ", "--max-new-tokens", "6",
+                 "--beam-size", "3"]) == 0
+    import qkv
+    lm = qkv.load(tiny_run)
+    for seed in range(3):
+        ids = lm._decoder(20, 2.0, 0, 1.0, seed).generate(lm.params, lm.prompt_ids(["x"]), tok.pad_id, None)[0]
+        assert max(ids) < tok.vocab_size
+
+
+def test_max_new_tokens_beyond_the_context_generates_what_fits_with_a_note(tiny_run, capsys):
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tiny_run), "--prompt", "def ", "--max-new-tokens", "100000",
+                 "--temperature", "0", "--no-stream"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [e for e in err if e.startswith("qkv: note: --max-new-tokens=100000 is more than the ")], err
+    assert "context of 32" in err[0] and "generating at most" in err[0]
+    import qkv
+    lm = qkv.load(tiny_run)
+    with pytest.warns(UserWarning, match="max_new_tokens=1000 is more than the"):
+        lm.generate("def ", max_new_tokens=1000, temperature=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.generate("def ", max_new_tokens=3, temperature=0.0)  # within the context: no warning
+
+
+SAMPLING_CASES = [
+    ("temperature-nan", ["--temperature", "nan"], "temperature=nan must be a finite number >= 0"),
+    ("temperature-inf", ["--temperature", "inf"], "temperature=inf"),
+    ("top-p-nan", ["--top-p", "nan"], "top_p=nan"),
+    ("top-k-huge", ["--top-k", str(2**40)], "top_k="),
+    ("seed-negative", ["--seed", "-1"], "seed=-1"),
+    ("beam-zero", ["--beam-size", "0"], "beam_size=0 must be an integer in [1, 1024]"),
+    ("beam-huge", ["--beam-size", "100000"], "beam_size=100000"),
+    ("length-penalty-nan", ["--beam-size", "2", "--length-penalty", "nan"], "length_penalty=nan"),
+    ("temperature-not-a-number", ["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+    ("unknown-flag", ["--temprature", "1"], "unrecognized arguments: --temprature"),
+    ("missing-step", ["--step", "7"], "no checkpoint step 7 in "),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=[c[0] for c in SAMPLING_CASES])
+def test_sampling_flag_refused_with_one_line(case, tiny_run, capsys):
+    _, flags, expected = case
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tiny_run), "--prompt", "x", *flags]) == 2
+    line = one_error_line(capsys)
+    assert expected in line, line
+    if "step 7" in expected:
+        assert "the steps there are 1, 2" in line
+
+
+def test_api_refuses_bad_sampling_values(tiny_run):
+    import qkv
+    lm = qkv.load(tiny_run)
+    for kwargs, key in ((dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"),
+                        (dict(beam_size=0), "beam_size"), (dict(seed=2**40), "seed")):
+        with pytest.raises(ValueError, match=key):
+            lm.generate("x", **kwargs)
+
+
+def test_blank_corpus_refused_before_anything_is_cached(tmp_path, capsys):
+    corpus = tmp_path / "blank"
+    corpus.mkdir()
+    for i, text in enumerate([" \n\n\t  \n", "\n" * 50, "   "]):
+        (corpus / f"{i}.txt").write_text(text)
+    data_dir = tmp_path / "cache"
+    code = main(["pretrain", "tiny", *SMALL, "data.source=files", f"data.path={corpus}", f"data.data_dir={data_dir}",
+                 f"train.run_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "corpus has 0 non-blank document(s)" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    assert not data_dir.exists() or not any(p.is_file() for p in data_dir.rglob("*")), list(data_dir.rglob("*"))
+
+
+def test_files_that_are_not_what_they_should_be(tiny_run, tmp_path, capsys):
+    config = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+    assert main(["tokenizer", "encode", "--model", str(config), "hi"]) == 2
+    assert f"tokenizer model '{config}' cannot be used: it is not a SentencePiece model" in one_error_line(capsys)
+    assert main(["pretrain", "tiny", *SMALL, f"tokenizer.path={config}", f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert "is not a SentencePiece model" in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a run")
+    for run_dir, words in ((a_file, "is a file, not a directory"), (a_file / "sub", "lies under the file")):
+        assert main(["pretrain", "tiny", *SMALL, f"train.run_dir={run_dir}"]) == 2
+        assert words in one_error_line(capsys)
+    assert a_file.read_text() == "not a run"
+
+
+def test_damaged_run_metadata_names_its_file(tiny_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta = run / "checkpoints" / "2" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:2000])  # cut inside a JSON string
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
+    line = one_error_line(capsys)
+    assert f"its run metadata in {meta.parent} cannot be read" in line and "restore the step" in line, line
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x", "--step", "1", "--max-new-tokens", "2"]) == 0
+
+
+def _qkv(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "qkv.cli", *args], env=env, timeout=600, **kw)
+
+
+def test_closed_stdout_ends_generate_quietly(tiny_run):
+    """`qkv generate ... | head -c 10`, with the reader gone before the first byte: exit 0, nothing on stderr."""
+    for extra in ([], ["--no-stream"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            out = _qkv("generate", "--checkpoint", str(tiny_run), "--prompt", "def ", "--max-new-tokens", "4",
+                       *extra, stdout=write, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write)
+        assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+
+
+def test_abandoned_orbax_reads_are_cancelled_before_their_loop_closes():
+    """At the source: when one read of a gather fails, the others are cancelled and awaited (their finally
+    blocks run) before Orbax closes its event loop, so nothing is left for the garbage collector to report."""
+    import asyncio
+    import gc
+
+    from orbax.checkpoint._src import asyncio_utils
+
+    from qkv.train.checkpoint import draining_event_loops
+
+    cleaned, unraisable = [], []
+
+    async def read(i):
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(i)
+            await asyncio.sleep(0)  # like orbax's `async with reserved_bytes(...)` exit
+
+    async def broken():
+        await asyncio.sleep(0.01)
+        raise OSError("truncated file")
+
+    async def restore():
+        await asyncio.gather(broken(), *[read(i) for i in range(4)])
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with draining_event_loops(), pytest.raises(OSError, match="truncated"):
+            asyncio_utils.run_sync(restore())
+        assert sorted(cleaned) == [0, 1, 2, 3]
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert unraisable == []
