@@ -175,8 +175,8 @@ def split_keys(keys: list[str], validation_fraction: float) -> tuple[list[str], 
     """
     if len(keys) < 2:
         raise ValueError(
-            f"corpus has {len(keys)} non-blank document(s): need at least 2 to split "
-            "train/validation by document; add files (or JSONL records)"
+            f"corpus has {len(keys)} non-empty document(s) (whitespace-only ones do not count): need at "
+            "least 2 to split train/validation by document; add files (or JSONL records)"
         )
     ranked = sorted(set(keys), key=lambda k: (_unit_hash(k), k))
     n_val = sum(_unit_hash(k) < validation_fraction for k in ranked)

@@ -100,7 +100,11 @@ def _nonblank_lines(path_text: str, what: str) -> list[str]:
     path = Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path_text!r} does not exist")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {path_text!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _read_prompts(ns: argparse.Namespace) -> list[str]:

@@ -51,8 +51,8 @@ CONFIG_CASES = [
      "duplicate key 'steps' (first on line 2, again on line 3)"),
     ("duplicate-yaml-section", lambda t: [_file(t, "dups.yaml", "train: {steps: 3}\noptim: {}\ntrain: {seed: 1}\n")],
      "duplicate key 'train'"),
-    ("yaml-bare-string", lambda t: [_file(t, "str.yaml", "hello\n")], "str.yaml' holds a str, not a mapping"),
-    ("yaml-list", lambda t: [_file(t, "list.yaml", "- a\n- b\n")], "list.yaml' holds a list, not a mapping"),
+    ("yaml-bare-string", lambda t: [_file(t, "str.yaml", "hello\n")], "str.yaml' must be a mapping of sections, got a str"),
+    ("yaml-list", lambda t: [_file(t, "list.yaml", "- a\n- b\n")], "list.yaml' must be a mapping of sections, got a list"),
     ("yaml-binary", lambda t: [_file(t, "bin.yaml", b"\x89PNG\r\n\x1a\n\x00\xff\xfe")],
      "bin.yaml' is not a text file (byte 0 is not UTF-8)"),
 ]
@@ -209,7 +209,7 @@ def test_blank_corpus_refused_before_anything_is_cached(tmp_path, capsys):
     code = main(["pretrain", "tiny", *SMALL, "data.source=files", f"data.path={corpus}", f"data.data_dir={data_dir}",
                  f"train.run_dir={tmp_path / 'run'}"])
     assert code == 2
-    assert "corpus has 0 non-blank document(s)" in one_error_line(capsys)
+    assert "corpus has 0 non-empty document(s) (whitespace-only ones do not count)" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
     assert not data_dir.exists() or not any(p.is_file() for p in data_dir.rglob("*")), list(data_dir.rglob("*"))
 

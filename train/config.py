@@ -104,6 +104,11 @@ class TrainConfig:
     progress: bool = True
     distributed: Literal["auto", "on", "off"] = "auto"  # initialise jax.distributed from the environment
     skip_nonfinite: bool = False  # skip (do not apply) an update whose loss or gradient norm is NaN/Inf
+    spike_rewind: bool = False  # on a loss spike, rewind to the last checkpoint and skip the spike's batches (train/rewind.py)
+    spike_window: int = 100  # steps of loss history for the robust threshold; also the window for spike_max_rewinds
+    spike_k: float = 6.0  # a spike: loss > median + spike_k * MAD of the window
+    spike_grad_factor: float = 10.0  # ... or gradient norm > this many times its median
+    spike_max_rewinds: int = 3  # this many rewinds within one window stop the run (exit 3)
 
     def __post_init__(self) -> None:
         check_section("train", self)
@@ -235,7 +240,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     where = prefix or "config"
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}: write it as "
+                         f"{where + ': ' if prefix else ''}{{key: value, ...}} (qkv config tiny prints every section)")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -323,8 +329,8 @@ def read_yaml(source: str | Path | None) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {source!r} holds a {type(data).__name__}, not a mapping: write it as "
-                         "section: {key: value} mappings (qkv config tiny prints one)")
+        raise ValueError(f"config {source!r} must be a mapping of sections, got a {type(data).__name__}: write it "
+                         "as section: {key: value} mappings (qkv config tiny prints one)")
     return data
 
 

@@ -25,7 +25,7 @@ import yaml
 from qkv.data import Tokenizer, iterator_state_from_json, iterator_state_to_json, train_tokenizer
 from qkv.inference.decode import Decoder, SamplingConfig
 
-from . import checkpoint
+from . import checkpoint, rewind
 from .config import Config, config_from_dict
 from .distributed import all_processes_text, maybe_initialize, process_data_state
 from .metrics import MetricsWriter, flops_per_token
@@ -267,9 +267,48 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     trainer, tok, state, data_iter, task, val_source, good_step = setup
-    return _train(cfg, run_dir, trainer, tok, state, data_iter, good_step,
-                  evaluate=lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)),
-                  report=lambda params: task.report(trainer, params, tok, val_source))
+    spikes = None
+    while True:  # once, or once more after each loss-spike rewind (train/rewind.py)
+        if cfg.train.spike_rewind:
+            data_iter, spikes = _spike_guard(cfg, run_dir, data_iter, good_step)
+        try:
+            return _train(cfg, run_dir, trainer, tok, state, data_iter, good_step,
+                          evaluate=lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)),
+                          report=lambda params: task.report(trainer, params, tok, val_source), spikes=spikes)
+        except rewind.Spike as spike:
+            state, good_step = _rewind(cfg, run_dir, trainer, data_iter, spike, good_step)
+
+
+def _spike_guard(cfg: Config, run_dir: Path, data_iter, step: int | None):
+    """The data iterator with the recorded spike windows skipped, and the detector as of checkpoint ``step``."""
+    t = cfg.train
+    inner = data_iter.inner if isinstance(data_iter, rewind.SkippingIterator) else data_iter
+    history = checkpoint.read_meta(run_dir, step).get("spike_history") if step is not None else None
+    return (rewind.SkippingIterator(inner, step or 0, rewind.load_plan(run_dir), log),
+            rewind.SpikeDetector(t.spike_window, t.spike_k, t.spike_grad_factor, history, step or 0))
+
+
+def _rewind(cfg: Config, run_dir: Path, trainer: Trainer, data_iter, spike: rewind.Spike, good_step: int | None):
+    """Record the rewind (before anything else: a kill from here on resumes the same way), restore the newest
+    checkpoint (it precedes the spike) with its data position; returns (state, its step)."""
+    t = cfg.train
+    plan = rewind.load_plan(run_dir)
+    entry = rewind.record(plan, spike, good_step or 0, t.spike_window, t.spike_max_rewinds) if good_step else None
+    if entry is None:
+        why = ("no checkpoint precedes it" if not good_step else
+               f"{t.spike_max_rewinds} rewinds within {t.spike_window} steps")
+        raise TrainingDiverged(f"{spike} and {why}: lower optim.learning_rate (now {cfg.optim.learning_rate:g}), raise "
+                               "optim.warmup_steps, or raise train.spike_max_rewinds")
+    if is_main_process():
+        rewind.save_plan(run_dir, plan + [entry])
+    _sync("qkv_rewind")
+    restored, meta = checkpoint.restore(run_dir, trainer.abstract_state, good_step)
+    restored["step"] = jax.device_put(np.int32(restored["step"]), trainer.state_shardings["step"])
+    data_iter.set_state(iterator_state_from_json(process_data_state(meta)))
+    if is_main_process():
+        _truncate_metrics(run_dir, good_step)
+    log(f"{spike}; rewound to step {good_step}, skipping the batches of steps {spike.step}..{spike.detected_at}")
+    return restored, good_step
 
 
 def _setup(cfg: Config, run_dir: Path):
@@ -306,7 +345,8 @@ Report = Callable[[Any], dict[str, Any]]  # params -> the end-of-run report (a s
 
 
 def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, good_step: int | None,
-           evaluate: Evaluate, report: Report | None = None) -> dict[str, Any]:
+           evaluate: Evaluate, report: Report | None = None,
+           spikes: rewind.SpikeDetector | None = None) -> dict[str, Any]:
     """The loop shared by ``pretrain`` and ``finetune``: steps, logging, evaluation, checkpoints, stops."""
     from qkv.model import count_params
     n_params = count_params(state["params"])
@@ -319,7 +359,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
     def meta_now() -> dict[str, Any]:
         data = iterator_state_to_json(data_iter.get_state())  # each process has its own position in its shard
         return {"config": cfg.to_dict(), "data": data, "data_per_process": all_processes_text(data),
-                "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes())}
+                "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes()),
+                **({"spike_history": spikes.state()} if spikes is not None else {})}
 
     start = int(jax.device_get(state["step"]))
     flops_per_step = (flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.source_len) * cfg.train.batch_size
@@ -363,6 +404,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                 stopping = agreement.poll() and done < end
                 if done % cfg.train.log_every == 0 or done == end or stopping:
                     host = jax.device_get(pending)  # the only host sync in the loop
+                    if spikes is not None:  # a spike rewinds (raises rewind.Spike) instead of stopping
+                        spikes.check(done - len(host) + 1, host)
                     skipped = check_finite(host)
                     elapsed = time.time() - window_start
                     tokens = sum(float(m["tokens"]) for m in host)
@@ -387,7 +430,9 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                                     f"val loss {ev['loss']:.4f}, val ppl {ev['perplexity']:.2f}")
                     window_start = time.time()  # evaluation time is not training throughput
                 if done % cfg.train.checkpoint_every == 0 or done == end or stopping:
-                    if pending:  # steps not yet checked at a log point: never save a state past a NaN
+                    if pending:  # steps not yet checked at a log point: never save a state past a NaN (or spike)
+                        if spikes is not None:
+                            spikes.check(done - len(pending) + 1, jax.device_get(pending))
                         check_finite(jax.device_get(pending), count=False)
                     try:
                         checkpoint.save(mngr, state, meta_now())

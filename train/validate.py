@@ -156,6 +156,10 @@ RULES: dict[str, list[Rule]] = {
         ("checkpoint_every", positive(MAX_STEPS), "a positive integer", "use e.g. 100"),
         ("keep_checkpoints", positive(10**6), "a positive integer", "use e.g. 3"),
         ("sample_tokens", count(MAX_SEQ), "an integer >= 0", "use e.g. 64 (0: no sample)"),
+        ("spike_window", int_in(20, 10**6), "an integer in [20, 1e6]", "use e.g. 100"),
+        ("spike_k", gt0, "a finite number > 0", "use e.g. 6"),
+        ("spike_grad_factor", lambda x: finite(x) and x > 1, "a finite number > 1", "use e.g. 10"),
+        ("spike_max_rewinds", positive(10**6), "a positive integer", "use e.g. 3"),
     ],
     "finetune": [
         ("init_step", optional(count(MAX_STEPS)), "an integer >= 0 or null", "use null (the newest step)"),
