@@ -292,6 +292,7 @@ def _rewind(cfg: Config, run_dir: Path, trainer: Trainer, data_iter, spike: rewi
     """Record the rewind (before anything else: a kill from here on resumes the same way), restore the newest
     checkpoint (it precedes the spike) with its data position; returns (state, its step)."""
     t = cfg.train
+    good_step = checkpoint.latest_step(run_dir)  # saves finished before the spike reached here; none is past it
     plan = rewind.load_plan(run_dir)
     entry = rewind.record(plan, spike, good_step or 0, t.spike_window, t.spike_max_rewinds) if good_step else None
     if entry is None:
