@@ -164,6 +164,7 @@ RULES: dict[str, list[Rule]] = {
     "finetune": [
         ("init_step", optional(count(MAX_STEPS)), "an integer >= 0 or null", "use null (the newest step)"),
         ("dpo_beta", gt0, "a finite number > 0", "use e.g. 0.1"),
+        ("eval_fraction", unit_right_open, "in [0, 1)", "use e.g. 0.05 (0: evaluate on the training examples)"),
         ("labels", label_list, "null or a list of at least 2 distinct names", "use e.g. [neg, pos]"),
         ("label_field", nonempty_text, "a non-empty field name", "use e.g. label"),
     ],
