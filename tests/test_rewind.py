@@ -131,20 +131,24 @@ def build(cfg):
     # A step on the poisoned batch goes wrong the way a real spike does: its loss jumps and the update
     # it applies wrecks the parameters (scaled by 3), so the following steps are bad too.
     trainer = original_build(cfg)
-    put, step, flag = trainer.put_batch, trainer.train_step, {"next": False}
+    base, flag = type(trainer), {"next": False}
 
-    def put_batch(batch):
+    def put_batch(self, batch):
         flag["next"] = is_poisoned(batch)
-        return put(batch)
+        return base.put_batch(self, batch)
 
-    def train_step(state, batch):
-        new, metrics = step(state, batch)
-        if flag.pop("next", False):
-            new = {**new, "params": jax.tree.map(lambda p: p * 3.0, new["params"])}
-            metrics = {**metrics, "loss": metrics["loss"] * 10.0}
-        return new, metrics
+    def train_step(self):
+        step = base.train_step.fget(self)
 
-    trainer.put_batch, trainer.train_step = put_batch, train_step
+        def call(state, batch):
+            new, metrics = step(state, batch)
+            if flag.pop("next", False):
+                new = {**new, "params": jax.tree.map(lambda p: p * 3.0, new["params"])}
+                metrics = {**metrics, "loss": metrics["loss"] * 10.0}
+            return new, metrics
+        return call
+
+    trainer.__class__ = type("PoisonedTrainer", (base,), {"put_batch": put_batch, "train_step": property(train_step)})
     return trainer
 
 
