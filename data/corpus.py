@@ -7,7 +7,7 @@ way wherever it lives, and no document is in both splits.
 
 Text files are read as bytes and decoded as UTF-8 with errors='replace': a stray non-UTF-8 byte
 (the stdlib has one such file) costs a U+FFFD, not the whole file. Empty files and records with
-empty text are left out: they would only teach "bos then eos".
+blank (whitespace-only) text are left out: they would only teach "bos then eos".
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Bump when the way documents are read or split changes, so old caches are not reused.
-CORPUS_FORMAT_VERSION = 1
+CORPUS_FORMAT_VERSION = 2  # 2: blank (whitespace-only) documents are left out
 
 
 def stdlib_files() -> list[Path]:
@@ -175,8 +175,8 @@ def split_keys(keys: list[str], validation_fraction: float) -> tuple[list[str], 
     """
     if len(keys) < 2:
         raise ValueError(
-            f"corpus has {len(keys)} non-empty document(s): need at least 2 to split "
-            "train/validation by document; add files (or JSONL records)"
+            f"corpus has {len(keys)} non-empty document(s) (whitespace-only ones do not count): need at "
+            "least 2 to split train/validation by document; add files (or JSONL records)"
         )
     ranked = sorted(set(keys), key=lambda k: (_unit_hash(k), k))
     n_val = sum(_unit_hash(k) < validation_fraction for k in ranked)
@@ -187,11 +187,11 @@ def split_keys(keys: list[str], validation_fraction: float) -> tuple[list[str], 
 def document_keys(spec: CorpusSpec) -> list[str]:
     """Keys of the non-empty documents; for JSONL this reads (and validates) every line."""
     if spec.kind != "jsonl":
-        return [spec.key(f) for f in spec.files if f.stat().st_size > 0]
+        return [spec.key(f) for f in spec.files if f.stat().st_size > 0 and read_text_file(f).strip()]
     keys = []
     for f in spec.files:
         for lineno, text in iter_jsonl(f, spec.text_field):
-            if text:
+            if text.strip():
                 keys.append(f"{spec.key(f)}:{lineno}")
     return keys
 

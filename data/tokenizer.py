@@ -178,7 +178,12 @@ class Tokenizer:
                 f"tokenizer model '{path}' does not exist: train one with train_tokenizer "
                 "or pass the path of a .model file"
             )
-        return cls(path.read_bytes())
+        try:
+            return cls(path.read_bytes())
+        except (RuntimeError, ValueError) as err:  # sentencepiece cannot parse it, or it lacks qkv's ids
+            reason = "it is not a SentencePiece model" if isinstance(err, RuntimeError) else str(err)
+            raise ValueError(f"tokenizer model '{path}' cannot be used: {reason}: pass a .model file written "
+                             "by qkv tokenizer train (or by qkv pretrain, RUN_DIR/tokenizer.model)") from None
 
     @classmethod
     def from_bytes(cls, model_proto: bytes) -> Tokenizer:

@@ -18,6 +18,7 @@ to feed; the search itself is model-agnostic.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -40,16 +41,50 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+    vocab_limit: int = 0  # > 0: only ids below it are ever produced (a tokenizer smaller than the model's vocab)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        for key, ok, need in (
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0 means greedy)"),
+            ("top_k", _int_in(self.top_k, 0, MAX_INT), "an integer >= 0 (0 disables top-k)"),
+            ("top_p", _finite(self.top_p) and 0.0 < self.top_p <= 1.0, "in (0, 1] (1 disables top-p)"),
+            ("max_new_tokens", _int_in(self.max_new_tokens, 1, MAX_INT), "an integer >= 1"),
+            ("seed", _int_in(self.seed, 0, 2**32 - 1), "an integer in [0, 4294967295]"),
+            ("vocab_limit", _int_in(self.vocab_limit, 0, MAX_INT), "an integer >= 0 (0: the whole vocabulary)"),
+        ):
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)} must be {need}: pass --{key.replace('_', '-')} "
+                                 "(or the argument of that name) in that range")
+
+
+MAX_INT = 2**31 - 1
+MAX_BEAM = 1024
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int_in(x: object, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def check_beam(beam_size: int, length_penalty: float) -> None:
+    """Beam search settings: a width in [1, 1024] and a finite GNMT length penalty."""
+    if not _int_in(beam_size, 1, MAX_BEAM):
+        raise ValueError(f"beam_size={beam_size} must be an integer in [1, {MAX_BEAM}]: pass --beam-size 1 (no beam "
+                         "search) or e.g. 4")
+    if not _finite(length_penalty):
+        raise ValueError(f"length_penalty={length_penalty} must be a finite number: pass --length-penalty e.g. 0.6")
+
+
+def limit_vocab(logits_bv: jax.Array, vocab_limit: int) -> jax.Array:
+    """Logits with every id >= ``vocab_limit`` made impossible (0: unchanged). A model whose vocabulary is larger
+    than its tokenizer's must never produce the ids no piece has."""
+    if not 0 < vocab_limit < logits_bv.shape[-1]:
+        return logits_bv
+    ids_v = jnp.arange(logits_bv.shape[-1])
+    return jnp.where(ids_v < vocab_limit, logits_bv, jnp.finfo(logits_bv.dtype).min)
 
 
 def filter_logits(logits_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -70,8 +105,10 @@ def filter_logits(logits_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_bv
 
 
-def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float,
+                  vocab_limit: int = 0) -> jax.Array:
     """Next token ids [B] from float32 logits [B, V] (the sampling settings are static)."""
+    logits_bv = limit_vocab(logits_bv, vocab_limit)
     if temperature == 0.0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = filter_logits(logits_bv / temperature, top_k, top_p)
@@ -102,8 +139,7 @@ class Decoder:
 
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig, beam_size: int = 1,
                  length_penalty: float = 0.6):
-        if beam_size < 1:
-            raise ValueError(f"beam_size={beam_size} must be >= 1")
+        check_beam(beam_size, length_penalty)
         self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
@@ -111,7 +147,7 @@ class Decoder:
 
     def _sample(self, logits_bv, key):
         s = self.sampling
-        return sample_logits(logits_bv, key, s.temperature, s.top_k, s.top_p)
+        return sample_logits(logits_bv, key, s.temperature, s.top_k, s.top_p, s.vocab_limit)
 
     def _prefill_fn(self, params, tokens_bp, segments_bp, cache, key):
         positions_bp = jnp.maximum(jnp.cumsum(segments_bp, axis=1) - 1, 0)
@@ -167,7 +203,7 @@ class Decoder:
                 raise ValueError("beam search needs an EOS id to finish hypotheses: the tokenizer has none")
             tokens, segments, budget = self._padded(prompts, pad_id)
             best = beam_generate(self.graphdef, self.cfg, params, (tokens, segments), eos_id, budget, self.beam_size,
-                                 self.length_penalty)
+                                 self.length_penalty, self.sampling.vocab_limit)
             return [trim_at_eos(row, eos_id) for row in np.asarray(best)]
         rows: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
@@ -201,8 +237,7 @@ class Seq2SeqDecoder:
         if cfg.kind != "encoder_decoder":
             raise ValueError(f"model.kind={cfg.kind!r} has no decoder reading a source: translation needs an "
                              "encoder_decoder checkpoint")
-        if beam_size < 1:
-            raise ValueError(f"beam_size={beam_size} must be >= 1")
+        check_beam(beam_size, length_penalty)
         self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
         self.beam_size, self.length_penalty = beam_size, length_penalty
 
@@ -220,11 +255,11 @@ class Seq2SeqDecoder:
         bos_b = np.full((src.shape[0],), bos_id, np.int32)
         if self.beam_size > 1:
             tokens = beam_generate(self.graphdef, self.cfg, params, (src, segments, bos_b), eos_id, steps,
-                                   self.beam_size, self.length_penalty)
+                                   self.beam_size, self.length_penalty, self.sampling.vocab_limit)
         else:
             s = self.sampling
             tokens = _sample_seq2seq(self.graphdef, self.cfg, params, src, segments, jax.random.key(s.seed), bos_id,
-                                     steps, s.temperature, s.top_k, s.top_p)
+                                     steps, s.temperature, s.top_k, s.top_p, s.vocab_limit)
         return [trim_at_eos(row, eos_id) for row in np.asarray(tokens)]
 
 
@@ -235,8 +270,9 @@ def _encode(model, src_bs, segments_bs, rows: int):
     return (repeat(memory_kv[0], 1), repeat(memory_kv[1], 1)), repeat(segments_bs, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9, 10))
-def _sample_seq2seq(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9, 10, 11))
+def _sample_seq2seq(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temperature, top_k, top_p,
+                    vocab_limit=0):
     model = nnx.merge(graphdef, params)
     memory = _encode(model, src_bs, segments_bs, 1)
     b = src_bs.shape[0]
@@ -244,7 +280,7 @@ def _sample_seq2seq(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, ste
     def step(carry, i):
         token_b, cache = carry
         logits, cache = model(token_b[:, None], cache=cache, memory=memory)
-        token_b = sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p)
+        token_b = sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p, vocab_limit)
         return (token_b, cache), token_b
 
     start = (jnp.full((b,), bos_id, jnp.int32), init_cache(cfg, b, steps))
@@ -252,7 +288,7 @@ def _sample_seq2seq(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, ste
     return tokens_tb.T
 
 
-def _decoder_beam_start(model, cfg, inputs, rows, steps):
+def _decoder_beam_start(model, cfg, inputs, rows, steps, vocab_limit=0):
     """Left-padded prompts: every prompt but its last token is prefilled into ``rows`` cache rows each;
     the search feeds that last token first, then its own picks."""
     tokens_bp, segments_bp = inputs
@@ -267,12 +303,12 @@ def _decoder_beam_start(model, cfg, inputs, rows, steps):
     def logits_fn(token_n, cache):
         position_n = last_position_n + cache["index"] - (p - 1)
         logits, cache = model(token_n[:, None], position_n[:, None], jnp.ones_like(token_n)[:, None], cache=cache)
-        return logits[:, -1], cache
+        return limit_vocab(logits[:, -1], vocab_limit), cache
 
     return logits_fn, cache, tokens_bp[:, -1]
 
 
-def _seq2seq_beam_start(model, cfg, inputs, rows, steps):
+def _seq2seq_beam_start(model, cfg, inputs, rows, steps, vocab_limit=0):
     """Right-padded sources: encoded once, their cross-attention memory repeated over ``rows`` beams; the
     search feeds bos first."""
     src_bs, segments_bs, bos_b = inputs
@@ -280,7 +316,7 @@ def _seq2seq_beam_start(model, cfg, inputs, rows, steps):
 
     def logits_fn(token_n, cache):
         logits, cache = model(token_n[:, None], cache=cache, memory=memory)
-        return logits[:, -1], cache
+        return limit_vocab(logits[:, -1], vocab_limit), cache
 
     return logits_fn, init_cache(cfg, src_bs.shape[0] * rows, steps), bos_b
 
@@ -288,12 +324,12 @@ def _seq2seq_beam_start(model, cfg, inputs, rows, steps):
 _BEAM_STARTS = {"decoder": _decoder_beam_start, "encoder_decoder": _seq2seq_beam_start}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5, 6, 7))
-def beam_generate(graphdef, cfg, params, inputs, eos_id, steps, beam_size, length_penalty):
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5, 6, 7, 8))
+def beam_generate(graphdef, cfg, params, inputs, eos_id, steps, beam_size, length_penalty, vocab_limit=0):
     """The best beam's new tokens [B, steps]: ``inputs`` are (tokens, segments) of left-padded prompts for a
     decoder, (source tokens, source segments, bos ids) for an encoder-decoder."""
     model = nnx.merge(graphdef, params)
-    logits_fn, cache, first_n = _BEAM_STARTS[cfg.kind](model, cfg, inputs, beam_size, steps)
+    logits_fn, cache, first_n = _BEAM_STARTS[cfg.kind](model, cfg, inputs, beam_size, steps, vocab_limit)
     tokens_bkt, _ = beam_search(logits_fn, cache, first_n, beam_size=beam_size, max_new_tokens=steps,
                                 eos_id=eos_id, length_penalty=length_penalty, reorder_cache=reorder_cache)
     return tokens_bkt[:, 0]

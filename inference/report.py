@@ -29,8 +29,10 @@ def sample_text(model_cfg: ModelConfig, graphdef: Any, params: Any, tok: Tokeniz
                 *, temperature: float = 0.7, top_k: int = 40, seed: int = 0) -> str:
     """``prompt`` and its continuation by a decoder (sampled; greedy with temperature 0)."""
     decoder = Decoder(model_cfg, graphdef, SamplingConfig(temperature=temperature, top_k=top_k,
-                                                          max_new_tokens=max_new_tokens, seed=seed))
-    ids = decoder.generate(params, [[tok.bos_id] + tok.encode(prompt)], tok.pad_id, tok.eos_id)[0]
+                                                          max_new_tokens=max_new_tokens, seed=seed,
+                                                          vocab_limit=tok.vocab_size))
+    prompt_ids = ([tok.bos_id] + tok.encode(prompt))[-(model_cfg.max_seq_len - 1):]  # a long prompt: its end
+    ids = decoder.generate(params, [prompt_ids], tok.pad_id, tok.eos_id)[0]
     return prompt + tok.decode(ids)
 
 

@@ -17,7 +17,7 @@ def translate(cfg: ModelConfig, graphdef: Any, params: Any, tok: Tokenizer, sour
               top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[str]:
     """Target text for each source: greedy (temperature 0), sampled, or beam search (beam_size > 1)."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                              seed=seed)
+                              seed=seed, vocab_limit=tok.vocab_size)
     decoder = Seq2SeqDecoder(cfg, graphdef, sampling, beam_size=beam_size, length_penalty=length_penalty)
     out: list[str] = []
     for start in range(0, len(sources), batch_size):

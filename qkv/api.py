@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from qkv.data import Tokenizer
-from qkv.inference.decode import Decoder, SamplingConfig
+from qkv.inference.decode import Decoder, SamplingConfig, check_beam
 from qkv.inference.embeddings import nearest_pieces, special_ids, unit_rows
 from qkv.model.encoder import mean_pool
 from qkv.inference.run import load_run
@@ -59,7 +60,7 @@ class LanguageModel:
     def _decoder(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
                  beam_size: int = 1, length_penalty: float = 0.6) -> Decoder:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed)
+                                  max_new_tokens=max_new_tokens, seed=seed, vocab_limit=self.tokenizer.vocab_size)
         return Decoder(self.config.model, self.graphdef, sampling, beam_size, length_penalty)
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -69,6 +70,23 @@ class LanguageModel:
         if any(not p for p in prompts):
             raise ValueError("empty prompt: give at least one character of text")
         return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
+
+    def fit_new_tokens(self, prompts: Sequence[str], max_new_tokens: int) -> tuple[int, str | None]:
+        """(new tokens that fit, a notice when fewer than ``max_new_tokens``): after the longest prompt only
+        ``max_seq_len - prompt tokens`` fit (an encoder-decoder's target side: the whole context). Asking for
+        more is not an error: generation stops at the context, and the notice says so."""
+        context = self.config.model.max_seq_len
+        room = context if self.kind == "encoder_decoder" else context - max(len(p) for p in self.prompt_ids(prompts))
+        if max_new_tokens <= room or room < 1:  # room < 1: the decoder refuses the prompt itself
+            return max_new_tokens, None
+        return room, (f"max_new_tokens={max_new_tokens} is more than the {room} tokens left in the model's context of "
+                      f"{context} after the longest prompt: generating at most {room}")
+
+    def _fitted(self, prompts: Sequence[str], max_new_tokens: int) -> int:
+        fitted, notice = self.fit_new_tokens(prompts, max_new_tokens)
+        if notice:
+            warnings.warn(notice, stacklevel=3)
+        return fitted
 
     @property
     def kind(self) -> str:
@@ -90,6 +108,9 @@ class LanguageModel:
         ``length_penalty``) instead of sampling, for either shape."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._require("decoder", "encoder_decoder", what="generation")
+        SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        check_beam(beam_size, length_penalty)
+        max_new_tokens = self._fitted(prompts, max_new_tokens)
         if self.kind == "encoder_decoder":
             from qkv.inference.translate import translate
             self.prompt_ids(prompts)  # the same checks: a tokenizer, no empty prompt
@@ -108,7 +129,8 @@ class LanguageModel:
         if self.kind != "decoder":
             yield from self.generate([prompt], max_new_tokens, temperature, top_k, top_p, seed)
             return
-        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
+        SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        decoder = self._decoder(self._fitted([prompt], max_new_tokens), temperature, top_k, top_p, seed)
         ids: list[int] = []
         shown = ""
         for tokens in decoder.stream(self.params, self.prompt_ids([prompt]), self.tokenizer.pad_id,

@@ -103,7 +103,11 @@ def _nonblank_lines(path_text: str, what: str) -> list[str]:
     path = Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path_text!r} does not exist")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {path_text!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _read_prompts(ns: argparse.Namespace) -> list[str]:
@@ -116,14 +120,13 @@ def _read_prompts(ns: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from qkv.inference.decode import SamplingConfig
+    from qkv.inference.decode import SamplingConfig, check_beam
 
     prompts = _read_prompts(ns)
     settings = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                     top_p=ns.top_p, seed=ns.seed)
     SamplingConfig(**settings)  # validate before the slow part
-    if ns.beam_size < 1:
-        raise ValueError(f"--beam-size={ns.beam_size} must be >= 1")
+    check_beam(ns.beam_size, ns.length_penalty)
     _require_dir(ns.checkpoint)
     from qkv.api import load
 
@@ -132,6 +135,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if lm.kind == "encoder":
         raise ValueError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
                          "(use qkv embed, or qkv evaluate)")
+    settings["max_new_tokens"], notice = lm.fit_new_tokens(prompts, ns.max_new_tokens)
+    if notice:  # more than the context holds: generate what fits, and say so (docs/errors.md)
+        print(f"qkv: note: --{notice.replace('_', '-', 2)}", file=sys.stderr)
     translating = lm.kind == "encoder_decoder"
     if not translating and len(prompts) == 1 and not ns.no_stream and ns.beam_size == 1:  # beam search ends whole
         sys.stdout.write(prompts[0])
@@ -269,7 +275,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkv", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="qkv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train (or resume) a language model")
@@ -415,11 +421,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+class UsageError(ValueError):
+    """A command line argparse refuses (unknown flag, a value of the wrong type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `qkv: error:` line like every other refusal, not usage + message
+        raise UsageError(f"{message}: see {self.prog} --help")
+
+
+def _stdout_closed() -> int:
+    """The reader of our standard output went away (``qkv generate ... | head``): stop quietly, exit 0, and
+    point stdout at /dev/null so the interpreter's final flush cannot complain either."""
     try:
-        return ns.func(ns)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):  # a stdout without a file descriptor (e.g. captured)
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        code = ns.func(ns)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # before ConnectionError, its base class
+        return _stdout_closed()
+    except (ValueError, FileNotFoundError, ConnectionError, OSError) as err:
         if os.environ.get("QKV_DEBUG"):
             raise
         message = str(err).splitlines()[0] if str(err) else err.__class__.__name__

@@ -19,6 +19,7 @@ files were truncated, deleted or bit-flipped after the save is refused at restor
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -136,12 +137,35 @@ def set_aside(run_dir: str | Path, step: int) -> Path:
     return target
 
 
-def read_meta(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
-    mngr = manager(run_dir, create=False)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
+def _chosen_step(mngr: ocp.CheckpointManager, run_dir: str | Path, step: int | None) -> int:
+    """``step``, or the newest; a missing one is refused with the steps that do exist named."""
+    steps = sorted(mngr.all_steps())
+    if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}: train first with qkv pretrain")
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        shown = ", ".join(map(str, steps[:20])) + (f", ... ({len(steps)} in all)" if len(steps) > 20 else "")
+        raise FileNotFoundError(f"no checkpoint step {step} in {checkpoint_dir(run_dir)}: the steps there are "
+                                f"{shown}: pass --step with one of them, or leave --step out for the newest")
+    return step
+
+
+def read_meta(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The run metadata (config, step, data position, tokenizer) of ``step`` (default: the newest)."""
+    mngr = manager(run_dir, create=False)
+    step = _chosen_step(mngr, run_dir, step)
+    where = checkpoint_dir(run_dir) / str(step) / "meta"
+    try:
+        with _quiet_stderr_on_failure():
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as err:  # noqa: BLE001 - a missing, cut or altered JSON file
+        raise DamagedCheckpoint(f"checkpoint {where.parent} is damaged: its run metadata in {where} cannot be read "
+                                f"({_first_line(err)}): {DAMAGED_FIX}") from err
+    if not isinstance(meta, dict) or not {"config", "step"} <= set(meta):
+        raise DamagedCheckpoint(f"checkpoint {where.parent} is damaged: {where} holds no run metadata (config, step): "
+                                f"{DAMAGED_FIX}")
+    return meta
 
 
 def _shape_mismatch(abstract: Any, stored: Any) -> str | None:
@@ -189,6 +213,42 @@ def _drop_abandoned_task_errors() -> None:
         logger.addFilter(_AbandonedTaskFilter())
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, closed with tasks still pending, cancels them and waits for them first.
+
+    Orbax runs each synchronous restore in a fresh loop (``run_until_complete`` then ``close``). When one
+    array read fails, ``asyncio.gather`` raises at once and the other reads are left pending in the closed
+    loop; garbage collection later finalizes them one by one, printing "Exception ignored in: <coroutine
+    _read_array_index_and_device_put>" and "Event loop is closed" tracebacks. Here they are cancelled and
+    awaited (their ``finally`` blocks run, their TensorStore reads are released) before the loop closes.
+    """
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.run_until_complete(self.shutdown_asyncgens())
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _DrainingLoop
+
+
+@contextlib.contextmanager
+def draining_event_loops():
+    """Event loops created inside (Orbax's, for a restore) drain their abandoned tasks when closed."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 @contextlib.contextmanager
 def _quiet_stderr_on_failure():
     """Hold back what is written to file descriptor 2 while reading a step. When the read fails,
@@ -198,7 +258,7 @@ def _quiet_stderr_on_failure():
     _drop_closed_loop_noise()
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
+    with tempfile.TemporaryFile() as held, draining_event_loops():
         os.dup2(held.fileno(), 2)
         failed = False
         try:
@@ -233,9 +293,7 @@ def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | Non
     files are missing, truncated or altered raises :class:`DamagedCheckpoint`; never half-loaded.
     """
     mngr = manager(run_dir, create=False)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}: train first with qkv pretrain")
+    step = _chosen_step(mngr, run_dir, step)
     where = f"checkpoint {checkpoint_dir(run_dir)}/{step}"
     try:
         with _quiet_stderr_on_failure():

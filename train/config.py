@@ -18,6 +18,8 @@ import yaml
 
 from qkv.model import ModelConfig
 
+from .validate import check_section
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -37,6 +39,10 @@ class DataConfig:
     toy_limit: int = 10_000  # source=toy: translate the numbers below this (split 90/5/5 % by a fixed hash)
     eval_batches: int = 8  # validation batches per evaluation (0: whole split)
 
+
+    def __post_init__(self) -> None:
+        check_section("data", self)
+
     @property
     def source_len(self) -> int:
         return self.source_seq_len or self.seq_len
@@ -47,6 +53,9 @@ class TokenizerConfig:
     path: str | None = None  # an existing SentencePiece .model; None: train one from the corpus
     model_type: Literal["bpe", "unigram", "char"] = "bpe"
     train_documents: int = 400  # documents sampled from the training split to train it
+
+    def __post_init__(self) -> None:
+        check_section("tokenizer", self)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class OptimConfig:
     z_loss: float = 0.0  # weight of log(Z)² to keep logits from drifting
     label_smoothing: float = 0.0  # ε: targets become (1 − ε)·onehot + ε/vocab (0.1 in the original Transformer)
 
+    def __post_init__(self) -> None:
+        check_section("optim", self)
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -71,6 +83,9 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: dict[str, Any] = field(default_factory=dict)  # overrides of the logical-axis rules table
+
+    def __post_init__(self) -> None:
+        check_section("mesh", self)
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,14 @@ class TrainConfig:
     progress: bool = True
     distributed: Literal["auto", "on", "off"] = "auto"  # initialise jax.distributed from the environment
     skip_nonfinite: bool = False  # skip (do not apply) an update whose loss or gradient norm is NaN/Inf
+    spike_rewind: bool = False  # on a loss spike, rewind to the last checkpoint and skip the spike's batches (train/rewind.py)
+    spike_window: int = 100  # steps of loss history for the robust threshold; also the window for spike_max_rewinds
+    spike_k: float = 6.0  # a spike: loss > median + spike_k * MAD of the window
+    spike_grad_factor: float = 10.0  # ... or gradient norm > this many times its median
+    spike_max_rewinds: int = 3  # this many rewinds within one window stop the run (exit 3)
+
+    def __post_init__(self) -> None:
+        check_section("train", self)
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,9 @@ class LoraConfig:
     rank: int = 0  # 0: full fine-tuning; > 0: train only low-rank adapters (see docs/finetuning.md)
     alpha: float = 16.0  # the adapter update is (alpha / rank) * A @ B
     targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # wq wk wv attn.wo wi wg mlp.wo, attention, mlp, all
+
+    def __post_init__(self) -> None:
+        check_section("finetune.lora", self)
 
 
 @dataclass(frozen=True)
@@ -115,18 +141,7 @@ class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        if self.lora.rank < 0 or self.lora.alpha <= 0:
-            raise ValueError(f"finetune.lora.rank={self.lora.rank} must be >= 0 and finetune.lora.alpha="
-                             f"{self.lora.alpha} > 0")
-        if not (isinstance(self.lora.targets, list) and self.lora.targets
-                and all(isinstance(t, str) for t in self.lora.targets)):
-            raise ValueError(f"finetune.lora.targets={self.lora.targets!r} must be a non-empty list of names, "
-                             "e.g. [wq, wv]")
-        if self.dpo_beta <= 0:
-            raise ValueError(f"finetune.dpo_beta={self.dpo_beta} must be > 0")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"finetune.eval_fraction={self.eval_fraction} must be in [0, 1) (0: evaluate on the "
-                             "training examples)")
+        check_section("finetune", self)
 
 
 @dataclass(frozen=True)
@@ -140,8 +155,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.optim.label_smoothing < 1.0:
-            raise ValueError(f"optim.label_smoothing={self.optim.label_smoothing} must be in [0, 1)")
+        check_section("model", self.model)  # the other sections check themselves when built
         if max(self.data.seq_len, self.data.source_len) > self.model.max_seq_len:
             key = "seq_len" if self.data.seq_len > self.model.max_seq_len else "source_seq_len"
             raise ValueError(
@@ -156,11 +170,6 @@ class Config:
             raise ValueError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
         if self.data.source == "tfds" and not self.data.tfds_name:
             raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. lm1b)")
-        if self.train.stop_at_step < 0:
-            raise ValueError(f"train.stop_at_step={self.train.stop_at_step} must be >= 0 (0 runs to train.steps)")
-        for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self.train, key) < 1:
-                raise ValueError(f"train.{key}={getattr(self.train, key)} must be a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,14 +227,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return dict(value)
     else:
         return value
-    raise ValueError(f"{key}={value!r} must be {'an' if _type_name(tp)[0] in 'aeiou' else 'a'} {_type_name(tp)}")
+    name = _type_name(tp)
+    hint = _TYPE_HINTS.get(get_origin(tp) or tp, "")
+    raise ValueError(f"{key}={value!r} must be {'an' if name[0] in 'aeiou' else 'a'} {name}{hint}")
+
+
+_TYPE_HINTS = {int: ": write whole digits, e.g. 100 (not 1e2)", float: ": write a number, e.g. 3e-4",
+               bool: ": use true or false", str: ": quote the value, e.g. 'text'",
+               dict: ": write a mapping, e.g. {key: value}"}
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     where = prefix or "config"
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}: write it as "
+                         f"{where + ': ' if prefix else ''}{{key: value, ...}} (qkv config tiny prints every section)")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -252,13 +269,37 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (not "last wins")."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = seen.get(key)
+            except TypeError:  # an unhashable key: let the base class report it
+                break
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {earlier.line + 1}, again on line "
+                    f"{key_node.start_mark.line + 1}): keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML (1.1, safe types only) with duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with the value read as YAML (so 3, 3e-4, true, null, [a, b] work)."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value, e.g. train.steps=100")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -277,12 +318,30 @@ def read_yaml(source: str | Path | None) -> dict[str, Any]:
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"config {source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config {source!r} is not a text file (byte {err.start} is not UTF-8): "
+                             "give a YAML file or a preset name") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
-        raise ValueError(f"config {source!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"config {source!r} is not valid YAML: {_yaml_problem(err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {source!r} must be a mapping of sections, got a {type(data).__name__}: write it "
+                         "as section: {key: value} mappings (qkv config tiny prints one)")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: the problem and its place, e.g. 'duplicate key 'steps' (...) (line 4, column 3)'."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem:
+        return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return str(err).splitlines()[0]
 
 
 def config_data(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

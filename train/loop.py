@@ -31,13 +31,14 @@ import yaml
 
 from qkv.data import Tokenizer, iterator_state_from_json, iterator_state_to_json, train_tokenizer
 
-from . import checkpoint
+from . import checkpoint, rewind
 from .config import Config, config_from_dict
 from .distributed import all_processes_text, is_main_process, log, maybe_initialize, process_data_state, sync
 from .metrics import MetricsWriter, flops_per_token
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import State, Trainer, run_eval
 from .tasks import task_for
+from .validate import check_run_dir
 
 
 def open_split(cfg: Config, split: str):
@@ -256,6 +257,7 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     report's keys, unless the run was preempted)."""
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
+    check_run_dir(run_dir)
     fresh_dir = not run_dir.exists()
     try:
         job = make_job(run_dir)
@@ -265,14 +267,56 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
         if fresh_dir and is_main_process() and run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    spikes = None
     try:
-        summary, state = _train(cfg, run_dir, trainer, tok, state, data_iter, good_step, job.name,
-                                evaluate=lambda params: run_eval(trainer, params, eval_batches()))
+        while True:  # once, or once more after each loss-spike rewind (train/rewind.py)
+            if cfg.train.spike_rewind:
+                data_iter, spikes = _spike_guard(cfg, run_dir, data_iter, good_step)
+            try:
+                summary, state = _train(cfg, run_dir, trainer, tok, state, data_iter, good_step, job.name,
+                                        evaluate=lambda params: run_eval(trainer, params, eval_batches()),
+                                        spikes=spikes)
+                break
+            except rewind.Spike as spike:
+                state, good_step = _rewind(cfg, run_dir, trainer, data_iter, spike)
         if report is not None and not summary.get("preempted"):
             summary.update(report(Finished(cfg, trainer, trainer.model_params(state["params"]), tok, job.validation)))
     finally:
         trainer.frozen = None  # a cached trainer must not keep a base model alive
     return summary
+
+
+def _spike_guard(cfg: Config, run_dir: Path, data_iter, step: int | None):
+    """The data iterator with the recorded spike windows skipped, and the detector as of checkpoint ``step``."""
+    t = cfg.train
+    inner = data_iter.inner if isinstance(data_iter, rewind.SkippingIterator) else data_iter
+    history = checkpoint.read_meta(run_dir, step).get("spike_history") if step is not None else None
+    return (rewind.SkippingIterator(inner, step or 0, rewind.load_plan(run_dir), log),
+            rewind.SpikeDetector(t.spike_window, t.spike_k, t.spike_grad_factor, history, step or 0))
+
+
+def _rewind(cfg: Config, run_dir: Path, trainer: Trainer, data_iter, spike: rewind.Spike):
+    """Record the rewind (before anything else: a kill from here on resumes the same way), restore the newest
+    checkpoint (it precedes the spike) with its data position; returns (state, its step)."""
+    t = cfg.train
+    good_step = checkpoint.latest_step(run_dir)  # saves finished before the spike reached here; none is past it
+    plan = rewind.load_plan(run_dir)
+    entry = rewind.record(plan, spike, good_step or 0, t.spike_window, t.spike_max_rewinds) if good_step else None
+    if entry is None:
+        why = ("no checkpoint precedes it" if not good_step else
+               f"{t.spike_max_rewinds} rewinds within {t.spike_window} steps")
+        raise TrainingDiverged(f"{spike} and {why}: lower optim.learning_rate (now {cfg.optim.learning_rate:g}), raise "
+                               "optim.warmup_steps, or raise train.spike_max_rewinds")
+    if is_main_process():
+        rewind.save_plan(run_dir, plan + [entry])
+    sync("qkv_rewind")
+    restored, meta = checkpoint.restore(run_dir, trainer.abstract_state, good_step)
+    restored["step"] = jax.device_put(np.int32(restored["step"]), trainer.state_shardings["step"])
+    data_iter.set_state(iterator_state_from_json(process_data_state(meta)))
+    if is_main_process():
+        _truncate_metrics(run_dir, good_step)
+    log(f"{spike}; rewound to step {good_step}, skipping the batches of steps {spike.step}..{spike.detected_at}")
+    return restored, good_step
 
 
 def _setup(cfg: Config, run_dir: Path, job: Job):
@@ -336,7 +380,8 @@ def pretrain(cfg: Config, report: Report | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: State, data_iter,
-           good_step: int | None, name: str, evaluate: Evaluate) -> tuple[dict[str, Any], State]:
+           good_step: int | None, name: str, evaluate: Evaluate,
+           spikes: rewind.SpikeDetector | None = None) -> tuple[dict[str, Any], State]:
     """The training loop: steps, logging, evaluation, checkpoints, stops; returns (summary, final state).
 
     ``tokens_per_s`` counts every token the step processes (train.batch_size x data.seq_len, as ``qkv
@@ -353,7 +398,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
     def meta_now() -> dict[str, Any]:
         data = iterator_state_to_json(data_iter.get_state())  # each process has its own position in its shard
         return {"config": cfg.to_dict(), "data": data, "data_per_process": all_processes_text(data),
-                "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes())}
+                "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes()),
+                **({"spike_history": spikes.state()} if spikes is not None else {})}
 
     start = int(jax.device_get(state["step"]))
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -398,6 +444,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
                 stopping = agreement.poll() and done < end
                 if done % cfg.train.log_every == 0 or done == end or stopping:
                     host = jax.device_get(pending)  # the only host sync in the loop
+                    if spikes is not None:  # a spike rewinds (raises rewind.Spike) instead of stopping
+                        spikes.check(done - len(host) + 1, host)
                     skipped = check_finite(host)
                     elapsed = time.time() - window_start
                     loss_tokens = sum(float(m["tokens"]) for m in host)
@@ -425,7 +473,9 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
                                     + (f", val bits/byte {ev['bits_per_byte']:.3f}" if "bits_per_byte" in ev else ""))
                     window_start = time.time()  # evaluation time is not training throughput
                 if done % cfg.train.checkpoint_every == 0 or done == end or stopping:
-                    if pending:  # steps not yet checked at a log point: never save a state past a NaN
+                    if pending:  # steps not yet checked at a log point: never save a state past a NaN (or spike)
+                        if spikes is not None:
+                            spikes.check(done - len(pending) + 1, jax.device_get(pending))
                         check_finite(jax.device_get(pending), count=False)
                     try:
                         checkpoint.save(mngr, state, meta_now())
