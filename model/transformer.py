@@ -23,7 +23,7 @@ from flax import nnx
 from .attention import Attention, attention_mask
 from .config import ModelConfig
 from .constrain import constrain
-from .layers import Mlp, Norm, dropout, param, rope_angles, sinusoidal_embedding
+from .layers import Mlp, Norm, dropout, param, rope_angles, rope_frequencies, sinusoidal_embedding
 
 Cache = dict[str, jax.Array]
 RESIDUAL = ("batch", "length", "activation_embed")  # logical axes of the residual stream (layout hints only)
@@ -139,7 +139,7 @@ class EmbedAndHead(nnx.Module):
             x_btd = x_btd + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dtype)
         elif cfg.positions == "sinusoidal":
             x_btd = x_btd + sinusoidal_embedding(positions_bt, cfg.d_model).astype(dtype)
-        rope = rope_angles(positions_bt, cfg.head_size, cfg.rope_theta) if cfg.positions == "rope" else None
+        rope = rope_angles(positions_bt, rope_frequencies(cfg)) if cfg.positions == "rope" else None
         return constrain(dropout(x_btd, cfg.dropout, key), RESIDUAL), rope
 
     def final(self, x_btd):
