@@ -269,6 +269,9 @@ def test_generate_from_an_imported_tokenizer_json_directory(style, tmp_path, cap
     want = want[:want.index(eos)] if eos in want else want
     assert out.strip() == ",".join(map(str, want))
     assert lm.generate_ids([prompt], max_new_tokens=6, temperature=0.0) == [want]
+    for bad, words in (("1,x", "comma-separated integer"), (f"1,{hf.config.vocab_size}", "outside the model's")):
+        code, _, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", bad)
+        assert code == 2 and len(err) == 1 and words in err[0], err
 
 
 def test_export_writes_real_special_ids_and_the_tokenizer(tmp_path):
