@@ -22,8 +22,9 @@ def _stack(tensors: Tensors, n_layers: int, name: str, fn: Callable[[np.ndarray]
 
 
 def _unstack(out: Tensors, stacked: np.ndarray, name: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+    """One entry per layer; reshapes and transposes stay views of ``stacked`` (copied only when written)."""
     for i, layer in enumerate(stacked):
-        out[name.format(i=i)] = np.ascontiguousarray(fn(layer))
+        out[name.format(i=i)] = fn(layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def llama_to_hf(p: dict[str, Any], cfg: ModelConfig) -> Tensors:
     _unstack(out, mlp["wo"], layer + "mlp.down_proj.weight", lambda w: w.T)
     _unstack(out, p["blocks"]["mlp_norm"]["scale"], layer + "post_attention_layernorm.weight", lambda w: w)
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(p["lm_head"].T)
+        out["lm_head.weight"] = p["lm_head"].T
     return out
 
 
@@ -274,7 +275,7 @@ def gpt2_to_hf(p: dict[str, Any], cfg: ModelConfig) -> Tensors:
     for name, key in (("c_fc.weight", "wi"), ("c_fc.bias", "bi"), ("c_proj.weight", "wo"), ("c_proj.bias", "bo")):
         _unstack(out, b["mlp"][key], layer + "mlp." + name, lambda w: w)
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(p["lm_head"].T)
+        out["lm_head.weight"] = p["lm_head"].T
     return out
 
 

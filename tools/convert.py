@@ -174,11 +174,37 @@ def special_ids(meta: dict[str, Any]) -> dict[str, int]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: int | None = None) -> dict[str, Any]:
-    """Write ``config.json`` + ``generation_config.json`` + ``model.safetensors`` (float32) that ``transformers``
-    loads, and the run's tokenizer (``tokenizer.model`` or ``tokenizer.json``)."""
+def write_shards(tensors: dict[str, np.ndarray], folder: Path, shard_bytes: int) -> list[str]:
+    """float32 safetensors files of at most ~shard_bytes each (``model.safetensors``, or ``model-0000i-of-0000n``
+    + ``model.safetensors.index.json``), copying only one shard's tensors at a time out of the views given."""
     from safetensors.numpy import save_file
 
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, value in tensors.items():
+        nbytes = value.size * 4
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    n = len(groups)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for file, names in zip(files, groups):
+        save_file({k: np.ascontiguousarray(tensors[k], np.float32) for k in names}, str(folder / file),
+                  metadata={"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(v.size * 4 for v in tensors.values())},
+                 "weight_map": {k: file for file, names in zip(files, groups) for k in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: int | None = None,
+              shard_bytes: int = 2 << 30) -> dict[str, Any]:
+    """Write ``config.json`` + ``generation_config.json`` + float32 safetensors (sharded past ``shard_bytes``)
+    that ``transformers`` loads, and the run's tokenizer (``tokenizer.model`` or ``tokenizer.json``). Holds the
+    run's parameters plus one shard in memory."""
     if arch_name not in ARCHITECTURES:
         raise ValueError(f"--arch {arch_name!r} is not supported: choose {', '.join(ARCHITECTURES)}")
     out_dir = Path(out_dir).expanduser()
@@ -193,8 +219,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
     tmp = out_dir.parent / f".qkv-export-{out_dir.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # unlike mkdtemp's 0700, the usual umask
     try:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        files = write_shards(tensors, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps({**arch.config_to_hf(cfg.model), **ids}, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2))
         if "tokenizer" in meta:
@@ -205,5 +230,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out_dir": str(out_dir.resolve()), "arch": arch.hf_name, "tensors": len(tensors), "step": meta["step"],
+    return {"out_dir": str(out_dir.resolve()), "arch": arch.hf_name, "tensors": len(tensors), "files": len(files),
+            "step": meta["step"],
             **ids}
