@@ -321,3 +321,27 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
     meta_path.write_text(json.dumps(meta))
     code, _, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x")
     assert code == 2 and "model.vocab_size" in err[0], err
+
+
+def test_lora_finetune_of_an_imported_checkpoint_exports_to_transformers(tmp_path, capsys):
+    """HF Llama-3-style directory -> qkv convert import -> qkv finetune (LoRA SFT) -> merge-lora -> export ->
+    transformers: the same logits as the LoRA run, and not those of the base."""
+    hf, _ = llama3_style(tmp_path / "hf")
+    assert run_cli(capsys, "convert", "import", str(tmp_path / "hf"), str(tmp_path / "base"))[0] == 0
+    records = [{"prompt": f"def f{i}(x):", "response": f"    return x + {i}\n"} for i in range(24)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = run_cli(capsys, "finetune", "lora-tiny", f"finetune.init_from={tmp_path / 'base'}",
+                             f"finetune.train_path={tmp_path / 'sft.jsonl'}", f"train.run_dir={tmp_path / 'lora'}",
+                             "finetune.lora.rank=4", "train.steps=4", "train.batch_size=8", "data.seq_len=32",
+                             "optim.learning_rate=1e-2", "optim.warmup_steps=1", "train.eval_every=100",
+                             "train.checkpoint_every=100", "train.sample_tokens=4")
+    assert code == 0, err[-5:]
+    assert run_cli(capsys, "convert", "merge-lora", str(tmp_path / "lora"), str(tmp_path / "merged"))[0] == 0
+    code, out, err = run_cli(capsys, "convert", "export", str(tmp_path / "merged"), str(tmp_path / "out"),
+                             "--arch", "llama")
+    assert code == 0, err
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tuned = max_logit_diff(exported, tmp_path / "lora", 24)
+    assert tuned <= 1e-4
+    assert max_logit_diff(hf, tmp_path / "lora", 24) > 100 * max(tuned, 1e-6)  # the adapters changed the model
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 1
