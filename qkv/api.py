@@ -157,6 +157,9 @@ class LanguageModel:
                 continue
             yield text[len(shown):]
             shown = text
+        rest = self.tokenizer.decode(ids)[len(shown):]  # bytes that never completed a character: as generate shows them
+        if rest:
+            yield rest
 
 
     def _encoded(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -262,6 +262,10 @@ def test_generate_from_an_imported_tokenizer_json_directory(style, tmp_path, cap
     code, out, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def f(x):",
                              "--max-new-tokens", "6", "--temperature", "0", "--no-stream")
     assert code == 0 and out.startswith("def f(x):"), err
+    batch = lm.generate(["def f(x):"], max_new_tokens=6, temperature=0.0)[0]
+    code, streamed, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def f(x):",
+                                  "--max-new-tokens", "6", "--temperature", "0")  # streamed piece by piece
+    assert code == 0 and streamed == f"def f(x):{batch}\n" and out.startswith(f"def f(x):{batch}\n"), err
     # ids in, ids out: the same greedy tokens as transformers
     prompt = [hf.config.bos_token_id] + lm.tokenizer.encode("return x")
     code, out, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids",
