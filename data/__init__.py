@@ -39,7 +39,7 @@ from .seq2seq import (
     toy_pairs,
     toy_split,
 )
-from .sft import DataError, ExampleSet
+from .examples import DataError, Example, ExampleSet, OrderedIterator, PackingIterator, read_jsonl, rows_to_batch
 from .sources import TextSource, open_catalog, open_text_source, record_text
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -50,7 +50,10 @@ __all__ = [
     "ClassifyIterator",
     "ClassifySet",
     "DataError",
+    "Example",
     "ExampleSet",
+    "OrderedIterator",
+    "PackingIterator",
     "LabeledText",
     "Pair",
     "PairTexts",
@@ -71,8 +74,10 @@ __all__ = [
     "number_to_words",
     "open_catalog",
     "open_text_source",
+    "read_jsonl",
     "read_labeled",
     "record_text",
+    "rows_to_batch",
     "seq2seq_eval_batches",
     "stdlib_files",
     "tfds_labeled",

@@ -25,7 +25,7 @@ Batch contract (int32 numpy arrays; see :data:`CLASSIFY_BATCH_KEYS`), one exampl
   targets                          [batch, 1]         class index
   loss_mask                        [batch, 1]         1 on real rows, 0 on padding rows
 
-The iterators are those of :mod:`qkv.data.sft` (seeded, endless, JSON state
+The iterators are those of :mod:`qkv.data.examples` (seeded, endless, JSON state
 ``{"epoch", "next", "examples"}``); the eval pass pads its last batch with empty rows.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .sft import DataError, _PackingIterator, _rows_to_batch, _text, read_jsonl, shard
+from .examples import DataError, PackingIterator, rows_to_batch, field_text, read_jsonl, shard
 from .sources import TextSource, open_catalog, record_text
 
 CLASSIFY_BATCH_KEYS = ("inputs", "segment_ids", "positions", "targets", "loss_mask")
@@ -93,7 +93,7 @@ def read_labeled(pattern: str, *, text_field: str = "text", label_field: str = "
     fix = "pass a .jsonl file (or glob) of {text, label} records"
     out = []
     for where, record in read_jsonl(pattern, fix):
-        text = _text(record, text_field, where, True)
+        text = field_text(record, text_field, where, True)
         if label_field not in record:
             raise DataError(f"{where}: missing field {label_field!r} (has {', '.join(map(repr, record))})")
         out.append(LabeledText(text, _label(record[label_field], where, label_field), where))
@@ -184,7 +184,7 @@ def classify_examples(records: Sequence[LabeledText], encode: Callable[[str], li
     return out
 
 
-class ClassifyIterator(_PackingIterator):
+class ClassifyIterator(PackingIterator):
     """Endless classification batches (module docstring), one example per row, in a seeded order per
     epoch; ``get_state``/``set_state`` round-trip through JSON."""
 
@@ -197,7 +197,7 @@ class ClassifyIterator(_PackingIterator):
         return (1,)  # limits=(1,): every example opens its own row
 
     def _batch(self, rows: list[list[ClassExample]]) -> dict[str, np.ndarray]:
-        batch = _rows_to_batch(rows, self.seq_len, self.batch_size, {"inputs": "inputs"})
+        batch = rows_to_batch(rows, self.seq_len, self.batch_size, {"inputs": "inputs"})
         batch["targets"] = np.zeros((self.batch_size, 1), np.int32)
         batch["loss_mask"] = np.zeros((self.batch_size, 1), np.int32)
         for r, row in enumerate(rows):

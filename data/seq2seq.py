@@ -33,7 +33,7 @@ does not fit in ``src_len`` or its target in ``tgt_len``. Example k of a row is 
 sides, so cross-attention is masked by ``src_segment_ids == segment_ids``; positions restart at 0
 per example; 0 is padding everywhere. An example with more than ``src_len`` source tokens or
 ``tgt_len`` target tokens is a :class:`DataError` naming it unless ``overlong="skip"`` (then it is
-left out and counted in ``ExampleSet.skipped``). The iterators are those of :mod:`qkv.data.sft`: a
+left out and counted in ``ExampleSet.skipped``). The iterators are those of :mod:`qkv.data.examples`: a
 seeded, endless, resumable order whose JSON state is ``{"epoch", "next", "examples"}``.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .sft import DataError, ExampleSet, _PackingIterator, _rows_to_batch, _text, read_jsonl, read_lines, shard
+from .examples import DataError, ExampleSet, PackingIterator, rows_to_batch, field_text, read_jsonl, read_lines, shard
 from .sources import TextSource, open_catalog, record_text
 
 SEQ2SEQ_BATCH_KEYS = ("src_inputs", "src_segment_ids", "src_positions",
@@ -175,7 +175,7 @@ def _tsv_pairs(pattern: str) -> list[Pair]:
 
 def _jsonl_pairs(pattern: str, source_field: str, target_field: str) -> list[Pair]:
     fix = "pass a .jsonl file (or glob) of {source, target} records"
-    return [Pair(_text(record, source_field, where, True), _text(record, target_field, where, True), where)
+    return [Pair(field_text(record, source_field, where, True), field_text(record, target_field, where, True), where)
             for where, record in read_jsonl(pattern, fix)]
 
 
@@ -327,7 +327,7 @@ def tokenize_pairs(pairs: Iterable[tuple[str, str]], encode: Callable[[str], lis
     return out
 
 
-class Seq2SeqIterator(_PackingIterator):
+class Seq2SeqIterator(PackingIterator):
     """Endless seq2seq batches (module docstring): whole examples packed first-come into rows, in a
     seeded order per epoch; ``get_state``/``set_state`` round-trip through JSON."""
 
@@ -340,8 +340,8 @@ class Seq2SeqIterator(_PackingIterator):
         return len(item.source), len(item.targets)
 
     def _batch(self, rows: list[list[Seq2SeqExample]]) -> dict[str, np.ndarray]:
-        source = _rows_to_batch(rows, self.src_len, self.batch_size, {"src_inputs": "source"}, prefix="src_")
-        return {**source, **_rows_to_batch(rows, self.tgt_len, self.batch_size)}
+        source = rows_to_batch(rows, self.src_len, self.batch_size, {"src_inputs": "source"}, prefix="src_")
+        return {**source, **rows_to_batch(rows, self.tgt_len, self.batch_size)}
 
 
 def seq2seq_eval_batches(examples: Sequence[Seq2SeqExample], *, src_len: int, tgt_len: int, batch_size: int,

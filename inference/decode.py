@@ -1,10 +1,19 @@
-"""Autoregressive decoding: prefill the prompt into a KV cache, then sample one token per step.
+"""Autoregressive decoding for both generating shapes: sampling, greedy and beam search with a KV cache.
 
-Prompts of different lengths are left-padded to one length; padding gets segment 0 so real tokens
-never attend to it, and positions count real tokens only. Each decode step is one jitted call with
-a donated cache, so tokens can be streamed to the terminal as they are produced. Beam search
-(``beam_size`` > 1, inference/beam.py) prefills the same way over ``batch × beam`` rows and returns
-whole sequences from one compiled loop.
+Decoder-only (``Decoder``): prompts of different lengths are left-padded to one length; padding gets
+segment 0 so real tokens never attend to it, and positions count real tokens only. The prompt is
+prefilled into the cache, then each decode step is one jitted call with a donated cache, so tokens
+can be streamed to the terminal as they are produced.
+
+Encoder-decoder (``Seq2SeqDecoder``): sources are right-padded (segment 0 on padding, which no
+target token sees); the encoder runs once per batch and its output is projected once into every
+decoder layer's cross-attention keys and values (``EncoderDecoder.memory_kv``), which each step
+reuses, while the decoder's own keys and values grow in the cache. Greedy decoding and sampling run
+as one compiled ``lax.scan``.
+
+Beam search (``beam_size`` > 1, inference/beam.py) is one compiled function for both shapes: a
+shape-specific start (``_BEAM_STARTS``) fills ``batch × beam`` cache rows and names the first token
+to feed; the search itself is model-agnostic.
 """
 from __future__ import annotations
 
@@ -151,8 +160,8 @@ class Decoder:
             if eos_id is None:
                 raise ValueError("beam search needs an EOS id to finish hypotheses: the tokenizer has none")
             tokens, segments, budget = self._padded(prompts, pad_id)
-            best = _beam(self.graphdef, self.cfg, params, tokens, segments, eos_id, budget, self.beam_size,
-                         self.length_penalty)
+            best = beam_generate(self.graphdef, self.cfg, params, (tokens, segments), eos_id, budget, self.beam_size,
+                                 self.length_penalty)
             return [trim_at_eos(row, eos_id) for row in np.asarray(best)]
         rows: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
@@ -167,14 +176,83 @@ class Decoder:
         return rows
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7, 8))
-def _beam(graphdef, cfg, params, tokens_bp, segments_bp, eos_id, steps, beam_size, length_penalty):
-    """The best beam's new tokens [B, steps] for left-padded prompts: every prompt but its last token is
-    prefilled once per beam row; beam search feeds that last token first, then its own picks."""
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, S], segments [B, S]) with each row left-aligned; segment 1 = real token."""
+    length = length or max(len(r) for r in rows)
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    segments = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        segments[i, :len(row)] = 1
+    return tokens, segments
+
+
+class Seq2SeqDecoder:
+    """Compiled encode + decode for one encoder-decoder graph; greedy/sampling (``sampling``) or beam search."""
+
+    def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig, beam_size: int = 1,
+                 length_penalty: float = 0.6):
+        if cfg.kind != "encoder_decoder":
+            raise ValueError(f"model.kind={cfg.kind!r} has no decoder reading a source: translation needs an "
+                             "encoder_decoder checkpoint")
+        if beam_size < 1:
+            raise ValueError(f"beam_size={beam_size} must be >= 1")
+        self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
+        self.beam_size, self.length_penalty = beam_size, length_penalty
+
+    def generate(self, params: Any, sources: Sequence[Sequence[int]], bos_id: int, eos_id: int,
+                 pad_id: int = 0) -> list[list[int]]:
+        """Target ids per source (without bos, cut before the first eos)."""
+        if any(len(s) == 0 for s in sources):
+            raise ValueError("empty source: give at least one token to translate")
+        longest = max(len(s) for s in sources)
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"a source of {longest} tokens exceeds the model's context of {self.cfg.max_seq_len}: "
+                             "shorten it")
+        steps = min(self.sampling.max_new_tokens, self.cfg.max_seq_len)
+        src, segments = right_pad(sources, pad_id)
+        bos_b = np.full((src.shape[0],), bos_id, np.int32)
+        if self.beam_size > 1:
+            tokens = beam_generate(self.graphdef, self.cfg, params, (src, segments, bos_b), eos_id, steps,
+                                   self.beam_size, self.length_penalty)
+        else:
+            s = self.sampling
+            tokens = _sample_seq2seq(self.graphdef, self.cfg, params, src, segments, jax.random.key(s.seed), bos_id,
+                                     steps, s.temperature, s.top_k, s.top_p)
+        return [trim_at_eos(row, eos_id) for row in np.asarray(tokens)]
+
+
+def _encode(model, src_bs, segments_bs, rows: int):
+    """(per-layer memory keys/values, source segments), each source repeated ``rows`` times (beams)."""
+    memory_kv = model.memory_kv(model.encode(src_bs, None, segments_bs))
+    repeat = lambda a, axis: jnp.repeat(a, rows, axis=axis)  # noqa: E731
+    return (repeat(memory_kv[0], 1), repeat(memory_kv[1], 1)), repeat(segments_bs, 0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9, 10))
+def _sample_seq2seq(graphdef, cfg, params, src_bs, segments_bs, key, bos_id, steps, temperature, top_k, top_p):
     model = nnx.merge(graphdef, params)
+    memory = _encode(model, src_bs, segments_bs, 1)
+    b = src_bs.shape[0]
+
+    def step(carry, i):
+        token_b, cache = carry
+        logits, cache = model(token_b[:, None], cache=cache, memory=memory)
+        token_b = sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p)
+        return (token_b, cache), token_b
+
+    start = (jnp.full((b,), bos_id, jnp.int32), init_cache(cfg, b, steps))
+    _, tokens_tb = jax.lax.scan(step, start, jnp.arange(steps))
+    return tokens_tb.T
+
+
+def _decoder_beam_start(model, cfg, inputs, rows, steps):
+    """Left-padded prompts: every prompt but its last token is prefilled into ``rows`` cache rows each;
+    the search feeds that last token first, then its own picks."""
+    tokens_bp, segments_bp = inputs
     b, p = tokens_bp.shape
-    tokens_np, segments_np = jnp.repeat(tokens_bp, beam_size, axis=0), jnp.repeat(segments_bp, beam_size, axis=0)
-    cache = init_cache(cfg, b * beam_size, p + steps)
+    tokens_np, segments_np = jnp.repeat(tokens_bp, rows, axis=0), jnp.repeat(segments_bp, rows, axis=0)
+    cache = init_cache(cfg, b * rows, p + steps)
     if p > 1:
         positions_np = jnp.maximum(jnp.cumsum(segments_np[:, :-1], axis=1) - 1, 0)
         _, cache = model(tokens_np[:, :-1], positions_np, segments_np[:, :-1], cache=cache)
@@ -185,6 +263,31 @@ def _beam(graphdef, cfg, params, tokens_bp, segments_bp, eos_id, steps, beam_siz
         logits, cache = model(token_n[:, None], position_n[:, None], jnp.ones_like(token_n)[:, None], cache=cache)
         return logits[:, -1], cache
 
-    tokens_bkt, _ = beam_search(logits_fn, cache, tokens_bp[:, -1], beam_size=beam_size, max_new_tokens=steps,
+    return logits_fn, cache, tokens_bp[:, -1]
+
+
+def _seq2seq_beam_start(model, cfg, inputs, rows, steps):
+    """Right-padded sources: encoded once, their cross-attention memory repeated over ``rows`` beams; the
+    search feeds bos first."""
+    src_bs, segments_bs, bos_b = inputs
+    memory = _encode(model, src_bs, segments_bs, rows)
+
+    def logits_fn(token_n, cache):
+        logits, cache = model(token_n[:, None], cache=cache, memory=memory)
+        return logits[:, -1], cache
+
+    return logits_fn, init_cache(cfg, src_bs.shape[0] * rows, steps), bos_b
+
+
+_BEAM_STARTS = {"decoder": _decoder_beam_start, "encoder_decoder": _seq2seq_beam_start}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5, 6, 7))
+def beam_generate(graphdef, cfg, params, inputs, eos_id, steps, beam_size, length_penalty):
+    """The best beam's new tokens [B, steps]: ``inputs`` are (tokens, segments) of left-padded prompts for a
+    decoder, (source tokens, source segments, bos ids) for an encoder-decoder."""
+    model = nnx.merge(graphdef, params)
+    logits_fn, cache, first_n = _BEAM_STARTS[cfg.kind](model, cfg, inputs, beam_size, steps)
+    tokens_bkt, _ = beam_search(logits_fn, cache, first_n, beam_size=beam_size, max_new_tokens=steps,
                                 eos_id=eos_id, length_penalty=length_penalty, reorder_cache=reorder_cache)
     return tokens_bkt[:, 0]

@@ -7,7 +7,7 @@ from typing import Any
 from qkv.data import Tokenizer
 from qkv.model import ModelConfig
 from qkv.inference.decode import SamplingConfig
-from qkv.inference.seq2seq import Seq2SeqDecoder
+from qkv.inference.decode import Seq2SeqDecoder
 
 from .bleu import corpus_bleu
 

@@ -8,7 +8,7 @@ Encoder-decoder (the original Transformer): the encoder reads the source once; t
 decoder-only model's causal stack with a cross-attention sub-layer in every block, whose queries come
 from the decoder and whose keys/values come from the encoder's output. Source and target share one
 embedding (a joint vocabulary). For decoding, :meth:`EncoderDecoder.memory_kv` projects the encoder
-output into every layer's keys/values once; each step then reuses them (inference/seq2seq.py).
+output into every layer's keys/values once; each step then reuses them (inference/decode.py).
 """
 from __future__ import annotations
 

@@ -17,10 +17,17 @@ def __getattr__(name: str):
     if name == "load_config":
         from qkv.train.config import load_config
         return load_config
-    if name in ("pretrain", "evaluate"):
-        from qkv.train import loop
-        return getattr(loop, name)
+    if name == "evaluate":
+        from qkv.inference.evaluate import evaluate
+        return evaluate
     raise AttributeError(f"module 'qkv' has no attribute {name!r}")
+
+
+def pretrain(cfg, report=None):
+    """Train (or resume) ``cfg``'s run with its end-of-run report (a sample, BLEU); see qkv.train.loop.pretrain."""
+    from qkv.inference.report import pretrain_report
+    from qkv.train.loop import pretrain
+    return pretrain(cfg, report=report if report is not None else pretrain_report(cfg))
 
 
 __all__ = ["LanguageModel", "evaluate", "load", "load_config", "pretrain"]

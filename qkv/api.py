@@ -24,13 +24,10 @@ import numpy as np
 from flax import nnx
 
 from qkv.data import Tokenizer
-from qkv.data.tokenizer import check_vocab
 from qkv.inference.decode import Decoder, SamplingConfig
 from qkv.model.encoder import mean_pool
-from qkv.train import checkpoint
-from qkv.train.config import Config, MeshConfig, config_from_dict
-from qkv.train.sharding import make_mesh, resolve_rules
-from qkv.train.step import abstract_params
+from qkv.inference.run import load_run
+from qkv.train.config import Config
 
 
 @dataclass
@@ -44,22 +41,8 @@ class LanguageModel:
     @classmethod
     def load(cls, run_dir: str | Path, step: int | None = None) -> "LanguageModel":
         """Parameters (no optimizer state), config and tokenizer of a checkpoint in ``run_dir``."""
-        if not Path(run_dir).expanduser().exists():
-            raise FileNotFoundError(f"checkpoint directory {run_dir!r} does not exist: pass a run directory "
-                                    "written by qkv pretrain")
-        meta = checkpoint.read_meta(run_dir, step)
-        cfg = config_from_dict(meta["config"])
-        mesh = make_mesh(MeshConfig())  # all local devices on the data axis: parameters replicated
-        graphdef, params, _ = abstract_params(cfg.model, mesh, resolve_rules(cfg.mesh.rules))
-        if cfg.finetune.lora.rank > 0:  # a LoRA run: its base model (finetune.init_from) + adapters, merged
-            from qkv.train.finetune import load_lora_params
-            params = load_lora_params(run_dir, meta, params)
-        else:
-            params = checkpoint.restore(run_dir, {"params": params}, meta["step"], with_optimizer=False)[0]["params"]
-        tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"])) if "tokenizer" in meta else None
-        if tok is not None:
-            check_vocab(tok, cfg.model.vocab_size)
-        return cls(cfg, tok, graphdef, params, int(meta["step"]))
+        run = load_run(run_dir, step)
+        return cls(run.config, run.tokenizer, run.graphdef, run.params, run.step)
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Float32 logits [B, T, vocab] for equal-length rows of token ids: next-token (decoder) or masked-token
@@ -167,7 +150,7 @@ class LanguageModel:
             raise ValueError("give at least one non-empty text")
         limit = self.config.model.max_seq_len
         ids = [([self.tokenizer.bos_id] + self.tokenizer.encode(t) + [self.tokenizer.eos_id])[:limit] for t in texts]
-        from qkv.inference.seq2seq import right_pad
+        from qkv.inference.decode import right_pad
         return right_pad(ids, self.tokenizer.pad_id)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

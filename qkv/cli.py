@@ -27,26 +27,24 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """The first argument is a preset or YAML path unless it is already a key=value override."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
-
-
 def cmd_pretrain(ns: argparse.Namespace) -> int:
-    from qkv.train.config import load_config
+    from qkv.inference.report import pretrain_report
+    from qkv.train.config import load_config, split_config_args
     from qkv.train.loop import pretrain
 
-    source, overrides = _split_config_args(ns.args)
-    return _report_run(pretrain(load_config(source, overrides)))
+    source, overrides = split_config_args(ns.args)
+    cfg = load_config(source, overrides)
+    return _report_run(pretrain(cfg, report=pretrain_report(cfg)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
+    from qkv.inference.report import finetune_report
+    from qkv.train.config import split_config_args
     from qkv.train.finetune import finetune, load_finetune_config
 
-    source, overrides = _split_config_args(ns.args)
-    return _report_run(finetune(load_finetune_config(source, overrides)))
+    source, overrides = split_config_args(ns.args)
+    cfg = load_finetune_config(source, overrides)
+    return _report_run(finetune(cfg, report=finetune_report(cfg)))
 
 
 def _report_run(summary: dict) -> int:
@@ -68,16 +66,16 @@ def _report_run(summary: dict) -> int:
 def cmd_config(ns: argparse.Namespace) -> int:
     import yaml
 
-    from qkv.train.config import load_config
+    from qkv.train.config import load_config, split_config_args
 
-    source, overrides = _split_config_args(ns.args)
+    source, overrides = split_config_args(ns.args)
     print(yaml.safe_dump(load_config(source, overrides).to_dict(), sort_keys=False), end="")
     return 0
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from qkv.train.config import parse_override
-    from qkv.train.loop import evaluate
+    from qkv.inference.evaluate import evaluate
 
     overrides: dict = {}
     for text in ns.overrides:
@@ -235,7 +233,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     if ns.direction == "import":
         print(json.dumps(import_hf(ns.hf_dir, ns.run_dir, ns.tokenizer)))
     elif ns.direction == "merge-lora":
-        from qkv.train.finetune import merge_lora_run
+        from qkv.tools.convert import merge_lora_run
         _require_dir(ns.run_dir)
         print(json.dumps(merge_lora_run(ns.run_dir, ns.out_dir, ns.step)))
     else:

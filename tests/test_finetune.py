@@ -18,8 +18,10 @@ from qkv.data.sft import DataError, DPOIterator, PackedSFTIterator, chat_prompt,
 from qkv.model import create_model, split_params
 from qkv.train import checkpoint
 from qkv.train.config import Config, DataConfig, ModelConfig
-from qkv.train.finetune import (FinetuneTrainer, dpo_terms, finetune, load_finetune_config, merge_lora,
-                                write_params_checkpoint)
+from qkv.train.checkpoint import save_params
+from qkv.train.finetune import finetune, finetune_trainer, hold_out, load_finetune_config
+from qkv.train.lora import merge_lora
+from qkv.train.objectives import dpo_terms
 
 WORDS = ["abc", "bad", "cab", "dace", "face", "bead", "fade", "cafe", "deaf", "ebb", "add", "fee"]
 SFT = [{"prompt": f"reverse: {w}\n", "response": w[::-1]} for w in WORDS]
@@ -42,7 +44,7 @@ def base(tmp_path_factory) -> dict:
     assert tok.vocab_size <= MODEL["vocab_size"]
     cfg = Config(model=ModelConfig(**MODEL), data=DataConfig(seq_len=32))
     _, params = split_params(create_model(cfg.model, seed=1))
-    write_params_checkpoint(root / "base", params, {"config": cfg.to_dict(),
+    save_params(root / "base", params, {"config": cfg.to_dict(),
                                                     "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes())})
     sft = write_jsonl(root / "sft.jsonl", SFT)
     prefs = write_jsonl(root / "prefs.jsonl", [{"prompt": f"q {w}\n", "chosen": "good", "rejected": "bad"}
@@ -173,7 +175,7 @@ def _log_softmax64(logits: np.ndarray) -> np.ndarray:
 
 def test_response_only_loss_matches_numpy(base, tmp_path):
     cfg = ft_config(base, tmp_path / "unused")
-    trainer = FinetuneTrainer(cfg)
+    trainer = finetune_trainer(cfg)
     tok = base["tok"]
     data = load_sft(str(base["sft"]), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=32)
     batch = next(PackedSFTIterator(data.items, seq_len=32, batch_size=8, seed=0))
@@ -185,7 +187,7 @@ def test_response_only_loss_matches_numpy(base, tmp_path):
     mask = batch["loss_mask"].astype(np.float64)
     expected = (nll * mask).sum() / mask.sum()
     assert 0 < mask.sum() < (batch["segment_ids"] > 0).sum()  # prompts really are excluded
-    state = trainer.init_state(trainer.init_trainable(params))
+    state = trainer.init_state(params)
     _, metrics = trainer.train_step(state, trainer.put_batch(batch))
     assert abs(float(metrics["loss"]) - expected) < 1e-4 * expected, (float(metrics["loss"]), expected)
     assert float(metrics["tokens"]) == mask.sum()
@@ -194,7 +196,8 @@ def test_response_only_loss_matches_numpy(base, tmp_path):
 def test_sft_learns_the_answers_and_generates_them(base, tmp_path):
     run_dir = tmp_path / "sft"
     summary = finetune(ft_config(base, run_dir, "train.steps=200", "optim.learning_rate=3e-3", "optim.schedule=constant",
-                                 "train.log_every=10", "train.eval_every=100", "train.checkpoint_every=100"))
+                                 "train.log_every=10", "train.eval_every=100", "train.checkpoint_every=100",
+                                 "finetune.eval_fraction=0"))  # memorising: evaluate on the training examples
     losses = [r["loss"] for r in train_records(run_dir)]
     assert losses[0] > 1.0 and losses[-1] < 0.15, losses  # mean over steps 191-200
     assert summary["val_loss"] < 0.05 and [r["step"] for r in train_records(run_dir, "eval")] == [100, 200]
@@ -204,6 +207,22 @@ def test_sft_learns_the_answers_and_generates_them(base, tmp_path):
     assert outs == [r["response"] for r in SFT], outs
 
 
+def test_without_eval_path_a_seeded_share_of_the_examples_is_held_out(base, tmp_path, capsys):
+    items = list(range(40))
+    train, held = hold_out(items, 0.05, seed=0)
+    assert len(held) == 2 and not set(train) & set(held) and sorted(train + held) == items
+    assert hold_out(items, 0.05, seed=0) == (train, held) and hold_out(items, 0.05, seed=1) != (train, held)
+    assert hold_out([7], 0.05, seed=0) == ([7], [7]) and hold_out(items, 0.0, seed=0) == (items, items)
+    # A run logs what it held out, trains on the rest and evaluates on exactly the held-out example.
+    run_dir = tmp_path / "held"
+    cfg = ft_config(base, run_dir, "train.steps=2", "train.eval_every=2")
+    finetune(cfg)
+    assert f"held out 1 of {len(SFT)} training examples" in capsys.readouterr().out
+    (i,) = [SFT.index(r) for r in hold_out(SFT, cfg.finetune.eval_fraction, cfg.train.seed)[1]]
+    tok = base["tok"]
+    assert train_records(run_dir, "eval")[-1]["tokens"] == len(tok.encode(SFT[i]["response"])) + 1  # + eos
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
@@ -211,12 +230,12 @@ def test_sft_learns_the_answers_and_generates_them(base, tmp_path):
 def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
     cfg = ft_config(base, tmp_path / "unused", "finetune.lora.rank=4", "finetune.lora.targets=[wq,wv,mlp.wo]",
                     "optim.learning_rate=1e-2")
-    trainer = FinetuneTrainer(cfg)
+    trainer = finetune_trainer(cfg)
     tok = base["tok"]
     data = load_sft(str(base["sft"]), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=32)
     it = PackedSFTIterator(data.items, seq_len=32, batch_size=8, seed=0)
     trainer.frozen = jax.device_put(base["params"], trainer.base_shardings)
-    state = trainer.init_state(trainer.init_trainable(trainer.frozen))
+    state = trainer.init_state(trainer.frozen)
     adapter_shapes = {tuple(x.shape) for x in jax.tree.leaves(state["params"])}
     assert set(flatten_dict(state["params"])) == {
         ("blocks", "attn", "wq", "lora_a"), ("blocks", "attn", "wq", "lora_b"), ("blocks", "attn", "wv", "lora_a"),
@@ -314,12 +333,12 @@ def test_dpo_training_widens_the_margin(base, tmp_path):
 def test_dpo_with_lora_uses_the_frozen_base_as_reference(base, tmp_path):
     cfg = ft_config(base, tmp_path / "unused", "finetune.method=dpo", "finetune.dpo_beta=0.5", "finetune.lora.rank=2",
                     "optim.learning_rate=1e-2", "optim.grad_accum=2", train_path=base["prefs"])
-    trainer = FinetuneTrainer(cfg)
+    trainer = finetune_trainer(cfg)
     tok = base["tok"]
     pairs = load_dpo(str(base["prefs"]), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=32)
     it = DPOIterator(pairs.items, seq_len=32, batch_size=8, seed=0)
     trainer.frozen = jax.device_put(base["params"], trainer.base_shardings)
-    state = trainer.init_state(trainer.init_trainable(trainer.frozen))
+    state = trainer.init_state(trainer.frozen)
     history = []
     for _ in range(4):
         state, metrics = trainer.train_step(state, trainer.put_batch(next(it)))

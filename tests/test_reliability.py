@@ -229,10 +229,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
 
 
 def test_skip_nonfinite_keeps_the_state_and_counts_the_skip():
-    from qkv.train.loop import _skipping_step
     cfg = load_config("tiny", SMALL + ["model.vocab_size=64", "data.seq_len=16", "optim.warmup_steps=0"])
-    trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10)
-    step = _skipping_step(trainer)
+    trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10,
+                      skip_nonfinite=True)
+    step = trainer.train_step
     rng = np.random.default_rng(0)
     toks = rng.integers(4, 64, (8, 17)).astype(np.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((8, 16), np.int32),

@@ -17,7 +17,7 @@ from test_model import (np_mask, np_mlp, np_norm, np_rope, np_sinusoidal, np_sof
 
 from qkv.model import Encoder, EncoderDecoder, ModelConfig, create_model, init_cache, split_params
 from qkv.inference.decode import SamplingConfig
-from qkv.inference.seq2seq import Seq2SeqDecoder
+from qkv.inference.decode import Seq2SeqDecoder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

@@ -49,11 +49,21 @@ def test_train_step_carries_activation_constraints_and_they_follow_the_rules():
     assert odd.spec == PartitionSpec(None, None, None)
 
 
-def test_grad_accumulation_with_small_micro_batches_on_a_mesh():
-    cfg = load_config("tiny", SMALL + ["optim.grad_accum=4"])  # micro-batches of 2 rows on 4 batch shards
-    trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), resolve_rules({}), 10)
-    _, metrics = trainer.train_step(trainer.init_state(), trainer.put_batch(_batch(8, 16)))
-    assert np.isfinite(float(metrics["loss"]))
+def test_grad_accumulation_with_small_micro_batches_on_a_mesh_matches_one_device_without():
+    """4 micro-batches of 2 rows on 4 batch shards give the loss, gradient norm and update of the whole
+    batch in one piece on one device."""
+    results = []
+    for accum, mesh_cfg, devices in ((4, MeshConfig(data=2, fsdp=2, tensor=2), None), (1, MeshConfig(), jax.devices()[:1])):
+        cfg = load_config("tiny", SMALL + [f"optim.grad_accum={accum}", "optim.warmup_steps=0"])
+        trainer = Trainer(cfg.model, cfg.optim, make_mesh(mesh_cfg, devices), resolve_rules({}), 10)
+        state, first = trainer.train_step(trainer.init_state(), trainer.put_batch(_batch(8, 16)))
+        _, second = trainer.train_step(state, trainer.put_batch(_batch(8, 16)))  # after the (accumulated) update
+        results.append(jax.device_get((first, second)))
+    (mesh_1, mesh_2), (one_1, one_2) = results
+    assert np.isfinite(float(one_1["loss"])) and float(one_1["grad_norm"]) > 0 and one_2["loss"] < one_1["loss"]
+    np.testing.assert_allclose(float(mesh_1["loss"]), float(one_1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(mesh_1["grad_norm"]), float(one_1["grad_norm"]), rtol=1e-4)
+    np.testing.assert_allclose(float(mesh_2["loss"]), float(one_2["loss"]), rtol=1e-4)
 
 
 def test_rules_from_yaml_override_the_table():

@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 from qkv.cli import main as cli_main
+from qkv.inference.report import pretrain_report
 from qkv.train import checkpoint
 from qkv.train.config import MeshConfig, load_config
 from qkv.train.loop import pretrain
 from qkv.train.mlm import FIRST_REGULAR_ID, mlm_corrupt
 from qkv.train.sharding import make_mesh, resolve_rules
-from qkv.train.step import Trainer, token_losses
+from qkv.train.objectives import token_losses
+from qkv.train.step import Trainer
+from qkv.train.tasks import task_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 
@@ -76,6 +79,23 @@ def test_mlm_masking_proportions_and_only_masked_positions_carry_loss():
     assert (out["inputs"][randomised] >= FIRST_REGULAR_ID).all() and (out["inputs"][randomised] < vocab).all()
 
 
+def test_mlm_evaluation_masks_each_batch_afresh_and_every_evaluation_alike():
+    cfg = load_config("bert-tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                                    "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8"])
+    trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(), jax.devices()[:1]), resolve_rules({}), 10,
+                      objective=task_for(cfg).objective())
+    params = trainer.init_state()["params"]
+    rng = np.random.default_rng(0)
+    batch = trainer.put_batch({"inputs": rng.integers(5, 64, (8, 32)).astype(np.int32),
+                               "targets": np.zeros((8, 32), np.int32), "loss_mask": np.ones((8, 32), np.int32),
+                               "segment_ids": np.ones((8, 32), np.int32),
+                               "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))})
+    first, again, second = (jax.device_get(trainer.eval_step(params, batch, i)) for i in (0, 0, 1))
+    assert first == again  # batch i is masked the same way at every evaluation
+    assert (first["tokens"], first["loss_sum"]) != (second["tokens"], second["loss_sum"])  # batch 1 differs
+    assert 0.05 * 256 < first["tokens"] < 0.3 * 256
+
+
 def test_label_smoothing_equals_float64_reference():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 3, 7)) * 3
@@ -113,8 +133,7 @@ def test_sharded_train_step_matches_one_device(kind):
     losses = {}
     for name, mesh_cfg, devices in (("one", MeshConfig(), jax.devices()[:1]),
                                     ("mesh", MeshConfig(data=2, fsdp=2, tensor=2), None)):
-        trainer = Trainer(cfg.model, cfg.optim, make_mesh(mesh_cfg, devices), resolve_rules({}), 10,
-                          prepare=None)
+        trainer = Trainer(cfg.model, cfg.optim, make_mesh(mesh_cfg, devices), resolve_rules({}), 10)
         state = trainer.init_state()
         for _ in range(2):
             state, m = trainer.train_step(state, trainer.put_batch(_mesh_batch(kind)))
@@ -130,7 +149,7 @@ def translator(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("translate") / "run"
     cfg = load_config("translate-tiny", [*TRANSLATE, "train.steps=400", f"train.run_dir={run_dir}",
                                          "train.log_every=50"])
-    summary = pretrain(cfg)
+    summary = pretrain(cfg, report=pretrain_report(cfg))  # the report is the caller's (qkv.pretrain, qkv pretrain)
     assert summary["exact_match"] >= 0.6, summary  # held-out validation numbers, greedy, from the run's report
     return run_dir
 
@@ -183,6 +202,8 @@ def test_mlm_pretraining_learns_and_checkpoints(bert_run, capsys):
     records = metrics(bert_run)
     train = [r["loss"] for r in records if r["split"] == "train"]
     assert train[-1] < train[0] - 0.5, train
+    # tokens_per_s: every token processed; loss_tokens_per_s: the ~15 % masked ones the loss counts
+    assert all(r["tokens_per_s"] > 3 * r["loss_tokens_per_s"] > 0 for r in records if r["split"] == "train")
     from qkv.data import Tokenizer
     meta = checkpoint.read_meta(bert_run)
     assert Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"])).mask_id == 4

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qkv.configs
 from qkv.model import abstract_model, count_params, split_params
 from qkv.train import checkpoint
 from qkv.train.config import MeshConfig, load_config, preset_names
@@ -48,14 +49,18 @@ def test_loss_falls_and_metrics_are_written(trained_run):
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [30, 60] and evals[-1]["loss"] < evals[0]["loss"]
     assert all(r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 for r in records if r["split"] == "train")
+    # tokens_per_s counts every token processed, loss_tokens_per_s those the loss counts (packed text: nearly all)
+    assert all(0 < r["loss_tokens_per_s"] <= r["tokens_per_s"] for r in records if r["split"] == "train")
     assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
     assert checkpoint.latest_step(trained_run) == 60
 
 
-def test_resume_after_clean_stop_matches_uninterrupted(corpus, tmp_path):
+def test_resume_after_clean_stop_matches_uninterrupted(corpus, tmp_path, capsys):
     common = ("train.steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=100")
     straight = tmp_path / "straight"
     pretrain(tiny_config(corpus, straight, *common))
+    # the tiny preset's 30 warmup steps do not fit in 12: clamped, and said so
+    assert "optim.warmup_steps=30 is not shorter than train.steps=12: warming up over 11 steps" in capsys.readouterr().out
     split = tmp_path / "split"
     pretrain(tiny_config(corpus, split, *common, "train.stop_at_step=5"))
     assert checkpoint.latest_step(split) == 5
@@ -154,7 +159,21 @@ def test_mesh_that_does_not_divide_is_refused_before_compiling():
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
 
 
-@pytest.mark.parametrize("name", preset_names())
+def test_every_yaml_under_configs_parses_by_name_and_by_path():
+    """Fine-tuning presets are ordinary presets: one reader for every YAML file under configs/."""
+    root = Path(qkv.configs.__file__).parent
+    files = sorted(root.rglob("*.yaml"))
+    assert {f.stem for f in files} >= {"tiny", "bert-tiny", "translate-tiny", "sft-tiny", "lora-tiny", "dpo-tiny"}
+    assert sorted(f.stem for f in files) == preset_names()  # no YAML hides in a folder the reader skips
+    for f in files:
+        assert load_config(str(f)) == load_config(f.stem)
+    assert load_config("lora-tiny").finetune.lora.rank == 8 and load_config("dpo-tiny").finetune.method == "dpo"
+
+
+PRETRAIN_PRESETS = [n for n in preset_names() if not load_config(n).finetune.init_from]
+
+
+@pytest.mark.parametrize("name", PRETRAIN_PRESETS)
 def test_every_preset_parses_and_builds_its_shapes(name):
     cfg = load_config(name)
     graphdef, params = split_params(abstract_model(cfg.model))

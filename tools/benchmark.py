@@ -31,7 +31,7 @@ import numpy as np
 from qkv.model import ModelConfig, count_params, create_model, split_params
 
 from . import roofline
-from qkv.train.config import Config, load_config, parse_override
+from qkv.train.config import Config, load_config, parse_override, split_config_args
 from qkv.train.metrics import flops_per_token
 from qkv.train.tasks import task_for
 from .profile_summary import summarize_trace
@@ -117,7 +117,7 @@ class TrainPoint:
         rules = resolve_rules(cfg.mesh.rules)
         check_batch(cfg.train.batch_size, self.mesh, rules)
         self.trainer = Trainer(cfg.model, cfg.optim, self.mesh, rules, max(cfg.train.steps, total_steps),
-                               cfg.train.seed, task_for(cfg).prepare())  # the pretraining step (MLM masking too)
+                               cfg.train.seed, task_for(cfg).objective())  # the pretraining step (MLM masking too)
         self.state = self.trainer.init_state()
         self.n_params = count_params(self.state["params"])
         self.batch = self.trainer.put_batch(synthetic_batch_for(cfg, cfg.train.batch_size))
@@ -187,7 +187,7 @@ def _breakdown(point: "TrainPoint", repeats: int) -> dict[str, float]:
     """Median seconds, timed round-robin, of the forward pass alone (the real eval step), of forward +
     backward without the optimizer (the train step's loss and gradient, jitted on their own) and of the
     full step; the optimizer update and the rest is the full step minus forward + backward."""
-    from qkv.train.step import forward_loss_sum
+    from qkv.train.objectives import forward_loss_sum
 
     trainer = point.trainer
 
@@ -398,10 +398,10 @@ def run_decode(source: str | None, overrides: Sequence[str], checkpoint_dir: str
                prompt_len: int, new_tokens: int, repeats: int = 3) -> list[dict[str, Any]]:
     """Decode records for a checkpoint's parameters, or for random parameters of a config."""
     if checkpoint_dir:
-        from qkv.api import load
+        from qkv.inference.run import load_run
 
-        lm = load(checkpoint_dir)
-        model_cfg, graphdef, params, origin = lm.config.model, lm.graphdef, lm.params, f"checkpoint {checkpoint_dir}"
+        run = load_run(checkpoint_dir)
+        model_cfg, graphdef, params, origin = run.config.model, run.graphdef, run.params, f"checkpoint {checkpoint_dir}"
     else:
         cfg = load_config(source, overrides)
         model_cfg = cfg.model
@@ -431,7 +431,7 @@ def main(ns: Any) -> int:
     """The CLI entry (``qkv benchmark``); ``ns`` comes from the parser in qkv/cli.py."""
     if ns.cpu_devices:
         jax.config.update("jax_num_cpu_devices", ns.cpu_devices)
-    source, overrides = (ns.args[0], ns.args[1:]) if ns.args and "=" not in ns.args[0] else (None, ns.args)
+    source, overrides = split_config_args(ns.args)
     if ns.bench == "train":
         records = run_train_sweep(source, overrides, ns.sweep or [], ns.steps, ns.warmup, ns.profile, ns.breakdown)
         print(train_table(records))

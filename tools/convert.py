@@ -10,6 +10,7 @@ written to a temporary directory and renamed when complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,17 +21,16 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from qkv.data import Tokenizer
 from qkv.data.tokenizer import check_vocab
+from qkv.inference.run import load_run
 from qkv.model import abstract_model, split_params
 from qkv.model.hf import ARCHITECTURES, architecture_of
 
 from qkv.train import checkpoint
-from qkv.train.config import Config, DataConfig, MeshConfig, config_from_dict
-from qkv.train.sharding import make_mesh, resolve_rules
-from qkv.train.step import abstract_params
+from qkv.train.config import Config, DataConfig, config_from_dict
+from qkv.train.lora import lora_paths
 
 
 class SafetensorsDir(Mapping[str, np.ndarray]):
@@ -135,10 +135,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     if tok is not None:
         meta["tokenizer"] = checkpoint.encode_tokenizer(tok.to_bytes())
         meta["tokenizer_backend"] = tok.backend
-    mngr = checkpoint.manager(run_dir, keep=1)
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.save_params(run_dir, params, meta, step=0)
     return {"run_dir": str(run_dir.resolve()), "arch": arch.hf_name, "tokenizer": tok.backend if tok else None,
             "params": int(sum(a.size for a in jax.tree.leaves(params)))}
 
@@ -156,12 +153,9 @@ def _import_tokenizer(hf_dir: Path, tokenizer: str | Path | None) -> Tokenizer |
 
 
 def load_params(run_dir: str | Path, step: int | None = None) -> tuple[Config, dict[str, Any], dict[str, Any]]:
-    """(config, params as NumPy, meta) of a checkpoint, restored on one host."""
-    meta = checkpoint.read_meta(run_dir, step)
-    cfg = config_from_dict(meta["config"])
-    _, abstract, _ = abstract_params(cfg.model, make_mesh(MeshConfig()), resolve_rules(cfg.mesh.rules))
-    state, meta = checkpoint.restore(run_dir, {"params": abstract}, meta["step"], with_optimizer=False)
-    return cfg, jax.tree.map(np.asarray, jax.device_get(state["params"])), meta
+    """(config, params as NumPy, meta) of a checkpoint, restored on one host (a LoRA run merged)."""
+    run = load_run(run_dir, step)
+    return run.config, jax.tree.map(np.asarray, jax.device_get(run.params)), run.meta
 
 
 def special_ids(meta: dict[str, Any]) -> dict[str, int]:
@@ -233,3 +227,21 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
     return {"out_dir": str(out_dir.resolve()), "arch": arch.hf_name, "tensors": len(tensors), "files": len(files),
             "step": meta["step"],
             **ids}
+
+
+def merge_lora_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """``qkv convert merge-lora``: a LoRA run (base + adapters) -> a plain params checkpoint in out_dir."""
+    run_dir, out_dir = Path(run_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if checkpoint.latest_step(out_dir) is not None:
+        raise ValueError(f"{out_dir} already holds a checkpoint: choose a new output directory")
+    cfg = config_from_dict(checkpoint.read_meta(run_dir, step)["config"])
+    if cfg.finetune.lora.rank == 0:
+        raise ValueError(f"{run_dir} is not a LoRA run (finetune.lora.rank=0): it is already a plain checkpoint")
+    run = load_run(run_dir, step)  # base + adapters, merged
+    plain = dataclasses.replace(cfg, finetune=dataclasses.replace(
+        cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0)))
+    checkpoint.save_params(out_dir, run.params, {"config": plain.to_dict(), "tokenizer": run.meta["tokenizer"],
+                                                 "source": {"merged_lora_run": str(run_dir), "step": run.step}},
+                           step=run.step)
+    return {"out_dir": str(out_dir), "step": run.step, "base": cfg.finetune.init_from,
+            "adapted": [".".join(p) for p in lora_paths(run.params, cfg.finetune.lora.targets)]}

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qkv.train.config import Config, load_config
+from qkv.train.config import Config, load_config, split_config_args
 
 GIB = 1024 ** 3
 
@@ -179,11 +179,9 @@ def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
 
 def main(ns) -> int:
     """The ``qkv plan`` command (argparse namespace from qkv/cli.py)."""
-    from qkv.cli import _split_config_args
-
     if ns.device is not None and ns.device not in DEVICES:
         raise ValueError(f"--device {ns.device!r} is unknown: choose one of {', '.join(DEVICES)}")
-    source, overrides = _split_config_args(ns.args)
+    source, overrides = split_config_args(ns.args)
     cfg = load_config(source, overrides)
     mesh = parse_mesh(ns.mesh) if ns.mesh else {"data": max(cfg.mesh.data, 1), "fsdp": max(cfg.mesh.fsdp, 1),
                                                 "tensor": max(cfg.mesh.tensor, 1)}

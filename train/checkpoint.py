@@ -325,3 +325,23 @@ def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def read_tokenizer(meta: dict[str, Any]):
+    """The tokenizer stored in a checkpoint's metadata, or None (e.g. a converted model imported without one)."""
+    from qkv.data import Tokenizer
+
+    return Tokenizer.from_bytes(decode_tokenizer(meta["tokenizer"])) if "tokenizer" in meta else None
+
+
+def save_params(run_dir: str | Path, params: Any, meta: dict[str, Any], step: int = 0) -> None:
+    """A params-only checkpoint (no optimizer state), as ``qkv convert import`` and ``merge-lora`` write:
+    readable by generate, evaluate, finetune and export. Refuses NaN/Inf parameters."""
+    sums, finite = checksums({"params": params})
+    if not finite:
+        raise ValueError("the parameters hold NaN or Inf: not writing them")
+    mngr = manager(run_dir, keep=1)
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums})))
+    mngr.wait_until_finished()
+    mngr.close()

@@ -110,7 +110,8 @@ class FinetuneConfig:
     train_path: str | None = None  # JSONL file or glob (classify: none needed with data.source=tfds, e.g. glue/sst2)
     labels: list | None = None  # classify: the class names (None: the sorted labels of the training data)
     label_field: str = "label"  # classify: the JSONL/TFDS field holding the label (data.text_field: the text)
-    eval_path: str | None = None  # JSONL file or glob for evaluation (None: the first training examples)
+    eval_path: str | None = None  # JSONL file or glob for evaluation (None: hold out eval_fraction of the training set)
+    eval_fraction: float = 0.05  # without eval_path: the seeded share of training examples held out (at least 1)
     overlong: Literal["error", "skip"] = "error"  # an example longer than data.seq_len: stop, or skip and count
     dpo_beta: float = 0.1
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -125,6 +126,9 @@ class FinetuneConfig:
                              "e.g. [wq, wv]")
         if self.dpo_beta <= 0:
             raise ValueError(f"finetune.dpo_beta={self.dpo_beta} must be > 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"finetune.eval_fraction={self.eval_fraction} must be in [0, 1) (0: evaluate on the "
+                             "training examples)")
 
 
 @dataclass(frozen=True)
@@ -283,13 +287,28 @@ def read_yaml(source: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The validated run configuration for a preset or YAML file plus ``key=value`` overrides."""
+def config_data(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested dict of a preset or YAML file with ``key=value`` overrides applied (not yet validated):
+    the one way into the configuration, for pretraining and fine-tuning presets alike."""
     data = read_yaml(source)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    return from_dict(Config, data)
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated run configuration for a preset or YAML file plus ``key=value`` overrides."""
+    return from_dict(Config, config_data(source, overrides))
+
+
+def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """(preset or YAML path, key=value overrides) of a command line: the first argument is the config
+    source unless it is already an override. Every subcommand reads its configuration this way."""
+    args = list(args)
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

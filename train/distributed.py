@@ -68,3 +68,20 @@ def process_data_state(meta: dict) -> str:
                          f"{jax.process_count()}: resume with {len(states)} (each process continues its own "
                          "shard of the data), or start a new train.run_dir")
     return states[jax.process_index()]
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    """One line from process 0 only."""
+    if is_main_process():  # one write: under `qkv launch` (unbuffered) other processes' lines cannot split it
+        print(message + "\n", end="", flush=True)
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

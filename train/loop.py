@@ -1,8 +1,14 @@
-"""``pretrain`` and ``evaluate``: the training loop around the compiled step.
+"""The run lifecycle and the training loop, shared by ``pretrain`` and ``finetune``.
 
 A run directory holds everything: ``config.yaml``, ``tokenizer.model``, ``metrics.jsonl``,
-``tensorboard/`` and ``checkpoints/``. Running ``pretrain`` again on the same directory resumes from
-the newest complete checkpoint with the same data order, so the losses continue exactly.
+``tensorboard/`` and ``checkpoints/``. Running again on the same directory resumes from the newest
+complete checkpoint with the same data order, so the losses continue exactly.
+
+``run(cfg, make_job, report)`` is the one lifecycle: set up (a failed first start leaves nothing
+behind), resume or start, write the config, drop metrics of steps that were never checkpointed, run
+the loop (steps, logging, evaluation, checkpoints, NaN checks, SIGTERM), then the end-of-run
+``report`` the caller passes (qkv.inference.report: a sample, BLEU). What differs between kinds of
+run is a :class:`Job`: ``PretrainJob`` here, ``FinetuneJob`` in train/finetune.py.
 """
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,24 +30,14 @@ import numpy as np
 import yaml
 
 from qkv.data import Tokenizer, iterator_state_from_json, iterator_state_to_json, train_tokenizer
-from qkv.inference.decode import Decoder, SamplingConfig
 
 from . import checkpoint
 from .config import Config, config_from_dict
-from .distributed import all_processes_text, maybe_initialize, process_data_state
+from .distributed import all_processes_text, is_main_process, log, maybe_initialize, process_data_state, sync
 from .metrics import MetricsWriter, flops_per_token
 from .sharding import check_batch, make_mesh, resolve_rules
-from .step import Trainer
+from .step import State, Trainer, run_eval
 from .tasks import task_for
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
-def log(message: str) -> None:
-    if is_main_process():  # one write: under `qkv launch` (unbuffered) other processes' lines cannot split it
-        print(message + "\n", end="", flush=True)
 
 
 def open_split(cfg: Config, split: str):
@@ -66,17 +63,12 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, texts, with_mask: bool = False
                                   seed=cfg.train.seed, with_mask=with_mask)
         os.replace(partial, target)  # a crash mid-training never leaves a truncated tokenizer.model
         log(f"trained a {cfg.tokenizer.model_type} tokenizer on {n} documents in {time.time() - started:.1f}s")
-    _sync("tokenizer")
+    sync("tokenizer")
     return Tokenizer.load(target)
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
+def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume a run whose saved model or data settings differ from ``cfg``'s."""
     saved = config_from_dict(meta["config"])
     for section in ("model", "data"):
         old, new = getattr(saved, section), getattr(cfg, section)
@@ -89,33 +81,16 @@ def _check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
             )
 
 
-def build_trainer(cfg: Config) -> Trainer:
+def build_trainer(cfg: Config, **kwargs: Any) -> Trainer:
+    """The trainer of ``cfg`` (pretraining objective unless ``objective=`` is given) on its mesh."""
     mesh = make_mesh(cfg.mesh)
     rules = resolve_rules(cfg.mesh.rules)
     check_batch(cfg.train.batch_size, mesh, rules)
     if cfg.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} processes")
-    return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed, task_for(cfg).prepare())
-
-
-def run_eval(trainer: Trainer, params: Any, batches) -> dict[str, float]:
-    """Loss, perplexity and argmax accuracy over the target tokens (or labels) of ``batches``."""
-    loss_sum, tokens, correct = 0.0, 0.0, 0.0
-    for batch in batches:
-        out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
-        loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-        correct += float(out["correct"])
-    loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0),
-            "tokens": tokens}
-
-
-def sample_text(trainer: Trainer, params: Any, tok: Tokenizer, prompt: str, max_new_tokens: int,
-                seed: int = 0) -> str:
-    decoder = Decoder(trainer.model_cfg, trainer.graphdef,
-                      SamplingConfig(temperature=0.7, top_k=40, max_new_tokens=max_new_tokens, seed=seed))
-    ids = decoder.generate(params, [[tok.bos_id] + tok.encode(prompt)], tok.pad_id, tok.eos_id)[0]
-    return prompt + tok.decode(ids)
+    kwargs.setdefault("objective", task_for(cfg).objective())
+    return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed,
+                   skip_nonfinite=cfg.train.skip_nonfinite, **kwargs)
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after writing a checkpoint; rerun to resume
@@ -189,24 +164,6 @@ class _StopAgreement:
         return agreed
 
 
-def _skipping_step(trainer: Trainer):
-    """The trainer's step, except that an update whose loss or gradient norm is NaN/Inf is not applied
-    (parameters and optimizer state stay as they were, all inside the compiled step: no host sync);
-    the step counter still advances, and ``metrics["skipped"]`` is 1 for such a step."""
-    from .sharding import replicated
-
-    def step(state, batch):
-        new, metrics = trainer._train_step(state, batch)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
-        new = {"params": jax.tree.map(keep, new["params"], state["params"]),
-               "opt_state": jax.tree.map(keep, new["opt_state"], state["opt_state"]), "step": new["step"]}
-        return new, {**metrics, "skipped": jnp.logical_not(ok).astype(jnp.int32)}
-
-    return jax.jit(step, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
-                   out_shardings=(trainer.state_shardings, replicated(trainer.mesh)), donate_argnums=0)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -245,65 +202,146 @@ def _nonfinite_message(cfg: Config, step: int, record: dict[str, Any], good_step
             f"train.skip_nonfinite=true to skip such steps")
 
 
-def pretrain(cfg: Config) -> dict[str, Any]:
-    """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary of the final state.
+@dataclass(frozen=True)
+class Finished:
+    """What an end-of-run report gets: the run's config, trainer, the model's parameters (LoRA merged),
+    tokenizer, and the job's validation data (pretraining: the validation split; fine-tuning: None)."""
 
-    Resumes from the newest checkpoint that reads back whole (damaged newer steps are set aside).
-    SIGTERM/SIGINT end the run after the current step with a checkpoint and ``summary["preempted"]``
-    set; a NaN/Inf loss or gradient norm raises :class:`TrainingDiverged` without saving that state.
-    """
+    cfg: Config
+    trainer: Trainer
+    params: Any
+    tok: Tokenizer
+    validation: Any
+
+
+Evaluate = Callable[[Any], dict[str, float]]  # params -> {"loss", "perplexity", "accuracy", ...}
+Report = Callable[[Finished], dict[str, Any]]  # the end-of-run report (a sample, BLEU and translations)
+
+
+class Job:
+    """What a kind of run (pretraining, fine-tuning) supplies to the one lifecycle, ``run``."""
+
+    name = "train"
+    validation: Any = None
+
+    def __init__(self, cfg: Config, trainer: Trainer):
+        self.cfg, self.trainer = cfg, trainer
+
+    def check_meta(self, meta: dict[str, Any], run_dir: Path) -> None:
+        """Raise when the checkpoint in ``run_dir`` belongs to a different run."""
+        check_resumable(self.cfg, meta, run_dir)
+
+    def tokenizer(self, run_dir: Path, meta: dict[str, Any] | None) -> Tokenizer:
+        """The tokenizer; ``meta`` is the restored checkpoint's (None on a first start)."""
+        raise NotImplementedError
+
+    def data(self, tok: Tokenizer) -> tuple[Any, Callable[[], Iterable[dict[str, np.ndarray]]]]:
+        """(a checkpointable iterator of this process's training batches, a maker of its evaluation batches)."""
+        raise NotImplementedError
+
+    def init_state(self) -> State:
+        """The train state of a first start."""
+        return self.trainer.init_state()
+
+    def frozen(self) -> Any:
+        """The frozen tree passed to the compiled steps (the LoRA base, the DPO reference), or None."""
+        return None
+
+    def started(self, state: State) -> None:
+        """Called once the state is ready (e.g. to log what is trained)."""
+
+
+def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = None) -> dict[str, Any]:
+    """The run lifecycle shared by pretraining and fine-tuning; returns the loop's summary (plus the
+    report's keys, unless the run was preempted)."""
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
     fresh_dir = not run_dir.exists()
     try:
-        setup = _setup(cfg, run_dir)
+        job = make_job(run_dir)
+        trainer, tok, state, data_iter, eval_batches, good_step = _setup(cfg, run_dir, job)
     except BaseException:
         # A failed first start leaves nothing behind: no half-made run directory to trip the next one.
         if fresh_dir and is_main_process() and run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    trainer, tok, state, data_iter, task, val_source, good_step = setup
-    return _train(cfg, run_dir, trainer, tok, state, data_iter, good_step,
-                  evaluate=lambda params: run_eval(trainer, params, task.eval_batches(tok, val_source)),
-                  report=lambda params: task.report(trainer, params, tok, val_source))
+    try:
+        summary, state = _train(cfg, run_dir, trainer, tok, state, data_iter, good_step, job.name,
+                                evaluate=lambda params: run_eval(trainer, params, eval_batches()))
+        if report is not None and not summary.get("preempted"):
+            summary.update(report(Finished(cfg, trainer, trainer.model_params(state["params"]), tok, job.validation)))
+    finally:
+        trainer.frozen = None  # a cached trainer must not keep a base model alive
+    return summary
 
 
-def _setup(cfg: Config, run_dir: Path):
-    task = task_for(cfg)
-    train_source, val_source = task.open("train"), task.open("validation")
-    trainer = build_trainer(cfg)
+def _setup(cfg: Config, run_dir: Path, job: Job):
+    trainer = job.trainer
+    if cfg.optim.warmup_steps >= cfg.train.steps:
+        log(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than train.steps={cfg.train.steps}: "
+            f"warming up over {max(cfg.train.steps - 1, 0)} steps instead")
     restored = checkpoint.restore_newest_good(run_dir, trainer.abstract_state,
-                                              check_meta=lambda meta: _check_resumable(cfg, meta, run_dir),
-                                              report=log)
-    if restored is not None:
-        state, meta = restored
-        tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
-    else:
-        state, meta = None, None
-        if is_main_process():
-            run_dir.mkdir(parents=True, exist_ok=True)
-        tok = prepare_tokenizer(cfg, run_dir, task.texts(train_source), task.with_mask)
-    task.check_tokenizer(tok)
-    data_iter = task.train_iter(tok, train_source)
+                                              check_meta=lambda meta: job.check_meta(meta, run_dir), report=log)
+    state, meta = restored if restored is not None else (None, None)
+    if meta is None and is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    tok = job.tokenizer(run_dir, meta)
+    data_iter, eval_batches = job.data(tok)
     if meta is not None:
         state["step"] = jax.device_put(np.int32(state["step"]), trainer.state_shardings["step"])
-        data_iter.set_state(iterator_state_from_json(process_data_state(meta)))
+        data_iter.set_state(iterator_state_from_json(process_data_state(meta)))  # this process's own position
         log(f"resumed {run_dir} at step {meta['step']}")
     else:
-        state = trainer.init_state()
+        state = job.init_state()
+    trainer.frozen = job.frozen()
     if is_main_process():
         _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _truncate_metrics(run_dir, meta["step"] if meta is not None else 0)
-    return trainer, tok, state, data_iter, task, val_source, meta["step"] if meta is not None else None
+    job.started(state)
+    return trainer, tok, state, data_iter, eval_batches, meta["step"] if meta is not None else None
 
 
-Evaluate = Callable[[Any], dict[str, float]]  # params -> {"loss", "perplexity", "accuracy", ...}
-Report = Callable[[Any], dict[str, Any]]  # params -> the end-of-run report (a sample, BLEU and translations)
+class PretrainJob(Job):
+    """Pretraining: the task of ``model.kind`` (train/tasks.py), a tokenizer trained on its data."""
+
+    name = "pretrain"
+
+    def __init__(self, cfg: Config):
+        self.task = task_for(cfg)
+        self.train_source, self.validation = self.task.open("train"), self.task.open("validation")
+        super().__init__(cfg, build_trainer(cfg))
+
+    def tokenizer(self, run_dir: Path, meta: dict[str, Any] | None) -> Tokenizer:
+        if meta is not None:
+            tok = checkpoint.read_tokenizer(meta)
+        else:
+            tok = prepare_tokenizer(self.cfg, run_dir, self.task.texts(self.train_source), self.task.with_mask)
+        self.task.check_tokenizer(tok)
+        return tok
+
+    def data(self, tok: Tokenizer):
+        return (self.task.train_iter(tok, self.train_source),
+                lambda: self.task.eval_batches(tok, self.validation))
 
 
-def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, data_iter, good_step: int | None,
-           evaluate: Evaluate, report: Report | None = None) -> dict[str, Any]:
-    """The loop shared by ``pretrain`` and ``finetune``: steps, logging, evaluation, checkpoints, stops."""
+def pretrain(cfg: Config, report: Report | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary of the final state.
+
+    Resumes from the newest checkpoint that reads back whole (damaged newer steps are set aside).
+    SIGTERM/SIGINT end the run after the current step with a checkpoint and ``summary["preempted"]``
+    set; a NaN/Inf loss or gradient norm raises :class:`TrainingDiverged` without saving that state.
+    ``report`` (e.g. ``qkv.inference.report.pretrain_report(cfg)``) adds the end-of-run sample or BLEU.
+    """
+    return run(cfg, lambda run_dir: PretrainJob(cfg), report)
+
+
+def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: State, data_iter,
+           good_step: int | None, name: str, evaluate: Evaluate) -> tuple[dict[str, Any], State]:
+    """The training loop: steps, logging, evaluation, checkpoints, stops; returns (summary, final state).
+
+    ``tokens_per_s`` counts every token the step processes (train.batch_size x data.seq_len, as ``qkv
+    benchmark`` does) and ``loss_tokens_per_s`` those the loss counts; the first window starts after
+    the step has compiled."""
     from qkv.model import count_params
     n_params = count_params(state["params"])
     log(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(trainer.mesh.shape)}; "
@@ -318,11 +356,11 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                 "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes())}
 
     start = int(jax.device_get(state["step"]))
-    flops_per_step = (flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.source_len) * cfg.train.batch_size
-                      * cfg.data.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.source_len) * tokens_per_step
     end = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps)
     skip = cfg.train.skip_nonfinite
-    bar = _progress(cfg, start)
+    bar = _progress(cfg, start, name)
     pending: list[dict[str, jax.Array]] = []
     window_start, last, ev = time.time(), {}, None
     consecutive_skips, done, preempted = 0, start, ""
@@ -347,13 +385,14 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                 raise TrainingDiverged(_nonfinite_message(cfg, first + i, m, good_step, run_dir))
         return skipped
 
-    train_step = _skipping_step(trainer) if skip else trainer.train_step
     signals = _StopSignals()
     agreement = _StopAgreement(trainer, signals, cfg.train.batch_size // jax.process_count())
     try:
         with signals:
             for step in range(start, end):
-                state, metrics = train_step(state, trainer.put_batch(next(data_iter)))
+                state, metrics = trainer.train_step(state, trainer.put_batch(next(data_iter)))
+                if step == start:
+                    window_start = time.time()  # the step has compiled (jit compiles before dispatching)
                 pending.append(metrics)
                 done = step + 1
                 stopping = agreement.poll() and done < end
@@ -361,10 +400,12 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
                     host = jax.device_get(pending)  # the only host sync in the loop
                     skipped = check_finite(host)
                     elapsed = time.time() - window_start
-                    tokens = sum(float(m["tokens"]) for m in host)
+                    loss_tokens = sum(float(m["tokens"]) for m in host)
                     used = [m for m in host if not (skip and m.get("skipped", 0))] or host
                     last = {"loss": float(np.mean([m["loss"] for m in used])), "lr": float(host[-1]["lr"]),
-                            "grad_norm": float(used[-1]["grad_norm"]), "tokens_per_s": tokens / elapsed,
+                            "grad_norm": float(used[-1]["grad_norm"]),
+                            "tokens_per_s": tokens_per_step * len(host) / elapsed,
+                            "loss_tokens_per_s": loss_tokens / elapsed,
                             "tflops_per_device": flops_per_step * len(host) / elapsed / jax.device_count() / 1e12}
                     last.update({k: float(np.mean([m[k] for m in used])) for k in used[-1]  # e.g. DPO rewards
                                  if k not in ("loss", "lr", "grad_norm", "tokens", "skipped")})
@@ -407,19 +448,17 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state, 
     if preempted:
         summary["preempted"] = preempted
         log(f"stopped by {preempted} after step {done}; checkpoint {done} is complete")
-        return summary
+        return summary, state
     ev = ev or evaluate(state["params"])  # the loop's last step always evaluates
     summary.update({f"val_{k}": v for k, v in ev.items() if k not in ("tokens", "pairs")})
-    if report is not None:
-        summary.update(report(state["params"]))
-    return summary
+    return summary, state
 
 
-def _progress(cfg: Config, start: int):
+def _progress(cfg: Config, start: int, name: str):
     if not (cfg.train.progress and is_main_process()):
         return None
     from tqdm import tqdm
-    return tqdm(total=cfg.train.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.train.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
 
 
 def _bar_write(bar, message: str) -> None:
@@ -427,27 +466,3 @@ def _bar_write(bar, message: str) -> None:
         bar.write(message)
     else:
         log(message)
-
-
-def evaluate(run_dir: str | Path, overrides: dict[str, Any] | None = None, split: str = "validation",
-             bleu: bool = True, beam_size: int = 1) -> dict[str, Any]:
-    """Loss, perplexity and accuracy of the newest checkpoint in ``run_dir`` on ``split``; for an
-    encoder-decoder also corpus BLEU of its greedy (or beam) translations of that split."""
-    meta = checkpoint.read_meta(run_dir)
-    data = meta["config"]
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update(values)
-    cfg = config_from_dict(data)
-    maybe_initialize(cfg.train.distributed)
-    if cfg.finetune.method == "classify":
-        from .finetune import evaluate_classifier
-        return evaluate_classifier(run_dir, cfg, split)
-    trainer = build_trainer(cfg)
-    state, meta = checkpoint.restore(run_dir, trainer.abstract_state, with_optimizer=False)
-    tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
-    task = task_for(cfg)
-    source = task.open(split)
-    result = run_eval(trainer, state["params"], task.eval_batches(tok, source))
-    if bleu:
-        result.update(task.split_scores(trainer, state["params"], tok, source, beam_size))
-    return {"step": meta["step"], "split": split, **result}

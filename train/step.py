@@ -1,23 +1,31 @@
-"""The pure training and evaluation steps, and the sharded train state they run on.
+"""The one pure training step and the one evaluation loop, and the sharded train state they run on.
 
-State is a plain dict ``{"params", "opt_state", "step"}`` of arrays (what Orbax saves). Steps are
-compiled once with ``jax.jit`` using in/out shardings derived from the logical-axis rules, with the
-state donated so parameters and optimizer moments are updated in place.
+State is a plain dict ``{"params", "opt_state", "step"}`` of arrays (what Orbax saves). ``train_step``
+runs any objective (train/objectives.py: LM, MLM, seq2seq, SFT, classification, DPO), with LoRA and
+frozen parameters (base model, DPO reference) as an argument, never in the optimizer. ``Trainer``
+compiles it once per run with ``jax.jit`` using in/out shardings derived from the logical-axis rules,
+with the state donated so parameters and optimizer moments are updated in place. ``run_eval`` is the
+evaluation loop of every objective.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from qkv.model import ModelConfig, abstract_model, create_model, logical_axes, param_metadata, split_params
 
-from .config import OptimConfig
+from .config import LoraConfig, OptimConfig
+from .lora import init_lora, merge_lora
+from .objectives import Objective, cross_entropy, loss_tokens
 from .sharding import activation_layout, batch_sharding, replicated, tree_shardings
 
 State = dict[str, Any]
@@ -46,35 +54,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any) -> optax
     return optax.chain(*parts)
 
 
-def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0,
-                 label_smoothing: float = 0.0) -> jax.Array:
-    """Per-token cross-entropy −log softmax(logits)[target] (+ z_loss · logZ²), float32 [B, T].
-
-    With label smoothing ε the target distribution is (1 − ε)·onehot + ε/V, so the loss is
-    logZ − (1 − ε)·logit[target] − ε·mean(logits).
-    """
-    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    if label_smoothing:
-        target_logit_bt = (1 - label_smoothing) * target_logit_bt + label_smoothing * jnp.mean(logits_btv, axis=-1)
-    return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
-
-
-def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None,
-                     z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of masked token losses, number of target tokens, number predicted right by argmax) for one batch.
-
-    Every model family maps a batch to logits aligned with ``batch["targets"]`` (``forward_batch``):
-    next tokens (decoder), masked tokens (encoder MLM), classes (encoder classifier, targets [B, 1]),
-    target tokens given the source (encoder-decoder).
-    """
-    logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    loss_sum = jnp.sum(token_losses(logits, batch["targets"], z_loss, label_smoothing) * mask)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask)
-    return loss_sum, jnp.sum(mask), correct
-
-
 def abstract_params(model_cfg: ModelConfig, mesh: Mesh, rules: dict[str, Any]) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, params as ShapeDtypeStructs carrying their shardings, the model's weight-decay mask)."""
     abstract = abstract_model(model_cfg)
@@ -99,9 +78,75 @@ def abstract_train_state(tx: optax.GradientTransformation, params: Any, mesh: Me
     return shardings, abstract
 
 
+def train_step(state: State, frozen: Any, batch: Batch, *, objective: Objective, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int, seed: int,
+               merge: Callable[[Any, Any], Any] | None = None, skip_nonfinite: bool = False
+               ) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer step of ``objective`` on ``batch``: the only training step there is.
+
+    ``state["params"]`` are what the optimizer sees (the whole model, or LoRA adapters); ``frozen`` is
+    what it never sees (the base model under LoRA, the DPO reference; None otherwise), and
+    ``merge(trainable, frozen)`` gives the model the objective runs. The batch is prepared on the device
+    (MLM masking), split into ``grad_accum`` micro-batches whose gradients add up (each normalised by
+    the whole batch), and the update applied. With ``skip_nonfinite`` an update whose loss or gradient
+    norm is NaN/Inf is not applied (parameters and optimizer state stay; the step still advances) and
+    ``metrics["skipped"]`` is 1.
+    """
+    step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    if objective.prepare is not None:
+        batch = objective.prepare(batch, jax.random.fold_in(step_key, PREPARE_KEY))
+    n_tokens = loss_tokens(batch)
+    denom = objective.normalizer(batch)
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+    model_params = merge or (lambda trainable, _: trainable)
+
+    def micro_grads(carry, xs):
+        micro_batch, i = xs
+
+        def loss_fn(trainable):
+            loss_sum, sums = objective.loss(graphdef, model_params(trainable, frozen), frozen, micro_batch,
+                                            jax.random.fold_in(step_key, i))
+            return loss_sum / denom, {k: v / denom for k, v in sums.items()}  # micro-grads simply add up
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    zeros = (jnp.float32(0.0), {k: jnp.float32(0.0) for k in objective.metrics},
+             jax.tree.map(jnp.zeros_like, state["params"]))
+    (loss, aux, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(grad_accum)))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens, "lr": schedule(state["step"]),
+               **aux}
+    if skip_nonfinite:
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state["params"])
+        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+        metrics["skipped"] = jnp.logical_not(ok).astype(jnp.int32)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def eval_step(params: Any, frozen: Any, batch: Batch, index: jax.Array, *, objective: Objective,
+              graphdef: nnx.GraphDef, seed: int, merge: Callable[[Any, Any], Any] | None = None
+              ) -> dict[str, jax.Array]:
+    """The objective's evaluation sums for one batch; batch ``index`` seeds its preparation (MLM masks
+    differ from batch to batch, and are the same at every evaluation)."""
+    if objective.prepare is not None:
+        batch = objective.prepare(batch, jax.random.fold_in(jax.random.key(seed + 1), index))
+    model = merge(params, frozen) if merge is not None else params
+    return objective.evaluate(graphdef, model, frozen, batch)
+
+
 @dataclass
 class Trainer:
-    """Everything needed to build, shard and step one model; created once per run."""
+    """Everything needed to build, shard and step one model; created once per run.
+
+    ``objective`` (train/objectives.py; default: token cross-entropy with the optimizer's z-loss and
+    label smoothing) is what the one ``train_step`` optimizes. With ``lora`` (rank > 0) the state holds
+    only the adapters and the base model is frozen; with ``reference`` a frozen copy of the initial
+    model is passed too (DPO). The frozen tree is ``self.frozen``, set by the caller, passed to the
+    compiled steps as an argument: never in the optimizer, never saved.
+    """
 
     model_cfg: ModelConfig
     optim_cfg: OptimConfig
@@ -109,63 +154,126 @@ class Trainer:
     rules: dict[str, Any]
     total_steps: int
     seed: int = 0
-    # on-device batch preparation inside the compiled steps, e.g. MLM masking (train/tasks.py); None: as is
-    prepare: Callable[[Batch, jax.Array], Batch] | None = None
+    objective: Objective | None = None
+    lora: LoraConfig | None = None
+    reference: bool = False
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        self.prepare = self.prepare or (lambda batch, key: batch)
-        self.graphdef, params, decay_mask = abstract_params(self.model_cfg, self.mesh, self.rules)
-        self.tx = make_optimizer(self.optim_cfg, self.total_steps, decay_mask)
-        self.state_shardings, self.abstract_state = abstract_train_state(self.tx, params, self.mesh)
+        o = self.optim_cfg
+        self.objective = self.objective or cross_entropy("tokens", o.z_loss, o.label_smoothing)
+        self.graphdef, self.base_abstract, decay_mask = abstract_params(self.model_cfg, self.mesh, self.rules)
+        self.base_shardings = jax.tree.map(lambda a: a.sharding, self.base_abstract)
+        self.lora = self.lora if self.lora is not None and self.lora.rank > 0 else None
+        trainable, merge = self.base_abstract, None
+        if self.lora is not None:
+            self._axes = logical_axes(abstract_model(self.model_cfg))
+            shapes = jax.eval_shape(self._init_adapters, 0)
+            trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(self.mesh)),
+                                     shapes)
+            decay_mask = jax.tree.map(lambda _: True, shapes)
+            scale = self.lora.alpha / self.lora.rank
+            merge = lambda adapters, base: merge_lora(base, adapters, scale)  # noqa: E731
+        self.merge = merge
+        self.tx = make_optimizer(o, self.total_steps, decay_mask)
+        self.state_shardings, self.abstract_state = abstract_train_state(self.tx, trainable, self.mesh)
         self.param_shardings = self.state_shardings["params"]
+        self.frozen_shardings = self.base_shardings if (self.lora is not None or self.reference) else None
+        self.frozen: Any = None
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                                  out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
-                                 out_shardings=replicated(self.mesh))
+        step = functools.partial(train_step, objective=self.objective, graphdef=self.graphdef, tx=self.tx,
+                                 schedule=learning_rate_schedule(o, self.total_steps), grad_accum=o.grad_accum,
+                                 seed=self.seed, merge=merge, skip_nonfinite=self.skip_nonfinite)
+        evaluate = functools.partial(eval_step, objective=self.objective, graphdef=self.graphdef, seed=self.seed,
+                                     merge=merge)
+        self._train_step = jax.jit(self._laid_out(step), donate_argnums=0,
+                                   in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+                                   out_shardings=(self.state_shardings, replicated(self.mesh)))
+        self._eval_step = jax.jit(self._laid_out(evaluate), out_shardings=replicated(self.mesh),
+                                  in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding,
+                                                replicated(self.mesh)))
 
-    def init_state(self) -> State:
-        """Fresh parameters and optimizer state, created directly in their shards."""
-        def init() -> State:
-            _, params = split_params(create_model(self.model_cfg, self.seed))
-            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+    def _laid_out(self, fn: Callable) -> Callable:
+        def run(*args):
+            with activation_layout(self.mesh, self.rules):  # the model's layout hints apply while tracing
+                return fn(*args)
+        return run
 
-        return jax.jit(init, out_shardings=self.state_shardings)()
+    def _init_adapters(self, seed: int) -> Any:
+        return init_lora(self.base_abstract, self._axes, self.lora.targets, self.lora.rank, seed)
 
-    def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        with activation_layout(self.mesh, self.rules):  # the model's layout hints apply while tracing
-            return self._train_step_body(state, batch)
+    @property
+    def train_step(self) -> "WithFrozen":
+        """The compiled step as ``train_step(state, batch)`` (and ``.lower(state, batch)``), frozen tree bound."""
+        return WithFrozen(self._train_step, self.frozen)
 
-    def _train_step_body(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        accum = self.optim_cfg.grad_accum
-        step_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
-        batch = self.prepare(batch, jax.random.fold_in(step_key, PREPARE_KEY))
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+    def eval_step(self, params: Any, batch: Batch, index: int = 0) -> dict[str, jax.Array]:
+        i = jax.make_array_from_process_local_data(replicated(self.mesh), np.int32(index))
+        return self._eval_step(params, self.frozen, batch, i)
 
-        def micro_grads(carry, xs):
-            micro_batch, i = xs
-            def loss_fn(params):
-                loss_sum, _, _ = forward_loss_sum(self.graphdef, params, micro_batch, jax.random.fold_in(step_key, i),
-                                                  self.optim_cfg.z_loss, self.optim_cfg.label_smoothing)
-                return loss_sum / n_tokens  # normalised by the whole batch, so micro-grads simply add up
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    def init_state(self, params: Any = None) -> State:
+        """Fresh optimizer state for ``params`` (the model to fine-tune; LoRA: its adapters are made
+        fresh) or, with none, fresh parameters too, created directly in their shards."""
+        if params is None:
+            def init() -> State:
+                _, fresh = split_params(create_model(self.model_cfg, self.seed))
+                return {"params": fresh, "opt_state": self.tx.init(fresh), "step": jnp.int32(0)}
+            return jax.jit(init, out_shardings=self.state_shardings)()
+        if self.lora is not None:
+            params = jax.jit(lambda: self._init_adapters(self.seed), out_shardings=self.param_shardings)()
+        opt = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        return {"params": params, "opt_state": opt, "step": jax.device_put(jnp.int32(0), self.state_shardings["step"])}
 
-        zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(accum)))
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens,
-                   "lr": learning_rate_schedule(self.optim_cfg, self.total_steps)(state["step"])}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        with activation_layout(self.mesh, self.rules):
-            batch = self.prepare(batch, jax.random.key(self.seed + 1))  # the same masking at every evaluation
-            loss_sum, count, correct = forward_loss_sum(self.graphdef, params, batch, None)
-        return {"loss_sum": loss_sum, "tokens": count, "correct": correct}
+    def model_params(self, trainable: Any) -> Any:
+        """The parameters the model runs with: ``trainable``, merged with the frozen base under LoRA."""
+        return self.merge(trainable, self.frozen) if self.merge is not None else trainable
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
         """This process's rows of the global batch, assembled into one globally sharded array each."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class WithFrozen:
+    """A compiled ``fn(state, frozen, batch)`` called, or lowered, as ``(state, batch)``."""
+
+    fn: Any
+    frozen: Any
+
+    def __call__(self, state: State, batch: Batch):
+        return self.fn(state, self.frozen, batch)
+
+    def lower(self, state: Any, batch: Any):
+        return self.fn.lower(state, self.frozen, batch)
+
+
+def agree_across_processes(value: int) -> tuple[int, int]:
+    """(max, min) of ``value`` over all processes (the value itself with one process)."""
+    if jax.process_count() == 1:
+        return value, value
+    from jax.experimental import multihost_utils
+    values = np.asarray(multihost_utils.process_allgather(np.int32(value)))
+    return int(values.max()), int(values.min())
+
+
+def same_count(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """This process's evaluation batches padded with empty ones (loss_mask 0) to the largest count of
+    any process, so every process runs the same number of compiled (collective) evaluation steps."""
+    most, fewest = agree_across_processes(len(batches))
+    if most == len(batches):
+        return batches
+    if fewest == 0 and most > 0:  # every process reaches this same decision
+        raise ValueError(f"a process has no evaluation examples while another has {most} batches: use a larger "
+                         "validation split (data.validation_fraction, finetune.eval_path) or fewer processes")
+    return batches + [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (most - len(batches))
+
+
+def run_eval(trainer: Trainer, params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The one evaluation loop, for every objective: the objective's sums over ``batches`` (padded to
+    the same count on every process), summarised once (loss, perplexity, accuracy; DPO rewards...)."""
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(same_count(list(batches))):
+        out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch), i))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return trainer.objective.summarize(totals)

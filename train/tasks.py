@@ -1,4 +1,4 @@
-"""What a model family learns from, in one registry: its data, batch preparation and end-of-run report.
+"""What a model family learns from, in one registry: its data and its objective.
 
 ``task_for(cfg)`` names the task of a run from ``model.kind`` — the only place training branches on it:
 
@@ -9,13 +9,13 @@
 (Encoder classification is a fine-tuning method: ``qkv finetune finetune.method=classify``.)
 Each task gives the loop the same things: ``open(split)`` a random-access source, ``texts(source)``
 to train the tokenizer on, ``train_iter`` (checkpointable: ``get_state``/``set_state``),
-``eval_batches`` (the same number on every process), ``prepare`` (a pure function applied to each
-batch inside the compiled steps, or None) and ``report`` (a sample, or BLEU, at the end of a run).
+``eval_batches`` (this process's; the evaluation loop pads every process to the same count) and
+``objective()`` (train/objectives.py: what the one train step optimizes, MLM masking included).
+End-of-run reports (a sample, BLEU) live in qkv.inference.report.
 """
 from __future__ import annotations
 
-import functools
-import math
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,23 +25,14 @@ import numpy as np
 
 from qkv.data import (Seq2SeqIterator, Tokenizer, load_pairs, make_eval_dataset, make_lm_dataset, open_text_source,
                       PairTexts, seq2seq_eval_batches, tfds_pairs, tokenize_pairs, toy_pairs)
-from qkv.data.tokenizer import MASK_ID
 
+from . import objectives
 from .config import Config
-from .mlm import mlm_corrupt
+from .distributed import log
 
 Batch = dict[str, np.ndarray]
 TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds")
 PAIR_SOURCES = ("toy", "pairs", "tfds")
-
-
-def pad_to_same_count(batches: list[Batch], shard_counts: Sequence[int], template: Batch | None) -> list[Batch]:
-    """This process's batches padded with empty ones (loss_mask 0) to the largest shard's count, so every
-    process runs the same number of compiled evaluation steps."""
-    if template is None:
-        return batches
-    empty = {k: np.zeros_like(v) for k, v in template.items()}
-    return batches + [empty] * (max(shard_counts) - len(batches))
 
 
 class LMTask:
@@ -72,7 +63,7 @@ class LMTask:
                                     shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
 
     def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
-        """A fixed number of validation batches per process (``data.eval_batches``; 0: the whole split,
+        """At most ``data.eval_batches`` validation batches of this process's shard (0: the whole shard,
         streamed), built once per run and reused at every evaluation."""
         if not self.cfg.data.eval_batches:
             return self._stream_eval_batches(tok, source)
@@ -84,65 +75,36 @@ class LMTask:
         return iter(self._eval_cache[1])
 
     def _stream_eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
-        """Padding with empty batches when a shard ends early, so every process runs the same number of
-        compiled steps."""
         cfg = self.cfg
         per_process = cfg.train.batch_size // jax.process_count()
         ds = make_eval_dataset(source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
                                bos_id=tok.bos_id, eos_id=tok.eos_id, shard_index=jax.process_index(),
                                shard_count=jax.process_count())
-        it = iter(ds)
-        first = next(it)
-        yield first
-        empty = {k: np.zeros_like(v) for k, v in first.items()}
-        count, limit = 1, cfg.data.eval_batches or math.inf
-        while count < limit:
-            batch = next(it, None)
-            if batch is None and not cfg.data.eval_batches:
-                return
-            yield empty if batch is None else batch
-            count += 1
+        return itertools.islice(iter(ds), cfg.data.eval_batches or None)
 
-    def prepare(self):
-        return None
+    def objective(self) -> objectives.Objective:
+        """Next-token cross-entropy (with the optimizer's z-loss and label smoothing)."""
+        return objectives.lm(self.cfg.optim.z_loss, self.cfg.optim.label_smoothing)
 
     def check_tokenizer(self, tok: Tokenizer) -> None:
         if tok.vocab_size > self.cfg.model.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={self.cfg.model.vocab_size}: "
                              f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
 
-    def report(self, trainer, params, tok: Tokenizer, source) -> dict[str, Any]:
-        """The end-of-run report: a sampled continuation of train.sample_prompt (logged too)."""
-        t = self.cfg.train
-        if t.sample_tokens <= 0:
-            return {}
-        from .loop import log, sample_text
-        sample = sample_text(trainer, params, tok, t.sample_prompt, t.sample_tokens)
-        log("sample:\n" + sample)
-        return {"sample": sample}
-
-    def split_scores(self, trainer, params, tok: Tokenizer, source, beam_size: int = 1) -> dict[str, Any]:
-        """What ``qkv evaluate`` adds to the loss and accuracy of a split: nothing for this task."""
-        return {}
-
-
 class MLMTask(LMTask):
     """Encoder-only masked-language modelling (BERT): recover 15 % of the tokens from both sides."""
 
     name, with_mask = "mlm", True
 
-    def prepare(self):
-        return functools.partial(mlm_corrupt, mask_id=MASK_ID, vocab_size=self.cfg.model.vocab_size)
+    def objective(self) -> objectives.Objective:
+        """Cross-entropy on the masked tokens, masked on the device (train/mlm.py)."""
+        return objectives.mlm(self.cfg.model.vocab_size, self.cfg.optim.z_loss, self.cfg.optim.label_smoothing)
 
     def check_tokenizer(self, tok: Tokenizer) -> None:
         super().check_tokenizer(tok)
         if tok.mask_id is None:
             raise ValueError("the tokenizer has no <mask> piece for masked-language modelling: leave tokenizer.path "
                              "unset so qkv trains one with it (qkv.data.train_tokenizer(..., with_mask=True))")
-
-    def report(self, trainer, params, tok, source) -> dict[str, Any]:
-        return {}
-
 
 class Seq2SeqTask(LMTask):
     """Encoder-decoder: the target given the source, with teacher forcing (and optional label smoothing)."""
@@ -172,7 +134,6 @@ class Seq2SeqTask(LMTask):
         out = tokenize_pairs(pairs, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, src_len=d.source_len,
                              tgt_len=d.seq_len, overlong=lenient, empty=lenient)
         if out.skipped or out.empty:
-            from .loop import log
             log(f"left out {out.skipped} pairs longer than data.source_seq_len/seq_len and {out.empty} with an empty side")
         return out.items
 
@@ -187,38 +148,14 @@ class Seq2SeqTask(LMTask):
     def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
         def build() -> list[Batch]:
             d, per_process = self.cfg.data, self.cfg.train.batch_size // jax.process_count()
-            examples = self._examples(tok, source)
-            shards = [seq2seq_eval_batches(examples, src_len=d.source_len, tgt_len=d.seq_len, batch_size=per_process,
-                                           shard_index=i, shard_count=jax.process_count(), max_batches=d.eval_batches)
-                      for i in range(jax.process_count())]
-            template = next((s[0] for s in shards if s), None)
-            return pad_to_same_count(shards[jax.process_index()], [len(s) for s in shards], template)
+            return seq2seq_eval_batches(self._examples(tok, source), src_len=d.source_len, tgt_len=d.seq_len,
+                                        batch_size=per_process, shard_index=jax.process_index(),
+                                        shard_count=jax.process_count(), max_batches=d.eval_batches)
         return self._cached_eval_batches(source, build)
 
-    def report(self, trainer, params, tok: Tokenizer, source, limit: int = 200) -> dict[str, Any]:
-        """Greedy translations of the first ``limit`` validation pairs: corpus BLEU and three samples
-        (none with train.sample_tokens=0)."""
-        if self.cfg.train.sample_tokens <= 0:
-            return {}
-        from qkv.inference.translate import translate_and_score
-        pairs = [source[i] for i in range(min(limit, len(source)))]  # TFDS sources index, they do not slice
-        result = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, pairs,
-                                     max_new_tokens=self.cfg.data.seq_len)
-        samples = result.pop("samples")[:3]
-        sample = "\n".join(f"{s} -> {h}" for s, h, _ in samples)
-        from .loop import log
-        log(f"validation BLEU {result['bleu']:.1f} on {result['pairs']} pairs (greedy)")
-        log("sample:\n" + sample)
-        return {**result, "sample": sample}
-
-    def split_scores(self, trainer, params, tok: Tokenizer, source, beam_size: int = 1) -> dict[str, Any]:
-        """Corpus BLEU, exact-match rate and BLEU's parts of greedy (or beam) translations of the whole split."""
-        from qkv.inference.translate import translate_and_score
-        scored = translate_and_score(trainer.model_cfg, trainer.graphdef, params, tok, list(source),
-                                     max_new_tokens=self.cfg.data.seq_len, beam_size=beam_size)
-        return {"bleu": scored["bleu"], "bleu_pairs": scored["pairs"], "exact_match": scored["exact_match"],
-                "bleu_detail": scored["bleu_detail"]}
-
+    def objective(self) -> objectives.Objective:
+        """Cross-entropy of the target given the source, teacher-forced."""
+        return objectives.seq2seq(self.cfg.optim.z_loss, self.cfg.optim.label_smoothing)
 
 TASKS = {"lm": LMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask}
 _KIND_TASK = {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
