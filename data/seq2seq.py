@@ -231,12 +231,14 @@ class TfdsPairs(TextSource):
         return f"TfdsPairs({self._description}, {len(self)} pairs)"
 
 
-def tfds_pairs(name: str, split: str, data_dir: str | Path, source_lang: str, target_lang: str) -> TfdsPairs:
-    """The (source_lang, target_lang) text pairs of a prepared TFDS catalog translation dataset's split."""
+def tfds_pairs(name: str, split: str, data_dir: str | Path, source_lang: str, target_lang: str,
+               train_split: str = "train", eval_split: str = "") -> TfdsPairs:
+    """The (source_lang, target_lang) text pairs of a prepared TFDS catalog translation dataset's split
+    (a role or split expression: see `qkv.data.sources.resolve_split`)."""
     if source_lang == target_lang:
         raise ValueError(f"source_lang and target_lang are both {source_lang!r}: name two languages")
     _, inner = open_catalog(name, split, Path(data_dir).expanduser(), [source_lang, target_lang],
-                            "set source_lang and target_lang to two of its languages")
+                            "set source_lang and target_lang to two of its languages", train_split, eval_split)
     return TfdsPairs(inner, source_lang, target_lang, f"tfds:{name}:{split}")
 
 

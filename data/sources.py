@@ -12,11 +12,18 @@ Kinds:
 
 `open_catalog` (shared with the seq2seq and classification sources) opens and checks any prepared
 catalog dataset's split and returns the builder with its raw array_record data source.
+
+Splits: callers ask for a role, "train" or "validation" (the evaluation split), or name a split. `resolve_split`
+turns a role into a TFDS split expression (slices included: ``train[:99%]``, ``train[99%:]``, ``train+test``):
+the configured ``train_split`` / ``eval_split``, else what the dataset has: validation, else test, else a
+held-out slice of train (the rest of train is then trained on). A choice other than "validation" is logged.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,17 +81,62 @@ class TextSource(Sequence):
         return f"TextSource({self._description}, {len(self)} documents)"
 
 
+_SPLIT_PART = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(\[[^\]]*\])?\s*$")
+
+
 def _check_split(split: str, allowed: Sequence[str]) -> None:
-    if split not in allowed:
-        raise ValueError(f"split {split!r} does not exist: use one of {tuple(allowed)}")
+    """A TFDS split expression over ``allowed`` names: ``name``, ``name[a:b]`` (ints or %), joined by ``+``."""
+    for part in split.split("+"):
+        match = _SPLIT_PART.match(part)
+        if not match or match.group(1) not in allowed:
+            raise ValueError(f"split {split!r} does not exist: use one of {tuple(allowed)}, a slice such as "
+                             f"'{allowed[0] if allowed else 'train'}[:99%]', or several joined by '+'")
+
+
+def resolve_split(split: str, available: Sequence[str], train_split: str = "train", eval_split: str = "",
+                  held_out: float = 0.01) -> tuple[str, str]:
+    """(TFDS split expression, how it was chosen) for the role "train" / "validation" or a named split."""
+    available = list(available)
+    base = _SPLIT_PART.match(train_split.split("+")[0])
+    whole_train = base is not None and base.group(2) is None and "+" not in train_split
+    auto = next((name for name in ("validation", "test") if name in available), None)
+    keep = max(1, min(99, round(100 * (1 - held_out))))  # % of train trained on when a slice is held out
+    if split == "train":
+        chosen, how = train_split, "data.train_split"
+        if not eval_split and auto is None and whole_train:
+            chosen, how = f"{train_split}[:{keep}%]", f"no validation or test split: {100 - keep}% of it held out"
+    elif split == "validation":
+        if eval_split:
+            chosen, how = eval_split, "data.eval_split"
+        elif auto is not None:
+            chosen, how = auto, "validation" if auto == "validation" else "the dataset has no validation split"
+        elif whole_train:
+            chosen, how = f"{train_split}[{keep}%:]", "no validation or test split: a held-out slice of train"
+        else:
+            raise ValueError(f"the dataset has no validation or test split (it has {tuple(available)}) and "
+                             f"data.train_split={train_split!r} is a slice: set data.eval_split, e.g. "
+                             f"data.eval_split='train[99%:]'")
+    else:
+        chosen, how = split, "asked for"
+    try:
+        _check_split(chosen, available)
+    except ValueError as err:
+        key = f"{how}={chosen!r}: " if how.startswith("data.") else ""
+        raise ValueError(key + str(err)) from None
+    return chosen, how
+
+
+def _log_split(name: str, role: str, chosen: str, how: str) -> None:
+    if chosen != role:
+        logging.getLogger("qkv.data").warning("%s: %s split = %s (%s)", name, role, chosen, how)
 
 
 def _open_local(kind: str, path: str | None, split: str, data_dir: Path, text_field: str,
-                validation_fraction: float) -> TextSource:
+                validation_fraction: float, train_split: str = "train", eval_split: str = "") -> TextSource:
     from .corpus import make_spec
     from .text_builder import build_text_dataset
 
-    _check_split(split, SPLITS)
+    split, _ = resolve_split(split, SPLITS, train_split, eval_split)
     spec = make_spec(kind, path, text_field, validation_fraction)
     builder = build_text_dataset(spec, str(data_dir))
     inner = builder.as_data_source(split=split)
@@ -124,8 +176,9 @@ def _catalog_builder(name: str, data_dir: str | Path) -> Any:
 
 
 def open_catalog(name: str, split: str, data_dir: str | Path, fields: Sequence[str],
-                 fix: str) -> tuple[Any, Any]:
-    """(builder, array_record data source of `split`) of a prepared TFDS catalog dataset.
+                 fix: str, train_split: str = "train", eval_split: str = "") -> tuple[Any, Any]:
+    """(builder, array_record data source of `split`) of a prepared TFDS catalog dataset; `split` is a role
+    or a split expression (see `resolve_split`).
 
     Raises ValueError with the fix when the name is not in the catalog, the dataset is not prepared
     in `data_dir` (with the `tfds build ... --file_format=array_record` command), it is stored in a
@@ -144,7 +197,9 @@ def open_catalog(name: str, split: str, data_dir: str | Path, fields: Sequence[s
             f"TFDS dataset {name!r} in '{data_dir}' is stored as {sorted(formats)}, which needs "
             f"TensorFlow to read: rebuild it with `{hint}`"
         )
-    _check_split(split, list(builder.info.splits))
+    role = split
+    split, how = resolve_split(role, list(builder.info.splits), train_split, eval_split)
+    _log_split(f"TFDS dataset {name!r}", role, split, how)
     for field in fields:
         if field not in builder.info.features:
             raise ValueError(
@@ -154,8 +209,9 @@ def open_catalog(name: str, split: str, data_dir: str | Path, fields: Sequence[s
     return builder, builder.as_data_source(split=split, file_format="array_record")
 
 
-def _open_catalog(name: str, split: str, data_dir: Path, text_field: str) -> TextSource:
-    _, inner = open_catalog(name, split, data_dir, [text_field], "set data.text_field")
+def _open_catalog(name: str, split: str, data_dir: Path, text_field: str, train_split: str,
+                  eval_split: str) -> TextSource:
+    _, inner = open_catalog(name, split, data_dir, [text_field], "set data.text_field", train_split, eval_split)
     return TextSource(inner, text_field, f"tfds:{name}:{split}")
 
 
@@ -167,12 +223,15 @@ def open_text_source(
     text_field: str = "text",
     tfds_name: str | None = None,
     validation_fraction: float = 0.01,
+    train_split: str = "train",
+    eval_split: str = "",
 ) -> TextSource:
     """Opens a corpus split as a random-access source of `str` documents.
 
     Local kinds ("stdlib", "files", "jsonl") are built once into `data_dir` (cached by a
     fingerprint of the input) with splits "train" and "validation". For kind "tfds", `tfds_name`
-    (or `path`) names a catalog dataset that must already be prepared as array_record.
+    (or `path`) names a catalog dataset that must already be prepared as array_record. `split` is a role
+    ("train", "validation") or a split expression; `train_split`/`eval_split` name the roles' splits.
     """
     data_dir = Path(data_dir).expanduser()
     if kind == "tfds":
@@ -181,11 +240,11 @@ def open_text_source(
             raise ValueError(
                 "kind 'tfds' needs a dataset name: pass data.tfds_name=NAME (e.g. lm1b)"
             )
-        source = _open_catalog(name, split, data_dir, text_field)
+        source = _open_catalog(name, split, data_dir, text_field, train_split, eval_split)
     else:
         if kind == "stdlib" and path:
             raise ValueError("kind 'stdlib' takes no path: drop data.path or use kind='files'")
-        source = _open_local(kind, path, split, data_dir, text_field, validation_fraction)
+        source = _open_local(kind, path, split, data_dir, text_field, validation_fraction, train_split, eval_split)
     if len(source) == 0:
         raise ValueError(f"{source!r} is empty: point the corpus at non-empty text")
     return source

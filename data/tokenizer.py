@@ -6,8 +6,11 @@ vocabulary lacks, and "\n" as a user-defined piece. SentencePiece's trainer read
 documents are fed line by line (each line keeps its "\n"); very long lines are cut into pieces that
 fit the trainer's sentence limit instead of being silently dropped by it.
 
-`Tokenizer` wraps a trained model. Its serialized proto (`to_bytes`) is the whole tokenizer, so it
-can travel inside checkpoints. Special ids are fixed: pad=0, unk=1, bos=2, eos=3; tokenizers for
+`Tokenizer` is the one interface the rest of qkv uses (encode/decode, special ids, to_bytes/from_bytes);
+`Tokenizer.load`/`from_bytes` pick the backend: `SentencePieceTokenizer` (here) or a Hugging Face
+`tokenizer.json` through the `tokenizers` library (`qkv.data.hf_tokenizer.HFTokenizer`), told apart by
+their bytes (a serialized proto, or JSON). `SentencePieceTokenizer` wraps a trained model. Its serialized
+proto (`to_bytes`) is the whole tokenizer, so it can travel inside checkpoints. Special ids are fixed: pad=0, unk=1, bos=2, eos=3; tokenizers for
 masked-language models (``with_mask=True``) add ``<mask>`` as id 4, a control piece that no text encodes to.
 
 One SentencePiece quirk needs a workaround: it represents spaces with U+2581 ("▁"), so a literal
@@ -148,7 +151,91 @@ def _atomic_write(path: Path, payload: bytes) -> None:
 
 
 class Tokenizer:
+    """What qkv needs of a tokenizer, whichever backend: exact ``decode(encode(s)) == s``, special ids,
+    and bytes that rebuild it (``to_bytes`` / ``from_bytes``) so it travels inside checkpoints."""
+
+    backend = ""  # "sentencepiece" or "hf" (stored in a run's metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """A SentencePiece ``.model``, a Hugging Face ``tokenizer.json``, or a directory holding either
+        (tokenizer.json first; its special tokens come from the files beside it)."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path} holds neither tokenizer.json nor tokenizer.model: pass a tokenizer file")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer model '{path}' does not exist: train one with train_tokenizer "
+                "or pass the path of a .model (SentencePiece) or tokenizer.json (Hugging Face) file"
+            )
+        if _is_json(path.read_bytes()[:64]):
+            from .hf_tokenizer import HFTokenizer
+            return HFTokenizer.load(path)
+        try:
+            return SentencePieceTokenizer(path.read_bytes())
+        except (RuntimeError, ValueError) as err:  # sentencepiece cannot parse it, or it lacks qkv's ids
+            reason = "it is not a SentencePiece model" if isinstance(err, RuntimeError) else str(err)
+            raise ValueError(f"tokenizer model '{path}' cannot be used: {reason}: pass a .model file written "
+                             "by qkv tokenizer train (or by qkv pretrain, RUN_DIR/tokenizer.model) or a "
+                             "tokenizer.json") from None
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Tokenizer:
+        """Rebuilds a tokenizer from ``to_bytes`` of either backend (e.g. one stored in a checkpoint)."""
+        if _is_json(payload[:64]):
+            from .hf_tokenizer import HFTokenizer
+            return HFTokenizer.from_bytes(payload)
+        return SentencePieceTokenizer(payload)
+
+    def to_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def save_for_hf(self, folder: Path) -> None:
+        """Write the files a Hugging Face model directory carries for this tokenizer into ``folder``."""
+        raise NotImplementedError
+
+    vocab_size: int
+    pad_id: int
+    unk_id: int | None
+    bos_id: int
+    eos_id: int
+    mask_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def piece_to_id(self, piece: str) -> int:
+        raise NotImplementedError
+
+
+def check_vocab(tok: Tokenizer, model_vocab: int) -> None:
+    """Refuse a tokenizer with ids the model has no rows for (a smaller one, as with padded vocabularies, is fine)."""
+    if tok.vocab_size > model_vocab:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "
+                         f"{model_vocab} rows (model.vocab_size): use the tokenizer the model was trained with, "
+                         f"or one of at most {model_vocab} tokens")
+
+
+def _is_json(head: bytes) -> bool:
+    return head.lstrip()[:1] == b"{"
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A trained SentencePiece model with exact encode/decode and fixed special ids."""
+
+    backend = "sentencepiece"
 
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
@@ -169,27 +256,6 @@ class Tokenizer:
                 f"(found {found}): train it with qkv.data.train_tokenizer"
             )
 
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Loads a `.model` file written by `train_tokenizer` or `save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer model '{path}' does not exist: train one with train_tokenizer "
-                "or pass the path of a .model file"
-            )
-        try:
-            return cls(path.read_bytes())
-        except (RuntimeError, ValueError) as err:  # sentencepiece cannot parse it, or it lacks qkv's ids
-            reason = "it is not a SentencePiece model" if isinstance(err, RuntimeError) else str(err)
-            raise ValueError(f"tokenizer model '{path}' cannot be used: {reason}: pass a .model file written "
-                             "by qkv tokenizer train (or by qkv pretrain, RUN_DIR/tokenizer.model)") from None
-
-    @classmethod
-    def from_bytes(cls, model_proto: bytes) -> Tokenizer:
-        """Builds a tokenizer from a serialized model proto (e.g. one stored in a checkpoint)."""
-        return cls(model_proto)
-
     def to_bytes(self) -> bytes:
         """Returns the serialized model proto; `from_bytes` of it encodes identically."""
         return self._proto
@@ -199,6 +265,9 @@ class Tokenizer:
         path = Path(path)
         _atomic_write(path, self._proto)
         return path
+
+    def save_for_hf(self, folder: Path) -> None:
+        self.save(Path(folder) / "tokenizer.model")
 
     @property
     def vocab_size(self) -> int:
@@ -272,4 +341,4 @@ class Tokenizer:
         return self._sp.piece_to_id(piece)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size})"
+        return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"

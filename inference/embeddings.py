@@ -15,7 +15,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 def special_ids(tokenizer) -> list[int]:
     """The tokenizer's pad, unk, bos, eos (and <mask>) ids: never anyone's neighbour."""
     t = tokenizer
-    return [t.pad_id, t.unk_id, t.bos_id, t.eos_id] + ([t.mask_id] if t.mask_id is not None else [])
+    return [i for i in (t.pad_id, t.unk_id, t.bos_id, t.eos_id, t.mask_id) if i is not None]
 
 
 def nearest_pieces(embed_vd: np.ndarray, ids: Sequence[int], exclude: Sequence[int], k: int) -> list[tuple[int, float]]:

@@ -14,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from qkv.data import Tokenizer
+from qkv.data.tokenizer import check_vocab
 from qkv.train import checkpoint
 from qkv.train.config import Config, MeshConfig, config_from_dict
 from qkv.train.finetune import load_lora_params
@@ -44,4 +45,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> Run:
         params = load_lora_params(run_dir, meta, params)
     else:
         params = checkpoint.restore(run_dir, {"params": params}, meta["step"], with_optimizer=False)[0]["params"]
-    return Run(cfg, checkpoint.read_tokenizer(meta), graphdef, params, int(meta["step"]), meta)
+    tok = checkpoint.read_tokenizer(meta)
+    if tok is not None:
+        check_vocab(tok, cfg.model.vocab_size)  # ids the model has no rows for would decode silently wrong
+    return Run(cfg, tok, graphdef, params, int(meta["step"]), meta)

@@ -12,6 +12,7 @@ from typing import Literal
 import jax.numpy as jnp
 
 Positions = Literal["learned", "sinusoidal", "rope"]
+RopeScaling = Literal["none", "linear", "llama3"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 Activation = Literal["relu", "gelu", "swiglu"]
@@ -23,6 +24,7 @@ Pooling = Literal["first", "mean"]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "kind": ("decoder", "encoder", "encoder_decoder"),
     "positions": ("learned", "sinusoidal", "rope"),
+    "rope_scaling": ("none", "linear", "llama3"),
     "norm": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
     "activation": ("relu", "gelu", "swiglu"),
@@ -49,6 +51,14 @@ class ModelConfig:
     max_seq_len: int = 256
     positions: Positions = "rope"
     rope_theta: float = 10_000.0
+    # Long-context RoPE (Hugging Face rope_type): linear divides every frequency by rope_factor;
+    # llama3 (Llama 3.1) divides only the low frequencies, blending the band between the wavelengths
+    # rope_original_max_len / rope_low_freq_factor and rope_original_max_len / rope_high_freq_factor.
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-5
     norm_position: NormPosition = "pre"
@@ -89,6 +99,12 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_size % 2:
             raise ValueError(f"rope needs an even head size, got {self.head_size}: change model.head_dim")
+        if self.rope_factor <= 0 or self.rope_original_max_len < 1:
+            raise ValueError(f"model.rope_factor={self.rope_factor} and model.rope_original_max_len="
+                             f"{self.rope_original_max_len} must be positive")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
+                             f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
         if self.n_encoder_layers is not None and self.n_encoder_layers < 1:
             raise ValueError(f"model.n_encoder_layers={self.n_encoder_layers} must be a positive integer (or null)")
         if self.n_classes and (self.n_classes < 2 or self.kind != "encoder"):

@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
@@ -109,11 +110,31 @@ def sinusoidal_embedding(positions_bt: jax.Array, d_model: int) -> jax.Array:
     return jnp.pad(emb, [(0, 0), (0, 0), (0, d_model - 2 * half)])
 
 
-def rope_angles(positions_bt: jax.Array, head_size: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [B, T, head_size/2] for rotary position embeddings."""
-    half = head_size // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies theta^(-2i/k) of the k/2 rotated feature pairs, rescaled for long contexts.
+
+    linear: every frequency / rope_factor (positions stretched). llama3 (Llama 3.1): wavelengths
+    2*pi/f longer than L/low_freq_factor (L = rope_original_max_len) are divided by rope_factor,
+    shorter than L/high_freq_factor kept, and the band between blended linearly in L/wavelength.
+    Computed once from the config in float64 (Hugging Face's modeling_rope_utils does the same in float32).
+    """
+    half = cfg.head_size // 2
+    inv_freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        low, high, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > cfg.rope_original_max_len / low, inv_freq / factor,
+                            np.where(wavelen < cfg.rope_original_max_len / high, inv_freq, blended))
+    return inv_freq
+
+
+def rope_angles(positions_bt: jax.Array, inv_freq_h: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, head_size/2] for rotary position embeddings (see rope_frequencies)."""
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h, jnp.float32)
     return jnp.cos(angles_bth), jnp.sin(angles_bth)
 
 

@@ -24,7 +24,7 @@ from .attention import Attention, Mask
 from .config import ModelConfig
 from .constrain import constrain
 from .loss import project
-from .layers import Mlp, Norm, dropout, param, rope_angles, sinusoidal_embedding
+from .layers import Mlp, Norm, dropout, param, rope_angles, rope_frequencies, sinusoidal_embedding
 
 Cache = dict[str, jax.Array]
 RESIDUAL = ("batch", "length", "activation_embed")  # logical axes of the residual stream (layout hints only)
@@ -144,7 +144,7 @@ class EmbedAndHead(nnx.Module):
             x_btd = x_btd + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dtype)
         elif cfg.positions == "sinusoidal":
             x_btd = x_btd + sinusoidal_embedding(positions_bt, cfg.d_model).astype(dtype)
-        rope = rope_angles(positions_bt, cfg.head_size, cfg.rope_theta) if cfg.positions == "rope" else None
+        rope = rope_angles(positions_bt, rope_frequencies(cfg)) if cfg.positions == "rope" else None
         return constrain(dropout(x_btd, cfg.dropout, key), RESIDUAL), rope
 
     def final(self, x_btd):

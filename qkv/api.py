@@ -66,7 +66,8 @@ class LanguageModel:
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """BOS + token ids per prompt; refuses empty prompts and checkpoints without a tokenizer."""
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH.model")
+            raise ValueError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH "
+                             "(tokenizer.json or .model), or generate from token ids (--prompt-ids)")
         if any(not p for p in prompts):
             raise ValueError("empty prompt: give at least one character of text")
         return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
@@ -122,6 +123,24 @@ class LanguageModel:
         rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
         return [self.tokenizer.decode(r) for r in rows]
 
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.8,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam_size: int = 1,
+                     length_penalty: float = 0.6) -> list[list[int]]:
+        """New token ids (up to the tokenizer's eos, which is left out) after each row of prompt ids, taken as
+        given (no bos added). Works without a tokenizer (then it never stops early; pad id 0)."""
+        self._require("decoder", what="generation from token ids")
+        rows = [[int(i) for i in row] for row in prompt_ids]
+        vocab = self.config.model.vocab_size
+        for row in rows:
+            if not row:
+                raise ValueError("empty prompt: give at least one token id")
+            if min(row) < 0 or max(row) >= vocab:
+                raise ValueError(f"prompt token id {min(row) if min(row) < 0 else max(row)} is outside the model's "
+                                 f"vocabulary of {vocab} ids (0..{vocab - 1})")
+        pad, eos = (self.tokenizer.pad_id, self.tokenizer.eos_id) if self.tokenizer else (0, None)
+        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty)
+        return [[int(t) for t in r] for r in decoder.generate(self.params, rows, pad, eos)]
+
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
         """Yields the completion of one prompt piece by piece, as the tokens are produced (an
@@ -144,6 +163,9 @@ class LanguageModel:
                 continue
             yield text[len(shown):]
             shown = text
+        rest = self.tokenizer.decode(ids)[len(shown):]  # bytes that never completed a character: as generate shows them
+        if rest:
+            yield rest
 
 
     def _encoded(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -119,10 +119,19 @@ def _read_prompts(ns: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _read_prompt_ids(ns: argparse.Namespace) -> list[list[int]]:
+    try:
+        return [[int(t) for t in text.split(",")] for text in ns.prompt_ids]
+    except ValueError:
+        raise ValueError("--prompt-ids takes comma-separated integer token ids, e.g. --prompt-ids 1,2,3") from None
+
+
 def cmd_generate(ns: argparse.Namespace) -> int:
     from qkv.inference.decode import SamplingConfig, check_beam
 
-    prompts = _read_prompts(ns)
+    if ns.prompt_ids and (ns.prompt or ns.prompt_file):
+        raise ValueError("give either --prompt-ids or --prompt/--prompt-file, not both")
+    prompts = _read_prompt_ids(ns) if ns.prompt_ids else _read_prompts(ns)
     settings = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                     top_p=ns.top_p, seed=ns.seed)
     SamplingConfig(**settings)  # validate before the slow part
@@ -131,6 +140,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
+    if ns.prompt_ids:  # token ids in, token ids out: one comma-separated line per prompt
+        for row in lm.generate_ids(prompts, beam_size=ns.beam_size, length_penalty=ns.length_penalty, **settings):
+            print(",".join(map(str, row)))
+        return 0
     lm.prompt_ids(prompts)  # refuse bad prompts before printing anything
     if lm.kind == "encoder":
         raise ValueError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
@@ -305,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--prompt-ids", action="append", help="prompt as token ids, e.g. 1,2,3 (no bos added); "
+                   "prints the new ids; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

@@ -182,8 +182,8 @@ def test_prepared_tfds_dataset_opens(tmp_path):
     assert sorted(_all_texts(src)) == ["sentence 0 é", "sentence 1 é"]
     with pytest.raises(ValueError, match="no feature 'text'"):
         open_text_source("tfds", None, "train", dd, tfds_name="qkv_toy_catalog")
-    with pytest.raises(ValueError, match="split 'validation' does not exist"):
-        open_text_source("tfds", None, "validation", dd, text_field="sentence",
+    with pytest.raises(ValueError, match="split 'dev' does not exist"):
+        open_text_source("tfds", None, "dev", dd, text_field="sentence",
                          tfds_name="qkv_toy_catalog")
 
 

@@ -160,20 +160,20 @@ def test_cross_attention_sees_every_source_token_and_decoder_no_future_target():
 
 def _encode_embedded(model, x_bsd):
     from qkv.model.attention import attention_mask
-    from qkv.model.layers import rope_angles
+    from qkv.model.layers import rope_angles, rope_frequencies
     from qkv.model.transformer import run_blocks
     cfg = model.cfg
     b, s = x_bsd.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     segments = jnp.ones((b, s), jnp.int32)
     x, _ = run_blocks(cfg, model.encoder_blocks, x_bsd, attention_mask(None, segments, segments),
-                      rope_angles(positions, cfg.head_size, cfg.rope_theta))
+                      rope_angles(positions, rope_frequencies(cfg)))
     return model.encoder_norm(x)
 
 
 def _decode_embedded(model, x_btd, memory_bsd):
     from qkv.model.attention import attention_mask
-    from qkv.model.layers import rope_angles
+    from qkv.model.layers import rope_angles, rope_frequencies
     from qkv.model.transformer import run_blocks
     cfg = model.cfg
     b, t = x_btd.shape[:2]
@@ -181,7 +181,7 @@ def _decode_embedded(model, x_btd, memory_bsd):
     segments = jnp.ones((b, t), jnp.int32)
     mem_seg = jnp.ones(memory_bsd.shape[:2], jnp.int32)
     x, _ = run_blocks(cfg, model.blocks, x_btd, attention_mask(slots, segments, segments),
-                      rope_angles(slots, cfg.head_size, cfg.rope_theta),
+                      rope_angles(slots, rope_frequencies(cfg)),
                       memory=(memory_bsd, attention_mask(None, segments, mem_seg)))
     return model.vocab_logits(model.final(x))
 

@@ -34,6 +34,8 @@ class DataConfig:
     target_field: str = "target"
     data_dir: str = "~/.cache/qkv/tfds"  # where TFDS datasets are built and read
     validation_fraction: float = 0.01
+    train_split: str = "train"  # TFDS split expression, slices included: train, train[:99%], train+validation
+    eval_split: str = ""  # "": validation, else test, else a held-out slice of train (said in the log)
     seq_len: int = 256  # tokens per row (encoder_decoder: of the target side)
     source_seq_len: int = 0  # encoder_decoder: tokens per row on the source side (0: data.seq_len)
     toy_limit: int = 10_000  # source=toy: translate the numbers below this (split 90/5/5 % by a fixed hash)

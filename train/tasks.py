@@ -58,7 +58,8 @@ class LMTask:
     def open(self, split: str):
         d = self.cfg.data
         return open_text_source(d.source, d.path, split, Path(d.data_dir).expanduser(), text_field=d.text_field,
-                                tfds_name=d.tfds_name, validation_fraction=d.validation_fraction)
+                                tfds_name=d.tfds_name, validation_fraction=d.validation_fraction,
+                                train_split=d.train_split, eval_split=d.eval_split)
 
     def texts(self, source) -> Sequence[str]:
         return source
@@ -133,7 +134,8 @@ class Seq2SeqTask(LMTask):
         if d.source == "tfds":
             if not d.tfds_name:
                 raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. wmt14_translate/de-en)")
-            return tfds_pairs(d.tfds_name, split, Path(d.data_dir).expanduser(), d.source_field, d.target_field)
+            return tfds_pairs(d.tfds_name, split, Path(d.data_dir).expanduser(), d.source_field, d.target_field,
+                              d.train_split, d.eval_split)
         return load_pairs(d.path, split, target_path=d.target_path, source_field=d.source_field,
                           target_field=d.target_field)
 
