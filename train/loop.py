@@ -89,7 +89,8 @@ def build_trainer(cfg: Config, **kwargs: Any) -> Trainer:
     check_batch(cfg.train.batch_size, mesh, rules)
     if cfg.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} processes")
-    kwargs.setdefault("objective", task_for(cfg).objective())
+    if kwargs.get("objective") is None:  # fine-tuning passes its own (a classifier has no pretraining task)
+        kwargs["objective"] = task_for(cfg).objective()
     return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed,
                    skip_nonfinite=cfg.train.skip_nonfinite, **kwargs)
 
