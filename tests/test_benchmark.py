@@ -12,7 +12,7 @@ import pytest
 
 from qkv.cli import main
 from qkv.model import ModelConfig, count_params, create_model, split_params
-from qkv.train import roofline
+from qkv.tools import roofline
 from qkv.tools.benchmark import benchmark_decode, point_overrides, sweep_points
 from qkv.train.metrics import flops_per_token
 
