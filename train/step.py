@@ -265,8 +265,17 @@ class WithFrozen:
     def __call__(self, state: State, batch: Batch):
         return self.fn(state, self.frozen, batch)
 
-    def lower(self, state: Any, batch: Any):
-        return self.fn.lower(state, self.frozen, batch)
+    def lower(self, state: Any, batch: Any) -> "WithFrozen":
+        """The lowered step; its ``compile()`` is again called as ``(state, batch)``."""
+        return WithFrozen(self.fn.lower(state, self.frozen, batch), self.frozen)
+
+    def compile(self) -> "WithFrozen":
+        return WithFrozen(self.fn.compile(), self.frozen)
+
+    def __getattr__(self, name: str) -> Any:  # memory_analysis, cost_analysis, as_text... of what it wraps
+        if name in ("fn", "frozen"):
+            raise AttributeError(name)
+        return getattr(self.fn, name)
 
 
 def agree_across_processes(value: int) -> tuple[int, int]:
