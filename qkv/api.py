@@ -58,9 +58,12 @@ class LanguageModel:
         return np.asarray(_forward(self.graphdef, self.params, ids))
 
     def _decoder(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
-                 beam_size: int = 1, length_penalty: float = 0.6) -> Decoder:
+                 beam_size: int = 1, length_penalty: float = 0.6, text: bool = True) -> Decoder:
+        """A decoder; for text (``text``) it only produces ids the tokenizer can decode, for ids in/ids out
+        (``generate_ids``) every id of the model's vocabulary, as Hugging Face's generate does."""
+        vocab_limit = self.tokenizer.vocab_size if text and self.tokenizer is not None else 0
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed, vocab_limit=self.tokenizer.vocab_size)
+                                  max_new_tokens=max_new_tokens, seed=seed, vocab_limit=vocab_limit)
         return Decoder(self.config.model, self.graphdef, sampling, beam_size, length_penalty)
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -138,7 +141,7 @@ class LanguageModel:
                 raise ValueError(f"prompt token id {min(row) if min(row) < 0 else max(row)} is outside the model's "
                                  f"vocabulary of {vocab} ids (0..{vocab - 1})")
         pad, eos = (self.tokenizer.pad_id, self.tokenizer.eos_id) if self.tokenizer else (0, None)
-        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty)
+        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty, text=False)
         return [[int(t) for t in r] for r in decoder.generate(self.params, rows, pad, eos)]
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
