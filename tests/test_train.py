@@ -199,7 +199,7 @@ def test_every_preset_parses_and_builds_its_shapes(name):
 def test_adamw_does_not_decay_norms_or_biases():
     cfg = load_config("gpt2-small", ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.d_ff=32",
                                      "model.vocab_size=32", "model.max_seq_len=8", "data.seq_len=8",
-                                     "optim.learning_rate=0.0", "optim.weight_decay=0.5", "optim.warmup_steps=0"])
+                                     "optim.weight_decay=0.5", "optim.warmup_steps=0"])
     from qkv.model import create_model, param_metadata
     decay = param_metadata(create_model(cfg.model), "weight_decay")
     assert decay["blocks"]["attn_norm"]["scale"] is False and decay["blocks"]["attn"]["bq"] is False
