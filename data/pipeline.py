@@ -15,7 +15,10 @@ restart at 0). Rows are therefore full except at the very end of a finite pass. 
 each row holds one piece of one document (documents are cut into seq_len chunks), padded.
 
 Order of operations: source -> shard by process ([shard_index::shard_count]) -> shuffle (seeded,
-reshuffled every epoch) -> repeat -> tokenize -> pack -> batch. Everything is deterministic given
+reshuffled every epoch) -> repeat -> tokenize -> pack -> shuffle rows in windows of `shuffle_rows`
+-> batch. The row shuffle matters because packing lays a long document out over many consecutive
+rows: without it, a 100 KB file fills a dozen 16 x 128-token batches in a row, and those batches'
+gradients all say the same thing (on the default run it cost about 0.1 bits/byte). Everything is deterministic given
 the seed. `iter(ds).get_state()` is plain JSON (dicts, lists, ints) and `set_state` accepts it
 back, including after a JSON round trip (see `_JsonStateIterator` for why that needs care).
 """
@@ -28,7 +31,8 @@ from typing import Any
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, FlatMapIterDataset, FlatMapTransform
+from grain.experimental import (ConcatThenSplitIterDataset, FlatMapIterDataset, FlatMapTransform,
+                                WindowShuffleIterDataset)
 
 from .sources import record_text
 
@@ -213,9 +217,13 @@ def make_lm_dataset(
     num_epochs: int | None = None,
     shuffle: bool = True,
     pack: bool = True,
+    shuffle_rows: int = 0,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
     """Training batches (see module docstring); infinite when num_epochs is None.
+
+    ``shuffle_rows`` > 1 (with ``shuffle``) shuffles the packed rows within consecutive windows of that
+    many rows (seeded; the window is rebuilt from its start on resume), so one batch mixes many documents.
 
     The last partial batch of a finite pass is dropped (drop_remainder) so every batch has the
     same shape; use `make_eval_dataset` for a pass that keeps everything.
@@ -225,6 +233,8 @@ def make_lm_dataset(
                        shard_index=shard_index, shard_count=shard_count, bos_id=bos_id,
                        eos_id=eos_id, num_epochs=num_epochs, shuffle=shuffle, pack=pack,
                        read_options=read_options)
+    if shuffle and shuffle_rows > 1:
+        rows = WindowShuffleIterDataset(rows, window_size=shuffle_rows, seed=seed + 1)
     return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
 
 

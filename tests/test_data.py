@@ -389,9 +389,9 @@ def test_shards_see_disjoint_documents():
     assert train0 <= seen[0]
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_state_resumes_through_json(pack):
-    ds = _lm(pack=pack, batch_size=BATCH)
+@pytest.mark.parametrize("pack,shuffle_rows", [(True, 0), (False, 0), (True, 12)])
+def test_state_resumes_through_json(pack, shuffle_rows):
+    ds = _lm(pack=pack, batch_size=BATCH, shuffle_rows=shuffle_rows)
     it = iter(ds)
     checked, empty_remainder = 0, 0
     for step in range(60):  # crosses several epochs
@@ -414,6 +414,26 @@ def test_state_resumes_through_json(pack):
     if pack:
         # The JSON pitfall (tuple (-1, -1) becomes a list) must have been exercised.
         assert empty_remainder > 0
+
+
+def test_row_shuffle_mixes_long_documents_into_every_batch():
+    """Packing lays a long document over consecutive rows; the row-shuffle window permutes those rows
+    (the same rows, another order), so a batch draws on several documents instead of one."""
+    docs = [d * 8 for d in DOCS]  # long documents span several rows (indices kept: tokens name them)
+    window = 64
+    plain, mixed = _take(_lm(docs, shuffle_rows=0), window // BATCH), _take(_lm(docs, shuffle_rows=window), window // BATCH)
+
+    def rows(batches):
+        return sorted(tuple(b[k][r].tolist() for k in BATCH_KEYS) for b in batches for r in range(BATCH))
+
+    def documents_per_batch(batches):
+        return np.mean([len({_doc_of(t) for t in b["inputs"].ravel() if t not in (BOS, EOS, 0)}) for b in batches])
+
+    assert rows(plain) == rows(mixed), "the window must permute the packed rows, not change them"
+    for b in mixed:
+        _check_batch(b, docs)
+    assert documents_per_batch(plain) < 2.0  # measured 1.5
+    assert documents_per_batch(mixed) > 3.0  # measured 3.6 (4 rows per batch)
 
 
 def test_pipeline_argument_errors():

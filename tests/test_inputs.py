@@ -28,6 +28,7 @@ CONFIG_CASES = [
     ("steps-huge", lambda t: ["train.steps=100000000000000000000"], "train.steps=100000000000000000000"),
     ("steps-float-text", lambda t: ["train.steps=1e20"], "train.steps='1e20' must be an int: write whole digits"),
     ("eval-batches-negative", lambda t: ["data.eval_batches=-1"], "data.eval_batches=-1"),
+    ("shuffle-rows-negative", lambda t: ["data.shuffle_rows=-1"], "data.shuffle_rows=-1"),
     ("grad-clip-negative", lambda t: ["optim.grad_clip=-1"], "optim.grad_clip=-1.0"),
     ("b2-above-one", lambda t: ["optim.b2=2.0"], "optim.b2=2.0 must be in [0, 1)"),
     ("b1-one", lambda t: ["optim.b1=1"], "optim.b1=1.0 must be in [0, 1)"),

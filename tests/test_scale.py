@@ -71,7 +71,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
     tok = Tokenizer.load(run_dir / "tokenizer.model")  # trained by process 0, used by both
     source = open_split(cfg, "train")
     shards = [iter(make_lm_dataset(source, tok.encode, seq_len=cfg.data.seq_len, batch_size=4, seed=cfg.train.seed,
-                                   shard_index=i, shard_count=2, bos_id=tok.bos_id, eos_id=tok.eos_id))
+                                   shard_index=i, shard_count=2, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                   shuffle_rows=cfg.data.shuffle_rows))
               for i in range(2)]
     mesh = make_mesh(MeshConfig(data=2, fsdp=2), jax.devices()[:4])  # same mesh shape, 4 devices, 1 process
     trainer = Trainer(cfg.model, cfg.optim, mesh, resolve_rules({}), cfg.train.steps, cfg.train.seed)

@@ -40,6 +40,7 @@ class DataConfig:
     source_seq_len: int = 0  # encoder_decoder: tokens per row on the source side (0: data.seq_len)
     toy_limit: int = 10_000  # source=toy: translate the numbers below this (split 90/5/5 % by a fixed hash)
     eval_batches: int = 8  # validation batches per evaluation (0: whole split)
+    shuffle_rows: int = 1024  # packed training rows shuffled together in one window (0/1: rows in document order)
 
 
     def __post_init__(self) -> None:

@@ -68,7 +68,8 @@ class LMTask:
         per_process = self.cfg.train.batch_size // jax.process_count()
         return iter(make_lm_dataset(source, tok.encode, seq_len=self.cfg.data.seq_len, batch_size=per_process,
                                     seed=self.cfg.train.seed, shard_index=jax.process_index(),
-                                    shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id))
+                                    shard_count=jax.process_count(), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                    shuffle_rows=self.cfg.data.shuffle_rows))
 
     def eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
         """At most ``data.eval_batches`` validation batches of this process's shard (0: the whole shard,

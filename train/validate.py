@@ -119,6 +119,7 @@ RULES: dict[str, list[Rule]] = {
         ("source_seq_len", count(MAX_SEQ), f"an integer in [0, {MAX_SEQ}]", "use 0 (= data.seq_len) or a length"),
         ("toy_limit", int_in(20, 10**9), "an integer in [20, 1e9]", "use e.g. 10000"),
         ("eval_batches", count(10**7), "an integer >= 0", "use 0 (the whole split) or a count, e.g. 8"),
+        ("shuffle_rows", count(10**7), "an integer >= 0", "use e.g. 1024 (rows per shuffle window), or 0 for none"),
         ("data_dir", nonempty_text, "a non-empty path", "use e.g. ~/.cache/qkv/tfds"),
         ("text_field", nonempty_text, "a non-empty field name", "use e.g. text"),
     ],
