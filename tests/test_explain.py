@@ -16,6 +16,8 @@ from qkv.inference.decode import filter_logits, sample_logits
 from qkv.inference.explain import Inputs, forward_with_weights, make_batch, next_token_table
 from qkv.model import ModelConfig, create_model, split_params
 
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
+
 TINY = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, d_ff=32, max_seq_len=16)
 SHAPES = {"decoder": {}, "encoder": dict(positions="learned", norm="layernorm", norm_position="post", use_bias=True),
           "encoder_decoder": dict(positions="sinusoidal", norm="layernorm", norm_position="post", activation="relu")}

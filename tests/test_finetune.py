@@ -23,6 +23,8 @@ from qkv.train.finetune import finetune, finetune_trainer, hold_out, load_finetu
 from qkv.train.lora import merge_lora
 from qkv.train.objectives import dpo_terms
 
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
+
 WORDS = ["abc", "bad", "cab", "dace", "face", "bead", "fade", "cafe", "deaf", "ebb", "add", "fee"]
 SFT = [{"prompt": f"reverse: {w}\n", "response": w[::-1]} for w in WORDS]
 MODEL = dict(vocab_size=384, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32)

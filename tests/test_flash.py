@@ -14,6 +14,8 @@ from qkv.model.attention import Mask, dot_product_attention, reference_attention
 from qkv.train.config import MeshConfig
 from qkv.train.sharding import LOGICAL_RULES, activation_layout, make_mesh
 
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
+
 B, T, H, E = 2, 128, 4, 32
 
 

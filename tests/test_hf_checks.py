@@ -21,6 +21,8 @@ from qkv.tools.convert import export_hf, import_hf  # noqa: E402
 from test_hf import make_hf  # noqa: E402
 from test_tokenizer import ROUND_TRIP_CASES  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
+
 LLAMA = dict(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 GPT2 = dict(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64)

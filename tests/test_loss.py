@@ -80,7 +80,7 @@ def test_bf16_logits_accumulate_in_float32():
 
 
 def test_auto_chunks_only_large_logits():
-    assert chunk_length(-1, 128, 4096) == 0  # the tiny preset: full logits
+    assert chunk_length(-1, 128, 8192) == 0  # the tiny preset: full logits
     assert chunk_length(-1, 8192, 128256) == AUTO_LIMIT // 128256  # llama: ~261 positions per chunk
     assert chunk_length(0, 8192, 128256) == 0 and chunk_length(512, 256, 10) == 256
     with pytest.raises(ValueError, match="model.loss_chunk"):

@@ -23,6 +23,8 @@ from qkv.train.config import MeshConfig, config_from_dict, load_config
 from qkv.train.sharding import make_mesh, resolve_rules
 from qkv.train.step import Trainer
 
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
+
 SMALL = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
          "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "data.eval_batches=2",
          "tokenizer.train_documents=40", "data.validation_fraction=0.1", "train.sample_tokens=0"]

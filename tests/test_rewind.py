@@ -17,6 +17,8 @@ import pytest
 from qkv.train import checkpoint
 from qkv.train.rewind import MIN_HISTORY, SkippingIterator, Spike, SpikeDetector, record
 
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
+
 
 def test_detector_flags_loss_spikes_gradient_explosions_and_nonfinite_values():
     det = SpikeDetector(window=50, k=6.0, grad_factor=10.0)

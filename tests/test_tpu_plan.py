@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from qkv.tools.tpu_plan import collective_stats, topology_plan
 from qkv.train.config import load_config
+
+pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
 
 REPO = Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5p:2x2x1"  # 4 chips
