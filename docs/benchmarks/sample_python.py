@@ -7,7 +7,7 @@ seeds 0..N-1) is cut into lines; the last line is dropped when the sample ends m
 as Python when it parses on its own after dedenting (a bare `def f(x):` or `if x:` is completed with
 `pass`, a lone `else:`/`elif`/`except`/`finally` header with a leading `if 1: pass`/`try: pass`); a
 "block" counts when its consecutive non-empty lines of one indentation group parse together. Blank
-lines are not counted.
+lines and comment-only lines (which parse trivially) are not counted as lines; their number is reported.
 """
 from __future__ import annotations
 
@@ -67,9 +67,11 @@ def score(samples: list[str]) -> dict:
             ls = ls[:-1]  # cut mid-line by the token budget
         lines += [line for line in ls if line.strip()]
         blks += blocks(ls)
+    comments = sum(line.strip().startswith("#") for line in lines)
+    lines = [line for line in lines if not line.strip().startswith("#")]
     ok_lines = sum(map(line_is_python, lines))
     ok_blocks = sum(map(block_is_python, blks))
-    return {"lines": len(lines), "lines_parsing": ok_lines, "line_fraction": ok_lines / max(1, len(lines)),
+    return {"comment_lines": comments, "lines": len(lines), "lines_parsing": ok_lines, "line_fraction": ok_lines / max(1, len(lines)),
             "blocks": len(blks), "blocks_parsing": ok_blocks, "block_fraction": ok_blocks / max(1, len(blks))}
 
 
