@@ -59,8 +59,8 @@ def test_resume_after_clean_stop_matches_uninterrupted(corpus, tmp_path, capsys)
     common = ("train.steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=100")
     straight = tmp_path / "straight"
     pretrain(tiny_config(corpus, straight, *common))
-    # the tiny preset's 30 warmup steps do not fit in 12: clamped, and said so
-    assert "optim.warmup_steps=30 is not shorter than train.steps=12: warming up over 11 steps" in capsys.readouterr().out
+    # the tiny preset's 20 warmup steps do not fit in 12: clamped, and said so
+    assert "optim.warmup_steps=20 is not shorter than train.steps=12: warming up over 11 steps" in capsys.readouterr().out
     split = tmp_path / "split"
     pretrain(tiny_config(corpus, split, *common, "train.stop_at_step=5"))
     assert checkpoint.latest_step(split) == 5
