@@ -55,6 +55,17 @@ def test_loss_falls_and_metrics_are_written(trained_run):
     assert checkpoint.latest_step(trained_run) == 60
 
 
+def test_a_run_from_before_the_row_shuffle_resumes_only_with_it_off(tmp_path):
+    """Its saved data position has no shuffle window: refused with the key and value that resume it."""
+    from qkv.train.loop import check_resumable
+
+    old = load_config("tiny").to_dict()
+    del old["data"]["shuffle_rows"]
+    with pytest.raises(ValueError, match=r"holds a run with data.shuffle_rows=0, not 1024"):
+        check_resumable(load_config("tiny"), {"config": old}, tmp_path)
+    check_resumable(load_config("tiny", ["data.shuffle_rows=0"]), {"config": old}, tmp_path)
+
+
 def test_resume_after_clean_stop_matches_uninterrupted(corpus, tmp_path, capsys):
     common = ("train.steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=100")
     straight = tmp_path / "straight"

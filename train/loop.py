@@ -69,8 +69,12 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, texts, with_mask: bool = False
 
 
 def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to resume a run whose saved model or data settings differ from ``cfg``'s."""
-    saved = config_from_dict(meta["config"])
+    """Refuse to resume a run whose saved model or data settings differ from ``cfg``'s. A run saved before
+    ``data.shuffle_rows`` existed read its packed rows in document order: it counts as ``shuffle_rows=0``
+    (its saved data position has no shuffle window), so it resumes with ``data.shuffle_rows=0``."""
+    data = meta["config"].get("data", {})
+    saved = config_from_dict(meta["config"] if "shuffle_rows" in data else
+                             {**meta["config"], "data": {**data, "shuffle_rows": 0}})
     for section in ("model", "data"):
         old, new = getattr(saved, section), getattr(cfg, section)
         if old != new:
