@@ -102,6 +102,19 @@ def test_collectives_count_loop_bodies_once_per_trip():
     assert stats["all-to-all"]["count"] == 0
 
 
+def test_estimate_refuses_a_cost_model_that_prices_two_layers_below_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from qkv.tools import tpu_plan
+    times = {1: (2.0, 1e12), 2: (1.5, 2e12)}
+    monkeypatch.setattr(tpu_plan, "_optimal_seconds", lambda cfg, mesh, rules, n: times[n])
+    cfg = load_config("tiny")
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 1})
+    assert "no per-layer cost" in tpu_plan.estimate(cfg, mesh, None, 10**6, "splash", 459.0)["unavailable"]
+    times[2] = (2.5, 2e12)
+    assert tpu_plan.estimate(cfg, mesh, None, 10**6, "splash", 459.0)["step_seconds"] > 0
+
+
 def test_unknown_topology_is_one_line_error():
     out = _qkv("plan", "tiny", "--topology", "v5p-8")
     assert out.returncode == 2 and out.stderr.startswith("qkv: error: --topology 'v5p-8': use GENERATION:SHAPE")
