@@ -17,7 +17,6 @@ import pytest
 from qkv.train import checkpoint
 from qkv.train.rewind import MIN_HISTORY, SkippingIterator, Spike, SpikeDetector, record
 
-pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
 
 
 def test_detector_flags_loss_spikes_gradient_explosions_and_nonfinite_values():
@@ -183,6 +182,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_poisoned_batch_is_rewound_past_and_a_kill_mid_rewind_resumes_identically(corpus, tmp_path):
     straight = tmp_path / "straight"
     proc = _start(tmp_path, corpus, straight, "straight")

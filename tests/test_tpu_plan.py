@@ -14,7 +14,6 @@ import pytest
 from qkv.tools.tpu_plan import collective_stats, topology_plan
 from qkv.train.config import load_config
 
-pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
 
 REPO = Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5p:2x2x1"  # 4 chips
@@ -29,6 +28,7 @@ def _no_platform_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
 
 
+@pytest.mark.slow  # compiles for TPU or starts a process
 def test_tiny_train_step_compiles_for_a_tpu_slice_quietly():
     out = _qkv("plan", "tiny", "train.batch_size=8", "--topology", TOPOLOGY, "--mesh", "fsdp=4", "--json",
                env=_no_platform_env())
@@ -45,19 +45,21 @@ def test_tiny_train_step_compiles_for_a_tpu_slice_quietly():
     assert e["step_seconds"] > 0 and 0 < e["mfu"] < 1
 
 
+@pytest.mark.slow  # compiles for TPU or starts a process
 def test_llama_1b_shaped_step_on_a_slice():
     cfg = load_config("llama-1b", ["model.n_layers=2", "train.batch_size=4"])
-    plan = topology_plan(cfg, TOPOLOGY, {"data": 1, "fsdp": 4, "tensor": 1})
+    # the estimate's two extra compiles (1 and 2 layers) are exercised by the tiny test above
+    plan = topology_plan(cfg, TOPOLOGY, {"data": 1, "fsdp": 4, "tensor": 1}, with_estimate=False)
     assert plan["attention"] == "splash" and plan["loss_chunk"] > 0  # the TPU defaults at T=2048, V=128k
     assert plan["fits"] and plan["compiled"]["peak"] < 95 * 2 ** 30
     # the train state dominates the arguments: 2 layers + the 128256 x 2048 tied embedding, 12 bytes per parameter
     assert plan["compiled"]["arguments"] > plan["model_parameters"] * 12 / 4
-    assert plan["collectives"]["all-gather"]["bytes"] > 0 and 0 < plan["estimate"]["mfu"] < 1
+    assert plan["collectives"]["all-gather"]["bytes"] > 0
 
 
 def _temporaries(attention: str, seq: int) -> int:
-    cfg = load_config("llama-1b", ["model.n_layers=1", "model.vocab_size=1024", "model.d_model=1024",
-                                   "model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=128", "model.d_ff=2048",
+    cfg = load_config("llama-1b", ["model.n_layers=1", "model.vocab_size=1024", "model.d_model=512",
+                                   "model.n_heads=4", "model.n_kv_heads=4", "model.head_dim=128", "model.d_ff=1024",
                                    f"model.max_seq_len={seq}", f"data.seq_len={seq}", "train.batch_size=4",
                                    f"model.attention_impl={attention}", "model.remat=full"])
     plan = topology_plan(cfg, TOPOLOGY, {"data": 1, "fsdp": 4, "tensor": 1}, with_estimate=False)
@@ -65,11 +67,12 @@ def _temporaries(attention: str, seq: int) -> int:
     return plan["compiled"]["temporaries"]
 
 
+@pytest.mark.slow  # compiles for TPU or starts a process
 def test_splash_temporaries_grow_linearly_in_t_xla_quadratically():
-    splash = _temporaries("splash", 8192) / _temporaries("splash", 2048)
-    xla = _temporaries("xla", 8192) / _temporaries("xla", 2048)
-    assert splash < 6, splash  # 4x the tokens: ~4x the memory
-    assert xla > 10, xla  # 16x the [T, T] scores
+    splash = _temporaries("splash", 4096) / _temporaries("splash", 1024)
+    xla = _temporaries("xla", 4096) / _temporaries("xla", 1024)
+    assert splash < 6, splash  # 4x the tokens: ~4x the memory (4.2 measured)
+    assert xla > 10, xla  # 16x the [T, T] scores (15.5 measured)
 
 
 HLO = """HloModule m
@@ -115,12 +118,14 @@ def test_estimate_refuses_a_cost_model_that_prices_two_layers_below_one(monkeypa
     assert tpu_plan.estimate(cfg, mesh, None, 10**6, "splash", 459.0)["step_seconds"] > 0
 
 
+@pytest.mark.slow  # compiles for TPU or starts a process
 def test_unknown_topology_is_one_line_error():
     out = _qkv("plan", "tiny", "--topology", "v5p-8")
     assert out.returncode == 2 and out.stderr.startswith("qkv: error: --topology 'v5p-8': use GENERATION:SHAPE")
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # compiles for TPU or starts a process
 def test_cpu_users_see_no_tpu_noise():
     """libtpu is installed (the test extra) and no TPU exists: importing qkv restricts JAX to the CPU
     before it starts, so the TPU probe's errors never print; an explicit JAX_PLATFORMS still wins."""

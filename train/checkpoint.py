@@ -50,8 +50,21 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint step that exists but cannot be restored whole (truncated, deleted or altered files)."""
 
 
+def _whole_arrays_on_cpu() -> None:
+    """On CPU devices, save each replicated array whole from one replica.
+
+    Orbax's default "replica-parallel" save splits a replicated array into one slice per replica so
+    that TPU hosts write in parallel; on CPU devices (one host memory) it only adds a compiled slice
+    per array and replica: 7 of 30 s of a 2-step run on 8 virtual devices. Saved files are the same.
+    """
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True, writer: bool = False) -> ocp.CheckpointManager:
     """``writer=True`` (the one manager that saves) removes half-written temporary step directories."""
+    _whole_arrays_on_cpu()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
                                            cleanup_tmp_directories=writer)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
