@@ -18,7 +18,6 @@ SMALL = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.
 
 def qkv(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", "qkv.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=600)
 

@@ -23,6 +23,7 @@ CONFIG_CASES = [
     ("lr-nan", lambda t: ["optim.learning_rate=nan"], "optim.learning_rate=nan"),
     ("lr-inf", lambda t: ["optim.learning_rate=.inf"], "optim.learning_rate=inf"),
     ("lr-zero", lambda t: ["optim.learning_rate=0"], "optim.learning_rate=0"),
+    ("muon-lr-zero", lambda t: ["optim.muon_learning_rate=0"], "optim.muon_learning_rate=0"),
     ("warmup-negative", lambda t: ["optim.warmup_steps=-10"], "optim.warmup_steps=-10 must be an integer >= 0"),
     ("seq-len-1", lambda t: ["data.seq_len=1"], "data.seq_len=1 must be an integer in [2"),
     ("steps-huge", lambda t: ["train.steps=100000000000000000000"], "train.steps=100000000000000000000"),
@@ -244,7 +245,6 @@ def test_damaged_run_metadata_names_its_file(tiny_run, tmp_path, capsys):
 
 def _qkv(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", "qkv.cli", *args], env=env, timeout=600, **kw)
 
 

@@ -40,7 +40,6 @@ def pretrain_argv(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def env() -> dict[str, str]:
     out = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out.pop("XLA_FLAGS", None)
     return out
 
 

@@ -172,7 +172,6 @@ def _start(tmp: Path, corpus: Path, run_dir: Path, name: str) -> subprocess.Pope
     script.write_text(RUNNER)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "POISON_STEP": str(POISON_STEP),
            "POISON_FILE": str(tmp / f"{name}.poison"), "DRAWS_FILE": str(tmp / f"{name}.draws")}
-    env.pop("XLA_FLAGS", None)
     return subprocess.Popen([sys.executable, str(script), *_argv(corpus, run_dir)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

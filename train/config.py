@@ -63,7 +63,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"  # muon: orthogonalised momentum for weight matrices, AdamW for the rest
     learning_rate: float = 3e-3
+    muon_learning_rate: float = 0.02  # muon's own peak learning rate (same schedule); AdamW keeps learning_rate
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak

@@ -46,11 +46,47 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW; ``decay_mask`` (True per weight matrix) spares norms and biases."""
+def muon_dimensions(axes: Any) -> Any:
+    """Per parameter, how Muon sees it as a matrix (from its logical axes), or None for AdamW.
+
+    A projection's input side is ``embed`` when that is its first axis (wq, wk, wv, mlp.wi, mlp.wg: the
+    rest is the output), otherwise its last axis is the output ``embed`` (attention and MLP ``wo``);
+    ``layers`` stacks separate matrices. Embeddings (``vocab``), norms and biases stay on AdamW."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(names: tuple[str, ...]) -> Any:
+        own = [i for i, n in enumerate(names) if n != "layers"]
+        if "vocab" in names or len(own) < 2 or "embed" not in names:
+            return None
+        if names[own[0]] == "embed":
+            return MuonDimensionNumbers(reduction_axis=(own[0],), output_axis=tuple(own[1:]))
+        return MuonDimensionNumbers(reduction_axis=tuple(own[:-1]), output_axis=(own[-1],))
+    return jax.tree.map(dims, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: Any = None) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (or Muon for the weight matrices named by ``axes``); ``decay_mask``
+    (True per weight matrix) spares norms and biases."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    schedule = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.name == "muon" and axes is not None:
+        from optax.contrib import MuonDimensionNumbers, scale_by_muon
+        from optax.contrib._muon import scale_by_shape  # not exported by optax 0.2.8
+        dims = muon_dimensions(axes)
+        is_dims = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
+        labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims, is_leaf=is_dims)
+        ratio = cfg.muon_learning_rate / cfg.learning_rate
+        # inside the partition the AdamW leaves arrive as empty (masked) nodes: keep them as they come
+        masked_dims = lambda tree: jax.tree.map(lambda d, x: x if d is None else d, dims, tree,  # noqa: E731
+                                                is_leaf=is_dims)
+        matrices = optax.chain(scale_by_muon(weight_dimension_numbers=masked_dims),
+                               scale_by_shape(weight_dimension_numbers=masked_dims),
+                               optax.add_decayed_weights(cfg.weight_decay),
+                               optax.scale_by_learning_rate(lambda n: schedule(n) * ratio))
+        parts.append(optax.partition({"muon": matrices, "adamw": adamw}, labels))
+    else:
+        parts.append(adamw)
     return optax.chain(*parts)
 
 
@@ -69,8 +105,17 @@ def abstract_train_state(tx: optax.GradientTransformation, params: Any, mesh: Me
     counters and the step are replicated."""
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                          transform_non_params=lambda _: replicated(mesh))
+    # A state leaf belongs to the parameter whose path ends its own path (…mu['blocks']['attn']['wq']) and whose
+    # shape it has; this also sees through optax.partition's masked sub-states (Muon), which tree_map_params cannot.
+    owners = {tuple(path): (a.shape, a.sharding) for path, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def sharding_of(path: tuple, leaf: jax.ShapeDtypeStruct) -> Any:
+        for start in range(len(path)):
+            shape, sharding = owners.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return replicated(mesh)
+    opt_shardings = jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
     shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated(mesh)}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             {"params": params, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
@@ -197,7 +242,8 @@ class Trainer:
             scale = self.lora.alpha / self.lora.rank
             merge = lambda adapters, base: merge_lora(base, adapters, scale)  # noqa: E731
         self.merge = merge
-        self.tx = make_optimizer(o, self.total_steps, decay_mask)
+        axes = logical_axes(abstract_model(self.model_cfg)) if self.lora is None else None
+        self.tx = make_optimizer(o, self.total_steps, decay_mask, axes)
         self.state_shardings, self.abstract_state = abstract_train_state(self.tx, trainable, self.mesh)
         self.param_shardings = self.state_shardings["params"]
         self.frozen_shardings = self.base_shardings if (self.lora is not None or self.reference) else None

@@ -128,6 +128,7 @@ RULES: dict[str, list[Rule]] = {
     ],
     "optim": [
         ("learning_rate", gt0, "a finite number > 0", "use e.g. 3e-4"),
+        ("muon_learning_rate", gt0, "a finite number > 0", "use e.g. 0.02"),
         ("warmup_steps", count(MAX_STEPS), "an integer >= 0", "use e.g. 50 (0: no warmup)"),
         ("min_lr_ratio", unit_closed, "in [0, 1]", "use e.g. 0.1"),
         ("weight_decay", ge0, "a finite number >= 0", "use e.g. 0.1 (0: none)"),
