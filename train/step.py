@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import jax
@@ -76,14 +76,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: An
         dims = muon_dimensions(axes)
         is_dims = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
         labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims, is_leaf=is_dims)
-        ratio = cfg.muon_learning_rate / cfg.learning_rate
         # inside the partition the AdamW leaves arrive as empty (masked) nodes: keep them as they come
         masked_dims = lambda tree: jax.tree.map(lambda d, x: x if d is None else d, dims, tree,  # noqa: E731
                                                 is_leaf=is_dims)
         matrices = optax.chain(scale_by_muon(weight_dimension_numbers=masked_dims),
                                scale_by_shape(weight_dimension_numbers=masked_dims),
                                optax.add_decayed_weights(cfg.weight_decay),
-                               optax.scale_by_learning_rate(lambda n: schedule(n) * ratio))
+                               optax.scale_by_learning_rate(learning_rate_schedule(
+                                   replace(cfg, learning_rate=cfg.muon_learning_rate), total_steps)))
         parts.append(optax.partition({"muon": matrices, "adamw": adamw}, labels))
     else:
         parts.append(adamw)
@@ -233,8 +233,10 @@ class Trainer:
         self.base_shardings = jax.tree.map(lambda a: a.sharding, self.base_abstract)
         self.lora = self.lora if self.lora is not None and self.lora.rank > 0 else None
         trainable, merge = self.base_abstract, None
+        # each parameter's logical axes: LoRA's adapter shapes and Muon's matrices are read from them
+        needs_axes = self.lora is not None or o.name == "muon"
+        self._axes = logical_axes(abstract_model(self.model_cfg)) if needs_axes else None
         if self.lora is not None:
-            self._axes = logical_axes(abstract_model(self.model_cfg))
             shapes = jax.eval_shape(self._init_adapters, 0)
             trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(self.mesh)),
                                      shapes)
@@ -242,8 +244,7 @@ class Trainer:
             scale = self.lora.alpha / self.lora.rank
             merge = lambda adapters, base: merge_lora(base, adapters, scale)  # noqa: E731
         self.merge = merge
-        axes = logical_axes(abstract_model(self.model_cfg)) if self.lora is None else None
-        self.tx = make_optimizer(o, self.total_steps, decay_mask, axes)
+        self.tx = make_optimizer(o, self.total_steps, decay_mask, self._axes if self.lora is None else None)
         self.state_shardings, self.abstract_state = abstract_train_state(self.tx, trainable, self.mesh)
         self.param_shardings = self.state_shardings["params"]
         self.frozen_shardings = self.base_shardings if (self.lora is not None or self.reference) else None
