@@ -24,6 +24,7 @@ CONFIG_CASES = [
     ("lr-inf", lambda t: ["optim.learning_rate=.inf"], "optim.learning_rate=inf"),
     ("lr-zero", lambda t: ["optim.learning_rate=0"], "optim.learning_rate=0"),
     ("muon-lr-zero", lambda t: ["optim.muon_learning_rate=0"], "optim.muon_learning_rate=0"),
+    ("muon-lora", lambda t: ["lora-tiny", "optim.name=muon"], "optim.name=muon cannot train LoRA adapters"),
     ("warmup-negative", lambda t: ["optim.warmup_steps=-10"], "optim.warmup_steps=-10 must be an integer >= 0"),
     ("seq-len-1", lambda t: ["data.seq_len=1"], "data.seq_len=1 must be an integer in [2"),
     ("steps-huge", lambda t: ["train.steps=100000000000000000000"], "train.steps=100000000000000000000"),

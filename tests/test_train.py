@@ -341,3 +341,15 @@ def test_muon_sharded_step_matches_one_device():
     assert single[-1] < single[0]
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_muon_with_lora_is_refused_by_the_python_api_too():
+    """The config refuses optim.name=muon with LoRA (tests/test_inputs.py); a Trainer built directly must not
+    fall back to AdamW silently either."""
+    from dataclasses import replace
+
+    from qkv.train.config import LoraConfig
+    cfg = load_config("tiny", MESH_TEST)
+    with pytest.raises(ValueError, match="optim.name=muon needs the model's weight matrices"):
+        Trainer(cfg.model, replace(cfg.optim, name="muon"), make_mesh(MeshConfig(data=1), jax.devices()[:1]),
+                resolve_rules({}), 10, lora=LoraConfig(rank=4))

@@ -171,6 +171,11 @@ class Config:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}"
             )
+        if self.optim.name == "muon" and self.finetune.lora.rank > 0:
+            raise ValueError(
+                f"optim.name=muon cannot train LoRA adapters (finetune.lora.rank={self.finetune.lora.rank}): use "
+                "optim.name=adamw, or finetune.lora.rank=0 for a full fine-tune with Muon"
+            )
         if self.data.source in ("files", "jsonl", "pairs") and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
         if self.data.source == "tfds" and not self.data.tfds_name:

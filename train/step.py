@@ -70,7 +70,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: An
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     schedule = learning_rate_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.name == "muon" and axes is not None:
+    if cfg.name == "muon" and axes is None:  # the config refuses Muon with LoRA; this guards the Python API
+        raise ValueError("optim.name=muon needs the model's weight matrices (LoRA adapters are not trained with "
+                         "Muon): use optim.name=adamw")
+    if cfg.name == "muon":
         from optax.contrib import MuonDimensionNumbers, scale_by_muon
         from optax.contrib._muon import scale_by_shape  # not exported by optax 0.2.8
         dims = muon_dimensions(axes)
