@@ -197,15 +197,15 @@ def test_response_only_loss_matches_numpy(base, tmp_path):
 
 def test_sft_learns_the_answers_and_generates_them(base, tmp_path):
     run_dir = tmp_path / "sft"
-    summary = finetune(ft_config(base, run_dir, "train.steps=200", "optim.learning_rate=3e-3", "optim.schedule=constant",
+    summary = finetune(ft_config(base, run_dir, "train.steps=300", "optim.learning_rate=3e-3", "optim.schedule=cosine",
                                  "train.log_every=10", "train.eval_every=100", "train.checkpoint_every=100",
                                  "finetune.eval_fraction=0"))  # memorising: evaluate on the training examples
     losses = [r["loss"] for r in train_records(run_dir)]
-    assert losses[0] > 1.0 and losses[-1] < 0.15, losses  # mean over steps 191-200
-    # memorised: ~0.03-0.09 depending on the CPU's float rounding (0.093 on this session's AMD EPYC, also on the
-    # code before the one-trainer change), against > 1 at the start
-    assert summary["val_loss"] < 0.12 and [r["step"] for r in train_records(run_dir, "eval")] == [100, 200]
-    assert checkpoint.latest_step(run_dir) == 200 and (run_dir / "config.yaml").is_file()
+    assert losses[0] > 1.0 and losses[-1] < 0.05, losses  # mean over steps 291-300
+    # memorised, with the learning rate decayed to 0: 0.0007 on a 2-core AMD EPYC (2026-12-05), against > 1 at the
+    # start. A constant learning rate (as before) left 0.05-0.2 and one or two wrong answers, depending on the CPU.
+    assert summary["val_loss"] < 0.02 and [r["step"] for r in train_records(run_dir, "eval")] == [100, 200, 300]
+    assert checkpoint.latest_step(run_dir) == 300 and (run_dir / "config.yaml").is_file()
     lm = qkv.load(run_dir)  # the tokenizer travels with the fine-tuned checkpoint
     outs = lm.generate([r["prompt"] for r in SFT], max_new_tokens=8, temperature=0.0)
     assert outs == [r["response"] for r in SFT], outs
