@@ -429,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="axis sizes, e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--device", default=None, help="check the fit on this device, e.g. h100, tpu-v5e (default: all)")
     p.add_argument("--analytic", action="store_true", help="skip the compile: analytic estimate only")
-    p.add_argument("--topology", default=None, help="compile for a TPU slice with the TPU compiler, e.g. v5p:4x4x8 "
-                   "(needs the tpu-compile extra; no TPU needed)")
+    p.add_argument("--topology", default=None, help="compile for a TPU slice (e.g. v5p:4x4x8) or NVIDIA GPUs (e.g. h100:8) "
+                   "without one: needs the tpu-compile or cuda extra")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser

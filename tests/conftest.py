@@ -1,7 +1,9 @@
 """Shared test setup: 8 virtual CPU devices (for mesh tests) before any JAX backend starts."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU's LLVM optimisation is most of a compile, and compiles are most of this suite's time: level 1
@@ -11,6 +13,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # backend starts, so the processes tests launch inherit it. Benchmarks and users keep XLA's default.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+
+# One persistent XLA compilation cache for the whole run, shared by the pytest-xdist workers and every process
+# the tests start (they inherit the environment): many tests compile the same tiny programs. A fresh directory
+# per run (a warm cache from an earlier run would hide compile work), removed at the end. A size limit turns on
+# JAX's file lock, so two processes never read an entry while the other writes it. Measured on 2 cores: the
+# suite's summed test time fell from 1226 s to 1104 s.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and importlib.util.find_spec("filelock") is not None:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qkv-tests-xla-cache-")
+    os.environ["QKV_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]  # removed by the process that made it
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
 
 import jax  # noqa: E402
 
@@ -44,3 +57,9 @@ LONGEST_FIRST = ["test_tpu_plan", "test_tasks", "test_reliability", "test_train"
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a module is kept
+
+
+def pytest_unconfigure(config):
+    own = os.environ.get("QKV_TESTS_OWN_CACHE")
+    if own and "PYTEST_XDIST_WORKER" not in os.environ and own == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        shutil.rmtree(own, ignore_errors=True)

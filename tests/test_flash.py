@@ -72,7 +72,7 @@ def test_splash_runs_per_shard_under_the_train_layout():
 def test_auto_picks_the_kernel_of_the_platform():
     assert jax.default_backend() == "cpu"
     assert select_impl("auto", 128, 128, 64) == "xla"  # CPU: XLA
-    from qkv.tools.tpu_plan import topology_devices
+    from qkv.tools.topology_plan import topology_devices
     tpu = topology_devices("v5p:2x2x1")  # the TPU compiler's devices (libtpu from the test extra), no TPU
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=1), tpu)
     with activation_layout(mesh, LOGICAL_RULES):

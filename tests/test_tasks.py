@@ -147,7 +147,9 @@ def test_sharded_train_step_matches_one_device(kind):
 @pytest.fixture(scope="module")
 def translator(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("translate") / "run"
-    cfg = load_config("translate-tiny", [*TRANSLATE, "train.steps=400", f"train.run_dir={run_dir}",
+    # 250 steps: held-out exact match 1.0 (greedy, and 8 of 8 with beams) on a 2-core AMD EPYC, 2026-12-05;
+    # 150 steps gave 0.89 and 6 of 8, so the thresholds below (0.6, 4 of 8) keep a wide margin
+    cfg = load_config("translate-tiny", [*TRANSLATE, "train.steps=250", f"train.run_dir={run_dir}",
                                          "train.log_every=50"])
     summary = pretrain(cfg, report=pretrain_report(cfg))  # the report is the caller's (qkv.pretrain, qkv pretrain)
     assert summary["exact_match"] >= 0.6, summary  # held-out validation numbers, greedy, from the run's report

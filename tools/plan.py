@@ -179,8 +179,8 @@ def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
 
 def main(ns) -> int:
     """The ``qkv plan`` command (argparse namespace from qkv/cli.py)."""
-    if getattr(ns, "topology", None):  # the TPU compiler's answer (tools/tpu_plan.py), in this process
-        from .tpu_plan import format_topology_plan, topology_plan
+    if getattr(ns, "topology", None):  # the TPU compiler's answer (tools/topology_plan.py), in this process
+        from .topology_plan import format_topology_plan, topology_plan
         source, overrides = split_config_args(ns.args)
         plan = topology_plan(load_config(source, overrides), ns.topology, parse_mesh(ns.mesh) if ns.mesh else None)
         print(json.dumps(plan) if ns.json else format_topology_plan(plan))

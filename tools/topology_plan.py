@@ -1,4 +1,4 @@
-"""``qkv plan CONFIG --topology v5p:4x4x8``: the TPU compiler's answer, on any machine.
+"""``qkv plan CONFIG --topology v5p:4x4x8`` (or ``h100:8``): the accelerator compiler's answer, on any machine.
 
 With ``jax[tpu]`` (libtpu) installed, ``jax.experimental.topologies.get_topology_desc`` describes a TPU
 slice without any TPU; the run's real train step (same ``Trainer``, rules table and shardings) is
@@ -14,10 +14,17 @@ program:
 - **The compiler's estimate** ``cost_analysis()["optimal_seconds"]``: turned into a step time and
   MFU (model FLOPs 6·N·tokens + attention, over the chips' bf16 peak). An estimate of the TPU cost
   model, never a measurement.
+
+NVIDIA targets the same way (``h100:8``, ``h200:2x8``: GPUs per node, or nodes x GPUs): with the CUDA
+plugin installed (the ``cuda`` extra; no GPU needed), ``get_topology_desc(platform="cuda", topology=...,
+target_config=...)`` describes the GPUs from a ``GpuTargetConfigProto`` (``GPU_SPECS`` below) and XLA's GPU
+compiler (with ptxas from the CUDA wheels) compiles the step for them: exact memory and collectives as
+for TPU; the GPU compiler gives no cost analysis without a GPU, so there is no step-time estimate.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import re
@@ -40,6 +47,27 @@ CHIPS: dict[str, tuple[str, float, float]] = {
     "TPU v5": ("TPU v5p", 95, 459),
     "TPU v6 lite": ("TPU v6e", 32, 918),
 }
+# NVIDIA GPUs for deviceless compiles: (device name, memory bytes as nvidia-smi reports it, dense bf16 TFLOP/s,
+# HBM bytes/s). Architecture limits (Hopper, compute capability 9.0) from NVIDIA's CUDA programming guide.
+GPU_SPECS: dict[str, tuple[str, int, float, float]] = {
+    "h100": ("NVIDIA H100 80GB HBM3", 81559 * 2 ** 20, 989, 3.35e12),
+    "h200": ("NVIDIA H200", 143771 * 2 ** 20, 989, 4.8e12),
+}
+_HOPPER = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth:.0f} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {memory} cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{name}"
+"""
+# JAX on a GPU preallocates this share of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75): a step
+# must fit in it
+GPU_MEM_FRACTION_DEFAULT = 0.75
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
@@ -64,10 +92,40 @@ def quiet_native_stderr():
             os.close(saved)
 
 
+def gpu_memory_fraction() -> float:
+    try:
+        return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION_DEFAULT))
+    except ValueError:
+        return GPU_MEM_FRACTION_DEFAULT
+
+
+def _gpu_devices(name: str) -> list:
+    gpu, shape = name.split(":")
+    hosts, per_host = shape.split("x") if "x" in shape else ("1", shape)
+    label, memory, _, bandwidth = GPU_SPECS[gpu]
+    if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
+        raise ValueError(f"--topology {name!r} needs the CUDA plugin (no GPU needed): install it with "
+                         'pip install -e ".[cuda]"')
+    from jax.experimental import topologies
+    target = _HOPPER.format(bandwidth=bandwidth, memory=memory, name=label)
+    try:
+        with quiet_native_stderr():  # the plugin logs its failed cuInit on a machine without a GPU
+            return list(topologies.get_topology_desc(topology_name=gpu, platform="cuda",
+                                                     topology=f"1x{int(hosts)}x{int(per_host)}",
+                                                     target_config=target).devices)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"--topology {name!r}: the CUDA plugin cannot describe it ({str(err).splitlines()[0][:160]})"
+                         ) from None
+
+
 def topology_devices(name: str) -> list:
-    """The devices of a TPU slice such as ``v5p:4x4x8`` (TPU generation: topology), compile-only."""
+    """The devices of a TPU slice such as ``v5p:4x4x8`` (TPU generation: topology) or of NVIDIA GPUs such as
+    ``h100:8`` / ``h100:2x8`` (GPUs per node, or nodes x GPUs per node), compile-only."""
+    if re.fullmatch(rf"({'|'.join(GPU_SPECS)}):[0-9]+(x[0-9]+)?", name):
+        return _gpu_devices(name)
     if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+)*", name):
-        raise ValueError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4")
+        raise ValueError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4, "
+                         "or GPU:COUNT, e.g. h100:8, h200:2x8")
     from qkv.platforms import restrict_platforms
     restrict_platforms()  # without a TPU: allow several compile-only libtpu loads (if libtpu is not loaded yet)
     try:
@@ -86,7 +144,8 @@ def _shape_bytes(text: str) -> int:
 
 def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
     """{collective: {"count", "bytes"}} per step from compiled HLO text: each op's output bytes,
-    computations reached through a while loop counted once per trip (the loop condition's bound)."""
+    computations reached through a while loop counted once per trip (the loop's known trip count, or
+    the loop condition's bound)."""
     comps: dict[str, list[str]] = {}
     name = None
     for line in hlo.splitlines():
@@ -120,8 +179,9 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
                 totals[base]["count"] += times
                 totals[base]["bytes"] += times * size
             body = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", ln)
-            if body:
-                visit(body.group(2), times * trips(body.group(1)), depth + 1)
+            if body:  # the GPU compiler states the trip count (its loop condition compares inside a fusion)
+                known = re.search(r'known_trip_count":\{"n":"(\d+)"', ln)
+                visit(body.group(2), times * (int(known.group(1)) if known else trips(body.group(1))), depth + 1)
             for callee in re.findall(r"(?:calls|true_computation|false_computation)=%?([\w.\-]+)", ln):
                 visit(callee, times, depth + 1)
             for group in re.findall(r"branch_computations=\{([^}]*)\}", ln):
@@ -227,7 +287,12 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
 
     devices = topology_devices(topology)
     kind = devices[0].device_kind
-    chip, hbm_gib, peak_tflops = CHIPS.get(kind, (kind, float("nan"), float("nan")))
+    gpu = devices[0].platform == "gpu"
+    if gpu:
+        label, memory, peak_tflops, _ = GPU_SPECS[topology.split(":")[0]]
+        chip, hbm_gib = label, memory * gpu_memory_fraction() / GIB  # what JAX's preallocated pool holds
+    else:
+        chip, hbm_gib, peak_tflops = CHIPS.get(kind, (kind, float("nan"), float("nan")))
     mesh_cfg = replace(cfg.mesh, **mesh) if mesh else cfg.mesh
     n = len(devices)
     shape = mesh_shape(mesh_cfg, n)
@@ -241,7 +306,9 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
     example = synthetic_batch_for(cfg, 1)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), np.int32, sharding=trainer.batch_sharding)
              for k, v in example.items()}
-    attention = cfg.model.attention_impl if cfg.model.attention_impl != "auto" else "splash"  # auto on TPU
+    attention = cfg.model.attention_impl if cfg.model.attention_impl != "auto" else ("cudnn" if gpu else "splash")
+    if attention == "cudnn" and cfg.model.dtype == "float32":
+        attention = "pallas-gpu"  # cuDNN takes fp16/bf16 only: model/flash.py runs the Pallas GPU kernel instead
     if attention == "splash" and not splash_supported(cfg.data.seq_len, cfg.data.seq_len, cfg.model.head_size):
         attention = "xla"
     plan: dict[str, Any] = {
@@ -250,10 +317,14 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
         "model_parameters": n_params, "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
         "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1]), "remat": cfg.model.remat,
         "attention": attention, "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
+        "compiler": "XLA GPU (deviceless)" if gpu else "TPU",
     }
+    if gpu:
+        plan["memory_fraction"] = gpu_memory_fraction()
     start = time.perf_counter()
     try:
-        compiled = trainer.train_step.lower(state, batch).compile()
+        with quiet_native_stderr() if gpu else contextlib.nullcontext():
+            compiled = trainer.train_step.lower(state, batch).compile()
     except Exception as err:  # noqa: BLE001
         if "Ran out of memory" not in str(err) and "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -272,7 +343,9 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
     if not plan["fits"]:
         plan["advice"] = advice(plan)
     plan["collectives"] = collective_stats(compiled.as_text())
-    if with_estimate:
+    if with_estimate and gpu:
+        plan["estimate"] = {"unavailable": "XLA's GPU compiler gives no cost analysis without a GPU"}
+    elif with_estimate:
         plan["estimate"] = estimate(cfg, jmesh, rules, n_params, attention, peak_tflops)
     return plan
 
@@ -287,7 +360,9 @@ def format_topology_plan(plan: dict[str, Any]) -> str:
     lines = [f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"]
     lines = [f"{lines[0]} parameters on {plan['topology']}: {plan['chips']} x {plan['chip']} "
              f"({_gib(plan['hbm_per_chip'] or 0)} HBM, {plan['peak_tflops_per_chip']:g} TFLOP/s bf16 each), "
-             "compiled by the TPU compiler on this machine",
+             f"compiled by the {plan['compiler']} compiler on this machine"
+             + (f"; HBM counted as JAX's preallocated {plan['memory_fraction']:.0%} (XLA_PYTHON_CLIENT_MEM_FRACTION)"
+                if "memory_fraction" in plan else ""),
              f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; {plan['rows_per_chip']:g} rows x "
              f"{plan['seq_len']} tokens per chip; attention {plan['attention']}, remat {plan['remat']}, loss "
              + (f"in chunks of {plan['loss_chunk']} positions" if plan["loss_chunk"] else "over full logits"),
