@@ -109,11 +109,15 @@ def single_document_rows(seg_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.all(seg_bt == expected_bt) & jnp.all(first_b1 > 0), lengths_b
 
 
+def cudnn_takes(dtype: jnp.dtype) -> bool:
+    """cuDNN's flash attention takes fp16/bf16 (and fp8) only; float32 runs the Pallas GPU kernel (found by
+    compiling the float32 `tiny` step for h100:8 without a GPU, tools/topology_plan.py)."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def _gpu_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool):
     triton = functools.partial(_triton_local, causal=causal, interpret=interpret)
-    # no cuDNN off a GPU (the CPU tests check the Triton kernel), nor for float32 (cuDNN takes fp16/bf16/fp8 only:
-    # found by compiling the float32 `tiny` step for h100:8 without a GPU, tools/topology_plan.py)
-    if interpret or q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
+    if interpret or not cudnn_takes(q_bthe.dtype):  # no cuDNN off a GPU: the CPU tests check the Triton kernel
         return triton(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs)
     single, lengths_b = single_document_rows(q_seg_bt)
 

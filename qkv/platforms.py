@@ -24,9 +24,13 @@ def tpu_present() -> bool:
                 or os.environ.get("TPU_WORKER_HOSTNAMES"))
 
 
+def cuda_plugin_installed() -> bool:
+    """JAX's CUDA plugin (the ``cuda`` extra) is importable: a GPU can be used, or compiled for without one."""
+    return any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
 def gpu_present() -> bool:
-    return bool(glob.glob("/dev/nvidia[0-9]*")) and any(
-        importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return bool(glob.glob("/dev/nvidia[0-9]*")) and cuda_plugin_installed()
 
 
 def restrict_platforms() -> str | None:

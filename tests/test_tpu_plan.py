@@ -3,7 +3,6 @@ from the test extra, no TPU), its memory, collectives and cost estimate; splash 
 compiled temporaries about linear in T where XLA attention grows quadratically; no TPU noise on CPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qkv.platforms import cuda_plugin_installed
 from qkv.tools.topology_plan import collective_stats, topology_plan
 from qkv.train.config import load_config
 
@@ -114,7 +114,7 @@ def test_collectives_use_the_gpu_compilers_known_trip_count():
     assert stats["all-gather"]["count"] == 32 and stats["reduce-scatter"]["count"] == 1
 
 
-CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+CUDA_PLUGIN = cuda_plugin_installed()
 
 
 @pytest.mark.skipif(CUDA_PLUGIN, reason="the CUDA plugin is installed here: the compile test below runs instead")

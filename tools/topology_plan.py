@@ -24,7 +24,6 @@ for TPU; the GPU compiler gives no cost analysis without a GPU, so there is no s
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import re
@@ -103,7 +102,8 @@ def _gpu_devices(name: str) -> list:
     gpu, shape = name.split(":")
     hosts, per_host = shape.split("x") if "x" in shape else ("1", shape)
     label, memory, _, bandwidth = GPU_SPECS[gpu]
-    if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
+    from qkv.platforms import cuda_plugin_installed
+    if not cuda_plugin_installed():
         raise ValueError(f"--topology {name!r} needs the CUDA plugin (no GPU needed): install it with "
                          'pip install -e ".[cuda]"')
     from jax.experimental import topologies
@@ -278,9 +278,10 @@ def estimate(cfg: Config, mesh, rules, n_params: int, attention: str, peak_tflop
 def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_estimate: bool = True) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` with the TPU compiler; the plan as a dict
     (``with_estimate``: also the step-time estimate, two more small compiles)."""
-    from qkv.model.flash import splash_supported
+    from qkv.model.attention import select_impl
+    from qkv.model.flash import cudnn_takes
     from qkv.model.loss import chunk_length
-    from qkv.train.sharding import check_batch, make_mesh, mesh_shape, resolve_rules
+    from qkv.train.sharding import activation_layout, check_batch, make_mesh, mesh_shape, resolve_rules
     from qkv.train.step import Trainer
 
     from .benchmark import synthetic_batch_for
@@ -306,11 +307,10 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
     example = synthetic_batch_for(cfg, 1)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), np.int32, sharding=trainer.batch_sharding)
              for k, v in example.items()}
-    attention = cfg.model.attention_impl if cfg.model.attention_impl != "auto" else ("cudnn" if gpu else "splash")
-    if attention == "cudnn" and cfg.model.dtype == "float32":
-        attention = "pallas-gpu"  # cuDNN takes fp16/bf16 only: model/flash.py runs the Pallas GPU kernel instead
-    if attention == "splash" and not splash_supported(cfg.data.seq_len, cfg.data.seq_len, cfg.model.head_size):
-        attention = "xla"
+    with activation_layout(jmesh, rules):  # what the model's attention selects when compiled for these devices
+        attention = select_impl(cfg.model.attention_impl, cfg.data.seq_len, cfg.data.seq_len, cfg.model.head_size)
+    if attention == "cudnn" and not cudnn_takes(cfg.model.compute_dtype):
+        attention = "pallas-gpu"
     plan: dict[str, Any] = {
         "topology": topology, "chip": chip, "chips": n, "hbm_per_chip": int(hbm_gib * GIB) if hbm_gib == hbm_gib else None,
         "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
