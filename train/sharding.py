@@ -35,7 +35,11 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "position": None,
     "classes": None,  # an encoder's classification head: small, replicated
-    "activation_embed": None,  # the residual stream's model dimension (not "embed": that one shards weights)
+    # the residual stream's model dimension (not "embed": that one shards weights). Split over tensor like
+    # MaxText's rules: the per-layer inputs kept for the backward pass are 1/tensor the size (llama-70b,
+    # tensor=8 on v5e-256: 12.6 -> 6.0 GiB of temporaries per chip, docs/scaling.md); the blocks' all-reduces
+    # over tensor become a reduce-scatter and an all-gather (Megatron's sequence-parallel trade)
+    "activation_embed": "tensor",
 }
 
 
