@@ -73,8 +73,8 @@ def analytic_activation_bytes(cfg: Config, mesh: dict[str, int]) -> dict[str, in
     Rows per device: the (micro-)batch split over data x fsdp. Saved per layer for the backward pass:
     remat=full keeps the block input; dots keeps also the matmul outputs (q, k, v, attention
     projection, MLP); none keeps everything including the [T, T] attention probabilities. While one
-    layer is recomputed/differentiated its full working set is live once more. Heads and the MLP width
-    divide over ``tensor``; the residual stream does not.
+    layer is recomputed/differentiated its full working set is live once more. Heads, the MLP width and
+    the saved block inputs (the residual stream, ``activation_embed``) divide over ``tensor``.
     """
     m, t = cfg.model, mesh["tensor"]
     rows = max(cfg.train.batch_size // cfg.optim.grad_accum // (mesh["data"] * mesh["fsdp"]), 1)
@@ -83,7 +83,8 @@ def analytic_activation_bytes(cfg: Config, mesh: dict[str, int]) -> dict[str, in
     n_ff = 2 if m.activation == "swiglu" else 1
     dots = bt * a * ((heads + 2 * kv) * hd + m.d_model + (n_ff + 1) * ff + m.d_model)
     working = dots + bt * a * (2 * m.d_model + heads * hd + ff) + rows * heads * cfg.data.seq_len ** 2 * 4 * 2
-    saved_per_layer = {"full": bt * a * m.d_model, "dots": bt * a * m.d_model + dots, "none": working}[m.remat]
+    block_input = bt * a * m.d_model / t
+    saved_per_layer = {"full": block_input, "dots": block_input + dots, "none": working}[m.remat]
     layers = int(m.n_layers * saved_per_layer + (working if m.remat != "none" else 0))
     logits = int(bt * m.vocab_size / t * 4 * 3)  # float32 logits, softmax and their gradient
     return {"activations": layers + logits, "activations_layers": layers, "activations_logits": logits}
