@@ -32,7 +32,8 @@ def qkv_overrides(vocab, d, layers, heads, block, batch) -> list[str]:
     return [f"model.vocab_size={vocab}", f"model.d_model={d}", f"model.n_layers={layers}", f"model.n_heads={heads}",
             f"model.d_ff={4 * d}", f"model.max_seq_len={block}", "model.positions=learned", "model.norm=layernorm",
             "model.use_bias=true", "model.activation=gelu", "model.tie_embeddings=true", f"data.seq_len={block}",
-            f"train.batch_size={batch}", "optim.b2=0.99", "optim.learning_rate=1e-3", "optim.grad_clip=1.0"]
+            f"train.batch_size={batch}", "optim.name=adamw", "optim.b2=0.99", "optim.learning_rate=1e-3",
+            "optim.grad_clip=1.0"]
 
 
 def main() -> None:
