@@ -68,7 +68,7 @@ def chunked_token_losses(x_btd: jax.Array, w: jax.Array, tied: bool, targets_bt:
     x_nbcd = jnp.pad(x_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     targets_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
     # the projection gathered over the model dimension once, here: left to XLA, an fsdp-sharded projection was
-    # all-gathered inside the loop, once per chunk (docs/scaling.md, NVIDIA targets)
+    # all-gathered inside the loop, once per chunk, by the GPU, TPU and CPU compilers alike (docs/scaling.md)
     w = constrain(w.astype(x_btd.dtype), ("vocab", None) if tied else (None, "vocab"))
 
     @jax.checkpoint  # keep only the chunk's inputs; recompute its logits in the backward pass

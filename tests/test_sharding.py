@@ -34,6 +34,7 @@ def test_train_step_carries_activation_constraints_and_they_follow_the_rules():
     trainer = Trainer(cfg.model, cfg.optim, mesh, resolve_rules({}), 10)
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=trainer.batch_sharding), _batch(8, 16))
     hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
+    assert hlo.startswith("module @jit_train_step ")  # the name `qkv benchmark train --profile` looks for in traces
     constraints = [line for line in hlo.splitlines() if "sharding_constraint" in line]
     # Embeddings out, the scanned block's output (model dimension over tensor), the logits (and their transposes in
     # the backward pass).

@@ -258,17 +258,18 @@ class Trainer:
                                  seed=self.seed, merge=merge, skip_nonfinite=self.skip_nonfinite)
         evaluate = functools.partial(eval_step, objective=self.objective, graphdef=self.graphdef, seed=self.seed,
                                      merge=merge)
-        self._train_step = jax.jit(self._laid_out(step), donate_argnums=0,
+        self._train_step = jax.jit(self._laid_out(step, "train_step"), donate_argnums=0,
                                    in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, replicated(self.mesh)))
-        self._eval_step = jax.jit(self._laid_out(evaluate), out_shardings=replicated(self.mesh),
+        self._eval_step = jax.jit(self._laid_out(evaluate, "eval_step"), out_shardings=replicated(self.mesh),
                                   in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding,
                                                 replicated(self.mesh)))
 
-    def _laid_out(self, fn: Callable) -> Callable:
+    def _laid_out(self, fn: Callable, name: str) -> Callable:
         def run(*args):
             with activation_layout(self.mesh, self.rules):  # the model's layout hints apply while tracing
                 return fn(*args)
+        run.__name__ = run.__qualname__ = name  # the compiled module's name (jit_<name>): profiles and dumps find it
         return run
 
     def _init_adapters(self, seed: int) -> Any:
