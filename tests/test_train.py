@@ -67,10 +67,11 @@ def test_a_run_from_before_the_row_shuffle_resumes_only_with_it_off(tmp_path):
 
 
 def test_resume_after_clean_stop_matches_uninterrupted(corpus, tmp_path, capsys):
-    common = ("train.steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=100")
+    common = ("train.steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=100",
+              "optim.warmup_steps=20")
     straight = tmp_path / "straight"
     pretrain(tiny_config(corpus, straight, *common))
-    # the tiny preset's 20 warmup steps do not fit in 12: clamped, and said so
+    # 20 warmup steps do not fit in 12: clamped, and said so
     assert "optim.warmup_steps=20 is not shorter than train.steps=12: warming up over 11 steps" in capsys.readouterr().out
     split = tmp_path / "split"
     pretrain(tiny_config(corpus, split, *common, "train.stop_at_step=5"))
@@ -192,7 +193,7 @@ def test_every_preset_parses_and_builds_its_shapes(name):
     cfg = load_config(name)
     graphdef, params = split_params(abstract_model(cfg.model))
     n = count_params(params)
-    expected = {"tiny": 2.098e6, "gpt2-small": 124.48e6, "llama-1b": 1.236e9, "llama-8b": 8.03e9, "llama-70b": 70.55e9,
+    expected = {"tiny": 3.147e6, "gpt2-small": 124.48e6, "llama-1b": 1.236e9, "llama-8b": 8.03e9, "llama-70b": 70.55e9,
                 # BERT: embeddings V·d + 512·d positions + 12 × (4d² + 4d attention, 2·d·4d + 5d MLP, 4d norms)
                 "bert-base": 30592 * 768 + 512 * 768 + 12 * (4 * 768**2 + 4 * 768 + 2 * 768 * 3072 + 3072 + 768
                                                              + 4 * 768),
