@@ -73,6 +73,8 @@ class ModelConfig:
     # (train/step.py: unrolled on CPU up to 8 layers, scanned elsewhere); the model alone scans
     scan_layers: bool | None = None
     attention_impl: AttentionImpl = "auto"  # auto: splash on TPU, cudnn on GPU, xla on CPU (model/attention.py)
+    # > 0: logits = cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping, modded-nanogpt's "logit softcap")
+    logit_softcap: float = 0.0
     loss_chunk: int = -1  # positions per cross-entropy chunk (model/loss.py): -1 auto (chunk when T x vocab is large), 0 off
     init_std: float = 0.02
     n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)
@@ -110,6 +112,8 @@ class ModelConfig:
         if self.n_classes and (self.n_classes < 2 or self.kind != "encoder"):
             raise ValueError(f"model.n_classes={self.n_classes}: a classification head needs model.kind=encoder "
                              "and n_classes >= 2 (0: none)")
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap={self.logit_softcap}: use 0 (off) or a positive cap such as 30")
         if self.loss_chunk < -1:
             raise ValueError(f"model.loss_chunk={self.loss_chunk}: use -1 (auto), 0 (no chunking) or a chunk length")
         if not 0.0 <= self.dropout < 1.0:

@@ -41,10 +41,14 @@ def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0
     return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
 
 
-def project(x_btd: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
-    """Float32 logits [B, T, V]: hidden states times the output weights (tied: the embedding [V, D])."""
+def project(x_btd: jax.Array, w: jax.Array, tied: bool, softcap: float = 0.0) -> jax.Array:
+    """Float32 logits [B, T, V]: hidden states times the output weights (tied: the embedding [V, D]),
+    squashed into (−softcap, softcap) by ``softcap · tanh(logits / softcap)`` when ``softcap`` > 0."""
     spec = "btd,vd->btv" if tied else "btd,dv->btv"
-    return constrain(jnp.einsum(spec, x_btd, w.astype(x_btd.dtype), preferred_element_type=jnp.float32), LOGITS)
+    logits_btv = jnp.einsum(spec, x_btd, w.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+    if softcap:
+        logits_btv = softcap * jnp.tanh(logits_btv / softcap)
+    return constrain(logits_btv, LOGITS)
 
 
 def chunk_length(loss_chunk: int, seq_len: int, vocab: int) -> int:
@@ -57,7 +61,8 @@ def chunk_length(loss_chunk: int, seq_len: int, vocab: int) -> int:
 
 
 def chunked_token_losses(x_btd: jax.Array, w: jax.Array, tied: bool, targets_bt: jax.Array, chunk: int,
-                         z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                         z_loss: float = 0.0, label_smoothing: float = 0.0,
+                         softcap: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """(per-token losses [B, T], argmax == target [B, T]) computed ``chunk`` positions at a time.
 
     The sequence is padded to a multiple of ``chunk`` (padded positions are dropped at the end).
@@ -74,7 +79,7 @@ def chunked_token_losses(x_btd: jax.Array, w: jax.Array, tied: bool, targets_bt:
     @jax.checkpoint  # keep only the chunk's inputs; recompute its logits in the backward pass
     def one_chunk(xs):
         x_bcd, targets_bc = xs
-        logits_bcv = project(x_bcd, w, tied)
+        logits_bcv = project(x_bcd, w, tied, softcap)
         hits_bc = jnp.argmax(logits_bcv, axis=-1) == targets_bc
         return token_losses(logits_bcv, targets_bc, z_loss, label_smoothing), hits_bc
 
@@ -98,4 +103,4 @@ def batch_token_losses(model: Any, batch: dict[str, jax.Array], dropout_key: jax
         return (token_losses(logits_btv, targets_bt, z_loss, label_smoothing),
                 jnp.argmax(logits_btv, axis=-1) == targets_bt)
     w, tied = model.output_weights()
-    return chunked_token_losses(hidden, w, tied, targets_bt, chunk, z_loss, label_smoothing)
+    return chunked_token_losses(hidden, w, tied, targets_bt, chunk, z_loss, label_smoothing, cfg.logit_softcap)

@@ -156,7 +156,7 @@ class EmbedAndHead(nnx.Module):
 
     def vocab_logits(self, x_btd):
         """Float32 logits [B, T, vocab] of final-normalised hidden states (float32 accumulation)."""
-        return project(x_btd, *self.output_weights())
+        return project(x_btd, *self.output_weights(), self.cfg.logit_softcap)
 
 
 def default_slots(tokens_bt, positions_bt, segment_ids_bt, index=None):

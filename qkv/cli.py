@@ -458,6 +458,9 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line itself (not a test or script calling main): huge pages first (qkv/host.py)
+        from qkv.host import reexec_with_huge_pages
+        reexec_with_huge_pages()
     try:
         ns = build_parser().parse_args(argv)
         code = ns.func(ns)

@@ -37,15 +37,15 @@ def loss_and_grads(cfg: ModelConfig, batch: dict, z_loss: float, smoothing: floa
     return float(loss), float(correct), grads
 
 
-@pytest.mark.parametrize("kind, tied, z_loss, smoothing", [
-    ("decoder", True, 0.0, 0.0), ("decoder", False, 1e-3, 0.1), ("encoder", True, 1e-4, 0.0),
-    ("encoder_decoder", False, 0.0, 0.1)])
-def test_chunked_loss_equals_full_loss_and_gradients(kind, tied, z_loss, smoothing):
+@pytest.mark.parametrize("kind, tied, z_loss, smoothing, softcap", [
+    ("decoder", True, 0.0, 0.0, 0.0), ("decoder", False, 1e-3, 0.1, 0.0), ("encoder", True, 1e-4, 0.0, 0.0),
+    ("encoder_decoder", False, 0.0, 0.1, 0.0), ("decoder", True, 0.0, 0.0, 0.05)])
+def test_chunked_loss_equals_full_loss_and_gradients(kind, tied, z_loss, smoothing, softcap):
     batch = batch_for(ModelConfig(kind=kind, **TINY))
-    full = loss_and_grads(ModelConfig(kind=kind, tie_embeddings=tied, loss_chunk=0, **TINY), batch, z_loss, smoothing)
+    cfg = dict(kind=kind, tie_embeddings=tied, logit_softcap=softcap, **TINY)
+    full = loss_and_grads(ModelConfig(loss_chunk=0, **cfg), batch, z_loss, smoothing)
     # 5 does not divide 13: the last chunk is padded, and padded positions must not count
-    chunked = loss_and_grads(ModelConfig(kind=kind, tie_embeddings=tied, loss_chunk=5, **TINY), batch, z_loss,
-                             smoothing)
+    chunked = loss_and_grads(ModelConfig(loss_chunk=5, **cfg), batch, z_loss, smoothing)
     assert abs(full[0] - chunked[0]) < 1e-6 * abs(full[0])
     assert full[1] == chunked[1]  # the same tokens predicted right by argmax
     for (path, g_full), g_chunk in zip(jax.tree_util.tree_flatten_with_path(full[2])[0], jax.tree.leaves(chunked[2])):
@@ -53,13 +53,20 @@ def test_chunked_loss_equals_full_loss_and_gradients(kind, tied, z_loss, smoothi
         assert float(jnp.max(jnp.abs(g_full - g_chunk))) <= 1e-5 * scale, jax.tree_util.keystr(path)
 
 
-def test_the_loss_equals_a_float64_numpy_cross_entropy():
-    cfg = ModelConfig(loss_chunk=4, **TINY)
+@pytest.mark.parametrize("softcap", [0.0, 0.05])
+def test_the_loss_equals_a_float64_numpy_cross_entropy(softcap):
+    cfg = ModelConfig(loss_chunk=4, logit_softcap=softcap, **TINY)
     batch = batch_for(cfg)
     model = create_model(cfg, seed=1)
     graphdef, params = split_params(model)
     loss_sum, count, _ = forward_loss_sum(graphdef, params, batch, None)
-    logits = np.asarray(model.forward_batch(batch), np.float64)
+    # the logits from the final hidden states and the output weights, in float64 NumPy
+    hidden = np.asarray(model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden=True)[0], np.float64)
+    logits = hidden @ np.asarray(model.embed[...], np.float64).T
+    if softcap:  # 0.05 is below the random model's largest logits: the cap is active, not a no-op
+        assert np.abs(logits).max() > 2 * softcap
+        logits = softcap * np.tanh(logits / softcap)
+    np.testing.assert_allclose(np.asarray(model.forward_batch(batch), np.float64), logits, rtol=1e-4, atol=1e-6)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = log_z - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
     mask = np.asarray(batch["loss_mask"], np.float64)

@@ -57,7 +57,9 @@ def environment() -> dict[str, Any]:
         "machine": {"platform": device.platform, "device_kind": device.device_kind,
                     "device_count": jax.device_count(), "process_count": jax.process_count(),
                     "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                    "load_average_1m": round(load[0], 2) if load else None},
+                    "load_average_1m": round(load[0], 2) if load else None,
+                    # qkv's command sets glibc.malloc.hugetlb=1 (qkv/host.py): steps run faster with it
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                      "optax": optax.__version__, "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
