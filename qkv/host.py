@@ -58,11 +58,18 @@ def huge_page_env(environ: Mapping[str, str], *, system: str | None = None, libc
     return env
 
 
+def launched_as_command() -> bool:
+    """This process is the ``qkv`` command (the console script, or ``python -m qkv.cli``): restarting it
+    repeats nothing. A script or notebook that calls ``qkv.cli.main()`` after work of its own is not restarted."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name == "qkv.cli") or os.path.basename(sys.argv[0] if sys.argv else "") == "qkv"
+
+
 def reexec_with_huge_pages() -> None:
     """Replace this process by the same command with huge pages on; returns only where it does not apply
     (or the restart failed, which is harmless: the command runs as it is)."""
     env = huge_page_env(os.environ)
-    if env is None or not sys.orig_argv:
+    if env is None or not sys.orig_argv or not launched_as_command():
         return
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from qkv.host import huge_page_env
+from qkv.host import huge_page_env, launched_as_command
 
 LINUX = {"system": "linux", "libc": ("glibc", "2.36"), "thp_mode": "madvise"}
 
@@ -22,6 +22,10 @@ def test_the_tunable_is_added_where_it_helps_and_nowhere_else():
     for other in ({"system": "darwin"}, {"libc": ("", "")}, {"libc": ("glibc", "2.31")},
                   {"thp_mode": "always"}, {"thp_mode": "never"}, {"thp_mode": None}):
         assert huge_page_env({}, **{**LINUX, **other}) is None, other
+
+
+def test_only_the_command_itself_restarts():
+    assert not launched_as_command()  # pytest's process: a caller with work of its own is never re-executed
 
 
 SMALL = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
