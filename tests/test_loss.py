@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qkv.model import ModelConfig, create_model, split_params
-from qkv.model.loss import AUTO_LIMIT, chunk_length, project
+from qkv.model.loss import AUTO_LIMIT, capped_token_losses, chunk_length, project, token_losses
 from qkv.train.objectives import forward_loss_sum
 
 TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32)
@@ -59,7 +59,6 @@ def test_the_loss_equals_a_float64_numpy_cross_entropy(softcap):
     batch = batch_for(cfg)
     model = create_model(cfg, seed=1)
     graphdef, params = split_params(model)
-    loss_sum, count, _ = forward_loss_sum(graphdef, params, batch, None)
     # the logits from the final hidden states and the output weights, in float64 NumPy
     hidden = np.asarray(model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden=True)[0], np.float64)
     logits = hidden @ np.asarray(model.embed[...], np.float64).T
@@ -67,11 +66,35 @@ def test_the_loss_equals_a_float64_numpy_cross_entropy(softcap):
         assert np.abs(logits).max() > 2 * softcap
         logits = softcap * np.tanh(logits / softcap)
     np.testing.assert_allclose(np.asarray(model.forward_batch(batch), np.float64), logits, rtol=1e-4, atol=1e-6)
+    # every third target is the top logit (so accuracy counts something), the rest random
+    targets = np.where(np.arange(logits.shape[1]) % 3 == 0, np.argmax(logits, -1), np.asarray(batch["targets"]))
+    batch = {**batch, "targets": jnp.asarray(targets, jnp.int32)}
+    loss_sum, count, correct = forward_loss_sum(graphdef, params, batch, None)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    nll = log_z - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     mask = np.asarray(batch["loss_mask"], np.float64)
     assert float(count) == mask.sum()
     np.testing.assert_allclose(float(loss_sum), (nll * mask).sum(), rtol=1e-5)
+    top = np.argmax(logits, -1) == targets  # accuracy: the target is the top logit
+    assert 0 < (top * mask).sum() and float(correct) == (top * mask).sum()
+
+
+@pytest.mark.parametrize("z_loss, smoothing", [(0.0, 0.0), (1e-3, 0.1)])
+def test_the_capped_loss_gradient_is_autodiffs(z_loss, smoothing):
+    """The hand-written gradient of the soft-capped loss (written for XLA:CPU's sake) equals JAX's
+    autodiff of the plain formula, with the cap active, z-loss and label smoothing, and a cotangent
+    that is not all ones."""
+    rng = np.random.default_rng(3)
+    raw = jnp.asarray(rng.normal(size=(3, 5, 40)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 40, (3, 5)), jnp.int32)
+    weights = jnp.asarray(rng.random((3, 5)), jnp.float32)
+    cap = 2.0
+    assert float(jnp.abs(raw).max()) > 3 * cap  # the cap bends the logits
+    plain = lambda r: jnp.sum(weights * token_losses(cap * jnp.tanh(r / cap), targets, z_loss, smoothing))  # noqa: E731
+    mine = lambda r: jnp.sum(weights * capped_token_losses(r, targets, cap, z_loss, smoothing))  # noqa: E731
+    np.testing.assert_allclose(jax.jit(mine)(raw), jax.jit(plain)(raw), rtol=1e-6)
+    g_plain, g_mine = jax.jit(jax.grad(plain))(raw), jax.jit(jax.grad(mine))(raw)
+    np.testing.assert_allclose(g_mine, g_plain, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_plain).max()))
 
 
 def test_bf16_logits_accumulate_in_float32():

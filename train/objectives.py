@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qkv.data.tokenizer import MASK_ID
-from qkv.model.loss import batch_token_losses, token_losses
+from qkv.model.loss import batch_token_losses, target_is_top, token_losses
 
 from .mlm import mlm_corrupt
 
@@ -45,7 +45,7 @@ Batch = dict[str, jax.Array]
 
 def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None,
                      z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of masked token losses, number of target tokens, number predicted right by argmax) for one batch."""
+    """(sum of masked token losses, number of target tokens, number whose target is the top logit) for one batch."""
     losses, hits = batch_token_losses(nnx.merge(graphdef, params), batch, dropout_key, z_loss, label_smoothing)
     mask = batch["loss_mask"].astype(jnp.float32)  # (the loss is chunked over the sequence: model/loss.py)
     return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(hits * mask)
@@ -54,10 +54,10 @@ def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_
 def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch,
                    dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(summed log-probability of each row's loss-masked targets [B], their count [B], how many of them
-    argmax predicts [B]); targets are response tokens (SFT, DPO) or the row's class (classify)."""
+    are the top logit [B]); targets are response tokens (SFT, DPO) or the row's class (classify)."""
     logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
     mask = batch["loss_mask"].astype(jnp.float32)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * mask, axis=-1)
+    correct = jnp.sum(target_is_top(logits, batch["targets"]) * mask, axis=-1)
     return -jnp.sum(token_losses(logits, batch["targets"]) * mask, axis=-1), jnp.sum(mask, axis=-1), correct
 
 
@@ -106,7 +106,7 @@ def _token_eval(graphdef, params, reference, batch):
 
 
 def _token_summary(totals: dict[str, float]) -> dict[str, float]:
-    """Loss, perplexity and argmax accuracy over the target tokens (or labels)."""
+    """Loss, perplexity and accuracy (the target is the top logit) over the target tokens (or labels)."""
     tokens = max(totals.get("tokens", 0.0), 1.0)
     loss = totals.get("loss_sum", 0.0) / tokens
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals.get("correct", 0.0) / tokens,
