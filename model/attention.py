@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from . import flash
 from .config import ModelConfig
-from .layers import apply_rope, dense, param
+from .layers import apply_rope, dense, param, rms_normalize
 
 
 def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
@@ -111,6 +111,7 @@ class Attention(nnx.Module):
         d, h, k, e = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         std, wd = cfg.init_std, cfg.weight_dtype
         self.dtype, self.impl, self.use_rope = cfg.compute_dtype, cfg.attention_impl, cfg.positions == "rope"
+        self.qk_eps = cfg.norm_eps if cfg.qk_norm else None  # QK-norm: queries and keys RMS-normalised per head
         self.sow_weights = False  # qkv explain sets it (model.set_attributes): keep the softmax weights
         self.wq = param(rngs, (d, h, e), ("embed", "heads", "head_dim"), std, wd)
         self.wk = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
@@ -128,9 +129,13 @@ class Attention(nnx.Module):
         y = dense(x_btd, w[...].astype(self.dtype))  # btd,dhe->bthe as a 2-D matmul (see layers.dense)
         return y if b is None else y + b[...].astype(self.dtype)
 
+    def _keys(self, x_btd):
+        k_bske = self._project(x_btd, self.wk, self.bk)
+        return k_bske if self.qk_eps is None else rms_normalize(k_bske, self.qk_eps)
+
     def memory_kv(self, memory_bsd: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of another sequence for cross-attention (no rotary positions)."""
-        return self._project(memory_bsd, self.wk, self.bk), self._project(memory_bsd, self.wv, self.bv)
+        return self._keys(memory_bsd), self._project(memory_bsd, self.wv, self.bv)
 
     def __call__(self, x_btd, mask_bts, rope=None, kv_cache=None, cache_index=None, memory_kv=None):
         """Returns the attention output and, when decoding, the updated (k, v) cache buffers.
@@ -139,11 +144,12 @@ class Attention(nnx.Module):
         keys and values given; no cache is written.
         """
         q_bthe = self._project(x_btd, self.wq, self.bq)
+        if self.qk_eps is not None:
+            q_bthe = rms_normalize(q_bthe, self.qk_eps)
         if memory_kv is not None:
             k_bske, v_bske = memory_kv
         else:
-            k_bske = self._project(x_btd, self.wk, self.bk)
-            v_bske = self._project(x_btd, self.wv, self.bv)
+            k_bske, v_bske = self._keys(x_btd), self._project(x_btd, self.wv, self.bv)
         if self.use_rope and memory_kv is None:
             q_bthe, k_bske = apply_rope(q_bthe, rope), apply_rope(k_bske, rope)
         if kv_cache is not None or memory_kv is not None:  # decoding, cross-attention: the dense mask, XLA

@@ -62,6 +62,8 @@ class ModelConfig:
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-5
     norm_position: NormPosition = "pre"
+    # RMS-normalise each head's queries and keys (no learned scale) before RoPE: OLMo 2, Qwen 3, modded-nanogpt
+    qk_norm: bool = False
     activation: Activation = "swiglu"
     use_bias: bool = False
     tie_embeddings: bool = True

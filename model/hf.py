@@ -219,7 +219,8 @@ def gpt2_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _check_gpt2_shape(cfg: ModelConfig) -> None:
-    wanted = dict(positions="learned", norm="layernorm", activation="gelu", use_bias=True, norm_position="pre")
+    wanted = dict(positions="learned", norm="layernorm", activation="gelu", use_bias=True, norm_position="pre",
+                  qk_norm=False, logit_softcap=0.0)
     for key, value in wanted.items():
         if getattr(cfg, key) != value:
             raise ValueError(f"GPT-2 export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")
@@ -280,7 +281,8 @@ def gpt2_to_hf(p: dict[str, Any], cfg: ModelConfig) -> Tensors:
 
 
 def _check_llama_shape(cfg: ModelConfig) -> None:
-    wanted = dict(positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False, norm_position="pre")
+    wanted = dict(positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False, norm_position="pre",
+                  qk_norm=False, logit_softcap=0.0)
     for key, value in wanted.items():
         if getattr(cfg, key) != value:
             raise ValueError(f"Llama export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")

@@ -39,6 +39,12 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / RMS(x) over the last axis, in float32, returned in x's dtype (RMSNorm without its scale)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class Norm(nnx.Module):
     """LayerNorm (mean-centred, with bias) or RMSNorm, computed in float32 for stability."""
 

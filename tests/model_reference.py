@@ -27,8 +27,9 @@ ROPE = ModelConfig(vocab_size=53, d_model=16, n_layers=2, n_heads=4, n_kv_heads=
 LEARNED = ROPE.replace(positions="learned", norm="layernorm", norm_position="post", activation="gelu",
                        use_bias=True, tie_embeddings=False, n_kv_heads=None)
 # sinusoidal + ReLU + explicit head_dim (heads*head_dim = 8 != d_model) + multi-query attention (1 kv head)
+# + QK-norm
 SINUSOIDAL = ROPE.replace(positions="sinusoidal", activation="relu", tie_embeddings=False, use_bias=True,
-                          n_heads=2, n_kv_heads=1, head_dim=4)
+                          n_heads=2, n_kv_heads=1, head_dim=4, qk_norm=True)
 CONFIGS = {"rope": ROPE, "learned": LEARNED, "sinusoidal": SINUSOIDAL}
 
 
@@ -121,6 +122,8 @@ def np_attention_block(cfg, x, p, positions, mask):
         return y + p[b] if cfg.use_bias else y
 
     q, k, v = proj("wq", "bq"), proj("wk", "bk"), proj("wv", "bv")
+    if cfg.qk_norm:
+        q, k = (a / np.sqrt((a**2).mean(-1, keepdims=True) + cfg.norm_eps) for a in (q, k))
     if cfg.positions == "rope":
         q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)
     out = np.einsum("bthe,hed->btd", np_softmax_attention(q, k, v, mask), p["wo"])

@@ -31,9 +31,9 @@ BERT = ENC.replace(positions="learned", norm="layernorm", norm_position="post", 
 ORIGINAL = ModelConfig(kind="encoder_decoder", vocab_size=41, d_model=16, n_layers=2, n_encoder_layers=3,
                        n_heads=4, d_ff=32, max_seq_len=16, positions="sinusoidal", norm="layernorm",
                        norm_position="post", activation="relu", use_bias=True)
-# pre-norm, RoPE in self-attention, RMSNorm, SwiGLU, GQA
+# pre-norm, RoPE in self-attention, RMSNorm, SwiGLU, GQA, QK-norm (cross-attention's keys too)
 MODERN = ORIGINAL.replace(positions="rope", norm="rmsnorm", norm_position="pre", activation="swiglu",
-                          use_bias=False, n_kv_heads=2, n_encoder_layers=None)
+                          use_bias=False, n_kv_heads=2, n_encoder_layers=None, qk_norm=True)
 SEQ2SEQ = {"original": ORIGINAL, "modern": MODERN}
 
 
@@ -58,6 +58,8 @@ def np_attention(cfg, x, p, positions, mask, memory=None):
 
     source = x if memory is None else memory
     q, k, v = proj(x, "wq", "bq"), proj(source, "wk", "bk"), proj(source, "wv", "bv")
+    if cfg.qk_norm:
+        q, k = (a / np.sqrt((a**2).mean(-1, keepdims=True) + cfg.norm_eps) for a in (q, k))
     if cfg.positions == "rope" and memory is None:
         q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)
     out = np.einsum("bthe,hed->btd", np_softmax_attention(q, k, v, mask), p["wo"])
