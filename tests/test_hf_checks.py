@@ -355,3 +355,19 @@ def test_lora_finetune_of_an_imported_checkpoint_exports_to_transformers(tmp_pat
     assert tuned <= 1e-4
     assert max_logit_diff(hf, tmp_path / "lora", 24) > 100 * max(tuned, 1e-6)  # the adapters changed the model
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("change", [dict(qk_norm=True), dict(logit_softcap=30.0)])
+def test_export_refuses_math_the_hf_architecture_lacks(arch, change):
+    """QK-norm and the logit soft-cap have no field in HF's Llama or GPT-2 configs: exporting them would be silently
+    wrong, so the architecture's check names the key."""
+    from qkv.model import ModelConfig
+    from qkv.model.hf import ARCHITECTURES
+    base = dict(vocab_size=320, d_model=32, n_heads=4, d_ff=48, n_layers=2)
+    if arch == "gpt2":
+        base |= dict(positions="learned", norm="layernorm", activation="gelu", use_bias=True)
+    ARCHITECTURES[arch].check(ModelConfig(**base))  # the plain shape exports
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"model.{key}="):
+        ARCHITECTURES[arch].check(ModelConfig(**base, **change))
