@@ -58,8 +58,7 @@ class Norm(nnx.Module):
         x = x_btd.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        x = x * self.scale[...].astype(jnp.float32)
+        x = rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)
         if self.kind == "layernorm":
             x = x + self.bias[...].astype(jnp.float32)
         return x.astype(x_btd.dtype)

@@ -98,12 +98,17 @@ def np_mask(segments_bt):
     return mask
 
 
+def np_rms(x, eps):
+    """x / RMS(x) over the last axis (RMSNorm without its scale; QK-norm)."""
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
+
+
 def np_norm(cfg, x, p):
     if cfg.norm == "layernorm":
         mean = x.mean(-1, keepdims=True)
         var = ((x - mean) ** 2).mean(-1, keepdims=True)
         return (x - mean) / np.sqrt(var + cfg.norm_eps) * p["scale"] + p["bias"]
-    return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * p["scale"]
+    return np_rms(x, cfg.norm_eps) * p["scale"]
 
 
 def np_rope(x_bthe, positions_bt, theta):
@@ -123,7 +128,7 @@ def np_attention_block(cfg, x, p, positions, mask):
 
     q, k, v = proj("wq", "bq"), proj("wk", "bk"), proj("wv", "bv")
     if cfg.qk_norm:
-        q, k = (a / np.sqrt((a**2).mean(-1, keepdims=True) + cfg.norm_eps) for a in (q, k))
+        q, k = np_rms(q, cfg.norm_eps), np_rms(k, cfg.norm_eps)
     if cfg.positions == "rope":
         q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)
     out = np.einsum("bthe,hed->btd", np_softmax_attention(q, k, v, mask), p["wo"])

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_reference import np_rms
 from test_model import (np_mask, np_mlp, np_norm, np_rope, np_sinusoidal, np_softmax_attention, randomize)
 
 from qkv.model import Encoder, EncoderDecoder, ModelConfig, create_model, init_cache, split_params
@@ -59,7 +60,7 @@ def np_attention(cfg, x, p, positions, mask, memory=None):
     source = x if memory is None else memory
     q, k, v = proj(x, "wq", "bq"), proj(source, "wk", "bk"), proj(source, "wv", "bv")
     if cfg.qk_norm:
-        q, k = (a / np.sqrt((a**2).mean(-1, keepdims=True) + cfg.norm_eps) for a in (q, k))
+        q, k = np_rms(q, cfg.norm_eps), np_rms(k, cfg.norm_eps)
     if cfg.positions == "rope" and memory is None:
         q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)
     out = np.einsum("bthe,hed->btd", np_softmax_attention(q, k, v, mask), p["wo"])
