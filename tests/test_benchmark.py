@@ -119,3 +119,19 @@ def test_decode_cli_table_and_bad_input(tmp_path, capsys):
     assert "--batch-sizes" in capsys.readouterr().err
     assert main(["benchmark", "decode", "tiny", *SMALL, "--prompt-len", "30", "--new-tokens", "8"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+
+
+def test_vs_torch_matmul_floor_counts_the_model_flops():
+    """docs/benchmarks/step_matmuls.py (the floor beside the PyTorch comparison) lists every matmul of a training
+    step: its FLOPs are the analytic count with the causal mask's skipped half of attention added back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "docs" / "benchmarks"))
+    from step_matmuls import flops, step_matmuls
+
+    vocab, d, layers, heads, block, batch = 65, 128, 4, 4, 64, 12  # vs_torch.py's size S
+    cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_ff=4 * d, max_seq_len=block,
+                      activation="gelu", tie_embeddings=True)
+    per_token = flops_per_token(cfg, block) + 6.0 * layers * d * block  # causal 6·T·E per head → full 12·T·E
+    assert flops(step_matmuls(vocab, d, layers, heads, block, batch)) == pytest.approx(per_token * block * batch)

@@ -24,6 +24,8 @@ from qkv.model import (
     split_params,
 )
 
+from qkv.model.layers import layer_norm
+
 from model_reference import (  # noqa: F401
     CONFIGS,
     LEARNED,
@@ -98,6 +100,40 @@ def test_gqa_equals_mha_with_repeated_kv_heads(impl):
     # and the grouping is not trivially satisfied: tiling (the other convention) gives a different answer
     tiled = dot_product_attention(q, jnp.tile(k, (1, 1, h // kv, 1)), jnp.tile(v, (1, 1, h // kv, 1)), mask, impl)
     assert np.abs(np.asarray(gqa) - np.asarray(tiled)).max() > 1e-2
+
+
+def test_layer_norm_gradient_matches_float64_finite_differences():
+    """LayerNorm's written-out gradient (model/layers.py) against central differences of the float64 NumPy
+    LayerNorm, for x, scale and bias, under a random cotangent; also against JAX's own derivative."""
+    rng = np.random.default_rng(3)
+    x, ct = rng.standard_normal((2, 3, 8)), rng.standard_normal((2, 3, 8))
+    scale, bias = 1 + 0.5 * rng.standard_normal(8), rng.standard_normal(8)
+    cfg, eps = LEARNED, LEARNED.norm_eps
+
+    def np_loss(x, scale, bias):
+        return float((np_norm(cfg, x, {"scale": scale, "bias": bias}) * ct).sum())
+
+    def central(args, i, h=1e-6):
+        grad = np.zeros_like(args[i])
+        for idx in np.ndindex(grad.shape):
+            up, down = [a.copy() for a in args], [a.copy() for a in args]
+            up[i][idx] += h
+            down[i][idx] -= h
+            grad[idx] = (np_loss(*up) - np_loss(*down)) / (2 * h)
+        return grad
+
+    args = (x, scale, bias)
+    want = [central(args, i) for i in range(3)]
+    f32 = [jnp.asarray(a, jnp.float32) for a in (*args, ct)]
+    got = jax.grad(lambda x, s, b: jnp.sum(layer_norm(x, s, b, eps) * f32[3]), argnums=(0, 1, 2))(*f32[:3])
+    autodiff = jax.grad(lambda x, s, b: jnp.sum(((x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(
+        x.var(-1, keepdims=True) + eps) * s + b) * f32[3]), argnums=(0, 1, 2))(*f32[:3])
+    np.testing.assert_allclose(np.asarray(layer_norm(*f32[:3], eps)), np_norm(cfg, x, {"scale": scale, "bias": bias}),
+                               atol=1e-5)
+    for g, a, w in zip(got, autodiff, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g), w, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(a), atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- 3. full forward pass
