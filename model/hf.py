@@ -218,12 +218,19 @@ def gpt2_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _check_gpt2_shape(cfg: ModelConfig) -> None:
-    wanted = dict(positions="learned", norm="layernorm", activation="gelu", use_bias=True, norm_position="pre",
-                  qk_norm=False, logit_softcap=0.0)
-    for key, value in wanted.items():
+# qkv options that neither HF architecture has: export refuses them rather than dropping them
+_QKV_ONLY = dict(qk_norm=False, logit_softcap=0.0)
+
+
+def _require(cfg: ModelConfig, family: str, **wanted: Any) -> None:
+    for key, value in {**wanted, **_QKV_ONLY}.items():
         if getattr(cfg, key) != value:
-            raise ValueError(f"GPT-2 export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")
+            raise ValueError(f"{family} export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")
+
+
+def _check_gpt2_shape(cfg: ModelConfig) -> None:
+    _require(cfg, "GPT-2", positions="learned", norm="layernorm", activation="gelu", use_bias=True,
+             norm_position="pre")
     if cfg.num_kv_heads != cfg.n_heads or cfg.head_size * cfg.n_heads != cfg.d_model:
         raise ValueError("GPT-2 export needs plain multi-head attention with head_size * n_heads == d_model")
 
@@ -281,11 +288,7 @@ def gpt2_to_hf(p: dict[str, Any], cfg: ModelConfig) -> Tensors:
 
 
 def _check_llama_shape(cfg: ModelConfig) -> None:
-    wanted = dict(positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False, norm_position="pre",
-                  qk_norm=False, logit_softcap=0.0)
-    for key, value in wanted.items():
-        if getattr(cfg, key) != value:
-            raise ValueError(f"Llama export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")
+    _require(cfg, "Llama", positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False, norm_position="pre")
 
 
 @dataclass(frozen=True)

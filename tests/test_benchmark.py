@@ -121,13 +121,12 @@ def test_decode_cli_table_and_bad_input(tmp_path, capsys):
     assert "max_seq_len" in capsys.readouterr().err
 
 
-def test_vs_torch_matmul_floor_counts_the_model_flops():
+def test_vs_torch_matmul_floor_counts_the_model_flops(monkeypatch):
     """docs/benchmarks/step_matmuls.py (the floor beside the PyTorch comparison) lists every matmul of a training
     step: its FLOPs are the analytic count with the causal mask's skipped half of attention added back."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "docs" / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "docs" / "benchmarks"))
     from step_matmuls import flops, step_matmuls
 
     vocab, d, layers, heads, block, batch = 65, 128, 4, 4, 64, 12  # vs_torch.py's size S

@@ -76,23 +76,23 @@ def main() -> None:
         for _ in range(args.warmup):
             ref.step()
         floor = MatmulsAlone(step_matmuls(*SIZES[name]))
-        built.append((name, cfg, point, ref, {"wall": [], "cpu": [], "floor": floor, "mm_torch": [], "mm_jax": []}))
+        built.append((name, cfg, point, ref, {"torch_wall": [], "torch_cpu": [], "floor": floor, "mm_torch": [], "mm_jax": []}))
     print(f"timing {args.rounds} rounds ...", file=sys.stderr, flush=True)
     probe_times, probe_cpus = [], []
     for _ in range(args.rounds):
-        for name, cfg, point, ref, torch_times in built:
+        for name, cfg, point, ref, timings in built:
             for _ in range(args.block):
                 start, cpu = time.perf_counter(), time.process_time()
                 ref.step()
-                torch_times["wall"].append(time.perf_counter() - start)
-                torch_times["cpu"].append(time.process_time() - cpu)
+                timings["torch_wall"].append(time.perf_counter() - start)
+                timings["torch_cpu"].append(time.process_time() - cpu)
             for _ in range(args.block):
-                torch_times["mm_torch"].append(torch_times["floor"].time_torch())
+                timings["mm_torch"].append(timings["floor"].time_torch())
             time.sleep(args.pause)
             for _ in range(args.block):
                 point.step()
             for _ in range(args.block):
-                torch_times["mm_jax"].append(torch_times["floor"].time_jax())
+                timings["mm_jax"].append(timings["floor"].time_jax())
             probe_wall, probe_cpu = probe.timed()  # the probe's 48 MB of operands evict the steps' working set
             probe_times.append(probe_wall)
             probe_cpus.append(probe_cpu)
@@ -105,7 +105,7 @@ def main() -> None:
         tokens = cfg.train.batch_size * cfg.data.seq_len
         flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
         q_wall, q_cpu = float(np.median(point.times)), float(np.median(point.cpu_times))
-        t_wall, t_cpu = float(np.median(tt["wall"])), float(np.median(tt["cpu"]))
+        t_wall, t_cpu = float(np.median(tt["torch_wall"])), float(np.median(tt["torch_cpu"]))
         records.append({
             "size": name, "shape": dict(zip(("vocab", "d_model", "layers", "heads", "block", "batch"), SIZES[name])),
             "params_qkv": point.n_params, "params_torch": ref.n_params, "tokens_per_step": tokens,
@@ -116,7 +116,7 @@ def main() -> None:
             "probe_gflops": probe_rate / 1e9, "probe_cpu_gflops": probe_cpu_rate / 1e9,
             "torch_of_probe": flops / t_wall / probe_rate, "qkv_of_probe": flops / q_wall / probe_rate,
             "torch_of_probe_cpu": flops / t_cpu / probe_cpu_rate, "qkv_of_probe_cpu": flops / q_cpu / probe_cpu_rate,
-            "torch_step_all_s": tt["wall"], "qkv_step_all_s": point.times,
+            "torch_step_all_s": tt["torch_wall"], "qkv_step_all_s": point.times,
             # the floor: the step's matmuls alone (step_matmuls.py), and the step time the 1.25x target asks for
             "matmul_flops": tt["floor"].flops, "torch_matmuls_s": float(np.median(tt["mm_torch"])),
             "jax_matmuls_s": float(np.median(tt["mm_jax"])), "target_step_s": t_wall / 1.25,
