@@ -40,6 +40,7 @@ import numpy as np
 
 from .examples import DataError, PackingIterator, rows_to_batch, field_text, read_jsonl, shard
 from .sources import TextSource, open_catalog, record_text
+from qkv.errors import UserError
 
 CLASSIFY_BATCH_KEYS = ("inputs", "segment_ids", "positions", "targets", "loss_mask")
 Label = int | str
@@ -162,9 +163,9 @@ def classify_examples(records: Sequence[LabeledText], encode: Callable[[str], li
     labels = list(labels) if labels is not None else infer_labels(records)
     index = {label: i for i, label in enumerate(labels)}
     if len(index) != len(labels):
-        raise ValueError(f"the label set {labels} has duplicates: name each label once")
+        raise UserError(f"the label set {labels} has duplicates: name each label once")
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len}: classification needs at least 2 tokens (bos and text)")
+        raise UserError(f"seq_len={seq_len}: classification needs at least 2 tokens (bos and text)")
     out = ClassifySet([], labels)
     for r in records:
         if not r.text.strip():

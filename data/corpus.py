@@ -20,6 +20,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from qkv.errors import UserError
 
 # Bump when the way documents are read or split changes, so old caches are not reused.
 CORPUS_FORMAT_VERSION = 2  # 2: blank (whitespace-only) documents are left out
@@ -51,7 +52,7 @@ def resolve_files(path: str | None, what: str) -> tuple[Path, list[Path]]:
     is what document keys are relative to: the directory itself, or the deepest common folder.
     """
     if not path:
-        raise ValueError(f"{what} corpus needs a path: pass data.path=DIR or a glob of files")
+        raise UserError(f"{what} corpus needs a path: pass data.path=DIR or a glob of files")
     p = Path(path).expanduser()
     if p.is_dir():
         root = p.resolve()
@@ -59,7 +60,7 @@ def resolve_files(path: str | None, what: str) -> tuple[Path, list[Path]]:
             f for f in root.rglob("*") if f.is_file() and not _is_hidden(f, root)
         )
         if not files:
-            raise ValueError(f"corpus directory '{path}' has no files: put text files in it")
+            raise UserError(f"corpus directory '{path}' has no files: put text files in it")
         return root, files
     if p.is_file():
         return p.resolve().parent, [p.resolve()]
@@ -67,7 +68,7 @@ def resolve_files(path: str | None, what: str) -> tuple[Path, list[Path]]:
         files = sorted(Path(f).resolve() for f in glob.glob(str(p), recursive=True))
         files = [f for f in files if f.is_file()]
         if not files:
-            raise ValueError(f"corpus glob '{path}' matches no files: check the pattern")
+            raise UserError(f"corpus glob '{path}' matches no files: check the pattern")
         root = Path(os.path.commonpath([f.parent for f in files]))
         return root, files
     raise FileNotFoundError(
@@ -89,18 +90,18 @@ def iter_jsonl(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
             try:
                 record = json.loads(raw)
             except ValueError as e:
-                raise ValueError(
+                raise UserError(
                     f"{path}:{lineno}: malformed JSON line ({e.__class__.__name__}): "
                     "fix or remove the line"
                 ) from None
             if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(
+                raise UserError(
                     f"{path}:{lineno}: record has no field {text_field!r}: "
                     "set data.text_field to the field holding the text"
                 )
             text = record[text_field]
             if not isinstance(text, str):
-                raise ValueError(
+                raise UserError(
                     f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a "
                     "string: store the text as a JSON string"
                 )
@@ -146,18 +147,18 @@ def make_spec(
 ) -> CorpusSpec:
     """Resolves a corpus description into a CorpusSpec (raises on a bad path or option)."""
     if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(
+        raise UserError(
             f"validation_fraction {validation_fraction} is out of range: use a value in (0, 1)"
         )
     if kind == "stdlib":
         files = stdlib_files()
         if not files:
-            raise ValueError("no standard-library .py files found: use kind='files' with a path")
+            raise UserError("no standard-library .py files found: use kind='files' with a path")
         root = stdlib_root()
     elif kind in ("files", "jsonl"):
         root, files = resolve_files(path, kind)
     else:
-        raise ValueError(f"unknown corpus kind {kind!r}: use 'stdlib', 'files', 'jsonl' or 'tfds'")
+        raise UserError(f"unknown corpus kind {kind!r}: use 'stdlib', 'files', 'jsonl' or 'tfds'")
     return CorpusSpec(kind, root, tuple(files), text_field, validation_fraction)
 
 
@@ -174,7 +175,7 @@ def split_keys(keys: list[str], validation_fraction: float) -> tuple[list[str], 
     validation, the highest into train), so small corpora still have a validation split.
     """
     if len(keys) < 2:
-        raise ValueError(
+        raise UserError(
             f"corpus has {len(keys)} non-empty document(s) (whitespace-only ones do not count): need at "
             "least 2 to split train/validation by document; add files (or JSONL records)"
         )

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qkv.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A fine-tuning record that cannot be used, named by file:line."""
 
 
@@ -152,15 +153,15 @@ class OrderedIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if int(state["examples"]) != len(self.items):
-            raise ValueError(f"the saved data position is for {state['examples']} examples, the data now has "
-                             f"{len(self.items)}: resume with the same finetune.train_path or use a new run_dir")
+            raise UserError(f"the saved data position is for {state['examples']} examples, the data now has "
+                            f"{len(self.items)}: resume with the same finetune.train_path or use a new run_dir")
         self.epoch, self.next = int(state["epoch"]), int(state["next"])
 
 
 def shard(items: Sequence[Any], shard_index: int, shard_count: int) -> Sequence[Any]:
     """``items[shard_index::shard_count]``: this process's share of an evaluation set."""
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
+        raise UserError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
                          "pass the process index and process count")
     return items[shard_index::shard_count]
 
@@ -186,7 +187,7 @@ class PackingIterator(OrderedIterator):
     def _rows(self, one_pass: bool = False) -> list[list[Any]]:
         """The next batch's rows; with ``one_pass``, fewer when this epoch ends first."""
         if not len(self.items):
-            raise ValueError("there are no examples to make batches of")
+            raise UserError("there are no examples to make batches of")
         rows: list[list[Any]] = [[]]
         used = (0,) * len(self.limits)
         epoch = self.epoch

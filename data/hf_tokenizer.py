@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .tokenizer import Tokenizer
+from qkv.errors import UserError
 
 FORMAT = "qkv-hf-tokenizer/1"
 SPECIALS = ("bos", "eos", "pad", "unk")
@@ -43,7 +44,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({str(err).splitlines()[0]}): fix or remove it") from None
+        raise UserError(f"{path} is not valid JSON ({str(err).splitlines()[0]}): fix or remove it") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -59,18 +60,18 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = RustTokenizer.from_str(tokenizer_json)
         except Exception as err:  # the Rust side raises its own exception type
-            raise ValueError(f"not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}): pass the "
-                             "tokenizer.json of a Hugging Face model") from None
+            raise UserError(f"not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}): pass the "
+                            "tokenizer.json of a Hugging Face model") from None
         self._tok.encode_special_tokens = True
         ids = dict(special_ids)
         if ids.get("eos") is None:
-            raise ValueError("the tokenizer.json names no end-of-text token: add \"eos_token\" to the "
-                             "tokenizer_config.json beside it")
+            raise UserError("the tokenizer.json names no end-of-text token: add \"eos_token\" to the "
+                            "tokenizer_config.json beside it")
         ids["bos"] = ids["eos"] if ids.get("bos") is None else ids["bos"]
         ids["pad"] = ids["eos"] if ids.get("pad") is None else ids["pad"]
         for name, value in ids.items():
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"the tokenizer's {name} id {value} is outside its vocabulary of {self.vocab_size}")
+                raise UserError(f"the tokenizer's {name} id {value} is outside its vocabulary of {self.vocab_size}")
         self._ids = {name: ids.get(name) for name in SPECIALS}
         self._skip_ids = frozenset({self.pad_id, self.bos_id, self.eos_id})
 

@@ -35,6 +35,7 @@ from grain.experimental import (ConcatThenSplitIterDataset, FlatMapIterDataset, 
                                 WindowShuffleIterDataset)
 
 from .sources import record_text
+from qkv.errors import UserError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 PAD_ID = 0
@@ -162,19 +163,19 @@ def iterator_state_from_json(text: str) -> dict[str, Any]:
 def _check_args(n_docs: int, seq_len: int, batch_size: int, shard_index: int,
                 shard_count: int, num_epochs: int | None) -> None:
     if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}: both must be >= 1")
+        raise UserError(f"seq_len={seq_len}, batch_size={batch_size}: both must be >= 1")
     if not 0 <= shard_index < shard_count:
-        raise ValueError(
+        raise UserError(
             f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
             "pass the process index and process count"
         )
     if n_docs < shard_count:
-        raise ValueError(
+        raise UserError(
             f"source has {n_docs} documents for {shard_count} shards: every shard needs at "
             "least one; use a bigger corpus or fewer processes"
         )
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs={num_epochs}: use a positive int, or None to repeat forever")
+        raise UserError(f"num_epochs={num_epochs}: use a positive int, or None to repeat forever")
 
 
 def _token_rows(source: Sequence[Any], encode: Callable[[str], list[int]], *, seq_len: int,

@@ -48,6 +48,7 @@ import numpy as np
 
 from .examples import DataError, ExampleSet, PackingIterator, rows_to_batch, field_text, read_jsonl, read_lines, shard
 from .sources import TextSource, open_catalog, record_text
+from qkv.errors import UserError
 
 SEQ2SEQ_BATCH_KEYS = ("src_inputs", "src_segment_ids", "src_positions",
                       "inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -90,7 +91,7 @@ _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eigh
 def number_to_words(n: int) -> str:
     """English words for 0 <= n < 1,000,000: 90 -> "ninety", 4721 -> "four thousand seven hundred twenty-one"."""
     if not 0 <= n < 1_000_000:
-        raise ValueError(f"number_to_words covers 0 .. 999999, not {n}")
+        raise UserError(f"number_to_words covers 0 .. 999999, not {n}")
     if n < 20:
         return _ONES[n]
     if n < 100:
@@ -109,9 +110,9 @@ def toy_split(n: int) -> str:
 def toy_pairs(split: str, limit: int = 10_000) -> list[Pair]:
     """The toy task's (digits, words) pairs of ``split`` among the numbers 0 .. limit-1, ascending."""
     if split not in TOY_SPLITS:
-        raise ValueError(f"split {split!r} does not exist: use one of {TOY_SPLITS}")
+        raise UserError(f"split {split!r} does not exist: use one of {TOY_SPLITS}")
     if not 20 <= limit <= 1_000_000:
-        raise ValueError(f"toy limit={limit}: use 20 .. 1000000 numbers")
+        raise UserError(f"toy limit={limit}: use 20 .. 1000000 numbers")
     return [Pair(str(n), number_to_words(n), f"toy:{split}:{n}") for n in range(limit) if toy_split(n) == split]
 
 
@@ -125,7 +126,7 @@ def _for_split(path: str, split: str | None) -> str:
     if "{split}" not in path:
         return path
     if split is None:
-        raise ValueError(f"path {path!r} has a {{split}} placeholder but no split was given")
+        raise UserError(f"path {path!r} has a {{split}} placeholder but no split was given")
     return path.replace("{split}", split)
 
 
@@ -200,10 +201,10 @@ def load_pairs(path: str, split: str | None = None, *, target_path: str | None =
             raise DataError(f"{path}: cannot tell the format of {Path(path).name!r}: name it .tsv or .jsonl, pass "
                             f"kind= one of {PAIR_KINDS}, or give target_path for two line-aligned text files")
     if kind not in PAIR_KINDS:
-        raise ValueError(f"pair file kind {kind!r} is not supported: use one of {PAIR_KINDS}")
+        raise UserError(f"pair file kind {kind!r} is not supported: use one of {PAIR_KINDS}")
     if kind == "parallel":
         if not target_path:
-            raise ValueError("kind 'parallel' needs target_path: the file of target lines aligned with path")
+            raise UserError("kind 'parallel' needs target_path: the file of target lines aligned with path")
         pairs = _parallel_pairs(path, target_path)
     elif kind == "tsv":
         pairs = _tsv_pairs(path)
@@ -236,7 +237,7 @@ def tfds_pairs(name: str, split: str, data_dir: str | Path, source_lang: str, ta
     """The (source_lang, target_lang) text pairs of a prepared TFDS catalog translation dataset's split
     (a role or split expression: see `qkv.data.sources.resolve_split`)."""
     if source_lang == target_lang:
-        raise ValueError(f"source_lang and target_lang are both {source_lang!r}: name two languages")
+        raise UserError(f"source_lang and target_lang are both {source_lang!r}: name two languages")
     _, inner = open_catalog(name, split, Path(data_dir).expanduser(), [source_lang, target_lang],
                             "set source_lang and target_lang to two of its languages", train_split, eval_split)
     return TfdsPairs(inner, source_lang, target_lang, f"tfds:{name}:{split}")
@@ -283,7 +284,7 @@ class Seq2SeqExample:
 
 def _check_choice(name: str, value: str) -> None:
     if value not in ("error", "skip"):
-        raise ValueError(f"{name}={value!r}: use 'error' or 'skip'")
+        raise UserError(f"{name}={value!r}: use 'error' or 'skip'")
 
 
 def tokenize_pairs(pairs: Iterable[tuple[str, str]], encode: Callable[[str], list[int]], *, bos_id: int,

@@ -40,6 +40,7 @@ import numpy as np
 
 from .examples import (DataError, Example, ExampleSet, OrderedIterator, PackingIterator, field_text, jsonl_files,
                        read_jsonl, rows_to_batch)
+from qkv.errors import UserError
 
 ROLE_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 
@@ -162,7 +163,7 @@ class DPOIterator(OrderedIterator):
     def __init__(self, pairs: Sequence[tuple[Example, Example]], *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True):
         if batch_size % 2:
-            raise ValueError(f"train.batch_size={batch_size} must be even for DPO: each pair takes two rows")
+            raise UserError(f"train.batch_size={batch_size} must be even for DPO: each pair takes two rows")
         super().__init__(pairs, seed, shuffle)
         self.seq_len, self.batch_size = seq_len, batch_size
 

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from qkv.errors import UserError
 
 SPLITS = ("train", "validation")
 
@@ -89,8 +90,8 @@ def _check_split(split: str, allowed: Sequence[str]) -> None:
     for part in split.split("+"):
         match = _SPLIT_PART.match(part)
         if not match or match.group(1) not in allowed:
-            raise ValueError(f"split {split!r} does not exist: use one of {tuple(allowed)}, a slice such as "
-                             f"'{allowed[0] if allowed else 'train'}[:99%]', or several joined by '+'")
+            raise UserError(f"split {split!r} does not exist: use one of {tuple(allowed)}, a slice such as "
+                            f"'{allowed[0] if allowed else 'train'}[:99%]', or several joined by '+'")
 
 
 def resolve_split(split: str, available: Sequence[str], train_split: str = "train", eval_split: str = "",
@@ -113,16 +114,16 @@ def resolve_split(split: str, available: Sequence[str], train_split: str = "trai
         elif whole_train:
             chosen, how = f"{train_split}[{keep}%:]", "no validation or test split: a held-out slice of train"
         else:
-            raise ValueError(f"the dataset has no validation or test split (it has {tuple(available)}) and "
-                             f"data.train_split={train_split!r} is a slice: set data.eval_split, e.g. "
-                             f"data.eval_split='train[99%:]'")
+            raise UserError(f"the dataset has no validation or test split (it has {tuple(available)}) and "
+                            f"data.train_split={train_split!r} is a slice: set data.eval_split, e.g. "
+                            f"data.eval_split='train[99%:]'")
     else:
         chosen, how = split, "asked for"
     try:
         _check_split(chosen, available)
     except ValueError as err:
         key = f"{how}={chosen!r}: " if how.startswith("data.") else ""
-        raise ValueError(key + str(err)) from None
+        raise UserError(key + str(err)) from None
     return chosen, how
 
 
@@ -170,7 +171,7 @@ def _catalog_builder(name: str, data_dir: str | Path) -> Any:
     try:
         return tfds.builder(name, data_dir=str(data_dir))
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"TFDS dataset {name!r} is not in the TFDS catalog: check the name"
         ) from None
 
@@ -188,12 +189,12 @@ def open_catalog(name: str, split: str, data_dir: str | Path, fields: Sequence[s
     hint = f"tfds build {name} --file_format=array_record --data_dir={data_dir}"
     builder = _catalog_builder(name, data_dir)
     if not builder.is_prepared():
-        raise ValueError(
+        raise UserError(
             f"TFDS dataset {name!r} is not prepared in '{data_dir}': prepare it first with `{hint}`"
         )
     formats = {f.value for f in builder.info.available_file_formats()}
     if "array_record" not in formats:
-        raise ValueError(
+        raise UserError(
             f"TFDS dataset {name!r} in '{data_dir}' is stored as {sorted(formats)}, which needs "
             f"TensorFlow to read: rebuild it with `{hint}`"
         )
@@ -202,7 +203,7 @@ def open_catalog(name: str, split: str, data_dir: str | Path, fields: Sequence[s
     _log_split(f"TFDS dataset {name!r}", role, split, how)
     for field in fields:
         if field not in builder.info.features:
-            raise ValueError(
+            raise UserError(
                 f"TFDS dataset {name!r} has no feature {field!r} "
                 f"(features: {sorted(builder.info.features)}): {fix}"
             )
@@ -237,14 +238,14 @@ def open_text_source(
     if kind == "tfds":
         name = tfds_name or path
         if not name:
-            raise ValueError(
+            raise UserError(
                 "kind 'tfds' needs a dataset name: pass data.tfds_name=NAME (e.g. lm1b)"
             )
         source = _open_catalog(name, split, data_dir, text_field, train_split, eval_split)
     else:
         if kind == "stdlib" and path:
-            raise ValueError("kind 'stdlib' takes no path: drop data.path or use kind='files'")
+            raise UserError("kind 'stdlib' takes no path: drop data.path or use kind='files'")
         source = _open_local(kind, path, split, data_dir, text_field, validation_fraction, train_split, eval_split)
     if len(source) == 0:
-        raise ValueError(f"{source!r} is empty: point the corpus at non-empty text")
+        raise UserError(f"{source!r} is empty: point the corpus at non-empty text")
     return source

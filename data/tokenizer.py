@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from qkv.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_ID, MASK_PIECE = 4, "<mask>"
@@ -89,18 +90,18 @@ def train_tokenizer(
     `with_mask` reserves id 4 for ``<mask>`` (masked-language modelling).
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(
+        raise UserError(
             f"tokenizer model_type {model_type!r} is not supported: use one of {MODEL_TYPES}"
         )
     if vocab_size < 300:
         # 4 specials + "\n" + 256 byte pieces must fit, with room for real pieces.
-        raise ValueError(f"tokenizer vocab_size {vocab_size} is too small: use at least 300")
+        raise UserError(f"tokenizer vocab_size {vocab_size} is too small: use at least 300")
     if max_sentences < 1:
-        raise ValueError(f"max_sentences={max_sentences}: use a positive number of lines")
+        raise UserError(f"max_sentences={max_sentences}: use a positive number of lines")
     lines = (line for line in _training_lines(texts, _MAX_SENTENCE_CHARS) if line)
     sample = _sample_lines(lines, max_sentences, seed)
     if not sample:
-        raise ValueError("tokenizer corpus is empty: pass at least one non-empty text")
+        raise UserError("tokenizer corpus is empty: pass at least one non-empty text")
 
     spm.set_random_generator_seed(seed)
     writer = io.BytesIO()
@@ -178,9 +179,9 @@ class Tokenizer:
             return SentencePieceTokenizer(path.read_bytes())
         except (RuntimeError, ValueError) as err:  # sentencepiece cannot parse it, or it lacks qkv's ids
             reason = "it is not a SentencePiece model" if isinstance(err, RuntimeError) else str(err)
-            raise ValueError(f"tokenizer model '{path}' cannot be used: {reason}: pass a .model file written "
-                             "by qkv tokenizer train (or by qkv pretrain, RUN_DIR/tokenizer.model) or a "
-                             "tokenizer.json") from None
+            raise UserError(f"tokenizer model '{path}' cannot be used: {reason}: pass a .model file written "
+                            "by qkv tokenizer train (or by qkv pretrain, RUN_DIR/tokenizer.model) or a "
+                            "tokenizer.json") from None
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> Tokenizer:
@@ -223,9 +224,9 @@ class Tokenizer:
 def check_vocab(tok: Tokenizer, model_vocab: int) -> None:
     """Refuse a tokenizer with ids the model has no rows for (a smaller one, as with padded vocabularies, is fine)."""
     if tok.vocab_size > model_vocab:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "
-                         f"{model_vocab} rows (model.vocab_size): use the tokenizer the model was trained with, "
-                         f"or one of at most {model_vocab} tokens")
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "
+                        f"{model_vocab} rows (model.vocab_size): use the tokenizer the model was trained with, "
+                        f"or one of at most {model_vocab} tokens")
 
 
 def _is_json(head: bytes) -> bool:
@@ -251,7 +252,7 @@ class SentencePieceTokenizer(Tokenizer):
         expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
         found = {i: self._sp.id_to_piece(i) for i in expected}
         if found != expected or not self._sp.IsByte(self._sp.piece_to_id("<0x41>")):
-            raise ValueError(
+            raise UserError(
                 "tokenizer model lacks qkv's special ids or byte fallback "
                 f"(found {found}): train it with qkv.data.train_tokenizer"
             )

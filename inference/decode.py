@@ -30,6 +30,7 @@ from flax import nnx
 from .beam import beam_search
 from qkv.model.config import ModelConfig
 from qkv.model.transformer import init_cache, reorder_cache
+from qkv.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class SamplingConfig:
             ("vocab_limit", _int_in(self.vocab_limit, 0, MAX_INT), "an integer >= 0 (0: the whole vocabulary)"),
         ):
             if not ok:
-                raise ValueError(f"{key}={getattr(self, key)} must be {need}: pass --{key.replace('_', '-')} "
-                                 "(or the argument of that name) in that range")
+                raise UserError(f"{key}={getattr(self, key)} must be {need}: pass --{key.replace('_', '-')} "
+                                "(or the argument of that name) in that range")
 
 
 MAX_INT = 2**31 - 1
@@ -72,10 +73,10 @@ def _int_in(x: object, lo: int, hi: int) -> bool:
 def check_beam(beam_size: int, length_penalty: float) -> None:
     """Beam search settings: a width in [1, 1024] and a finite GNMT length penalty."""
     if not _int_in(beam_size, 1, MAX_BEAM):
-        raise ValueError(f"beam_size={beam_size} must be an integer in [1, {MAX_BEAM}]: pass --beam-size 1 (no beam "
-                         "search) or e.g. 4")
+        raise UserError(f"beam_size={beam_size} must be an integer in [1, {MAX_BEAM}]: pass --beam-size 1 (no beam "
+                        "search) or e.g. 4")
     if not _finite(length_penalty):
-        raise ValueError(f"length_penalty={length_penalty} must be a finite number: pass --length-penalty e.g. 0.6")
+        raise UserError(f"length_penalty={length_penalty} must be a finite number: pass --length-penalty e.g. 0.6")
 
 
 def limit_vocab(logits_bv: jax.Array, vocab_limit: int) -> jax.Array:
@@ -167,7 +168,7 @@ class Decoder:
         Rows that already finished keep yielding ``pad_id``.
         """
         if self.beam_size > 1:
-            raise ValueError("beam search returns whole sequences: use generate, or beam_size=1 to stream")
+            raise UserError("beam search returns whole sequences: use generate, or beam_size=1 to stream")
         tokens, segments, budget = self._padded(prompts, pad_id)
         cache = init_cache(self.cfg, tokens.shape[0], tokens.shape[1] + budget)
         key = jax.random.key(self.sampling.seed)
@@ -186,12 +187,12 @@ class Decoder:
     def _padded(self, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Left-padded (tokens, segments) and how many new tokens fit after them."""
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: give at least one token of text (or a BOS id)")
+            raise UserError("empty prompt: give at least one token of text (or a BOS id)")
         tokens, segments = left_pad(prompts, pad_id)
         budget = min(self.sampling.max_new_tokens, self.cfg.max_seq_len - tokens.shape[1])
         if budget < 1:
-            raise ValueError(f"prompt of {tokens.shape[1]} tokens leaves no room in the model's context of "
-                             f"{self.cfg.max_seq_len}: shorten the prompt")
+            raise UserError(f"prompt of {tokens.shape[1]} tokens leaves no room in the model's context of "
+                            f"{self.cfg.max_seq_len}: shorten the prompt")
         return tokens, segments, budget
 
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
@@ -200,7 +201,7 @@ class Decoder:
         best beam's when ``beam_size`` > 1."""
         if self.beam_size > 1:
             if eos_id is None:
-                raise ValueError("beam search needs an EOS id to finish hypotheses: the tokenizer has none")
+                raise UserError("beam search needs an EOS id to finish hypotheses: the tokenizer has none")
             tokens, segments, budget = self._padded(prompts, pad_id)
             best = beam_generate(self.graphdef, self.cfg, params, (tokens, segments), eos_id, budget, self.beam_size,
                                  self.length_penalty, self.sampling.vocab_limit)
@@ -235,8 +236,8 @@ class Seq2SeqDecoder:
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig, beam_size: int = 1,
                  length_penalty: float = 0.6):
         if cfg.kind != "encoder_decoder":
-            raise ValueError(f"model.kind={cfg.kind!r} has no decoder reading a source: translation needs an "
-                             "encoder_decoder checkpoint")
+            raise UserError(f"model.kind={cfg.kind!r} has no decoder reading a source: translation needs an "
+                            "encoder_decoder checkpoint")
         check_beam(beam_size, length_penalty)
         self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
         self.beam_size, self.length_penalty = beam_size, length_penalty
@@ -245,11 +246,11 @@ class Seq2SeqDecoder:
                  pad_id: int = 0) -> list[list[int]]:
         """Target ids per source (without bos, cut before the first eos)."""
         if any(len(s) == 0 for s in sources):
-            raise ValueError("empty source: give at least one token to translate")
+            raise UserError("empty source: give at least one token to translate")
         longest = max(len(s) for s in sources)
         if longest > self.cfg.max_seq_len:
-            raise ValueError(f"a source of {longest} tokens exceeds the model's context of {self.cfg.max_seq_len}: "
-                             "shorten it")
+            raise UserError(f"a source of {longest} tokens exceeds the model's context of {self.cfg.max_seq_len}: "
+                            "shorten it")
         steps = min(self.sampling.max_new_tokens, self.cfg.max_seq_len)
         src, segments = right_pad(sources, pad_id)
         bos_b = np.full((src.shape[0],), bos_id, np.int32)

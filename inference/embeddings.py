@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from qkv.errors import UserError
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -22,7 +23,7 @@ def nearest_pieces(embed_vd: np.ndarray, ids: Sequence[int], exclude: Sequence[i
     """The ``k`` vocabulary ids whose embeddings are nearest (cosine) to the mean of ``ids``' embeddings,
     best first, as (id, cosine); ``ids`` themselves and ``exclude`` are left out."""
     if not len(ids):
-        raise ValueError("give a non-empty word")
+        raise UserError("give a non-empty word")
     unit = unit_rows(np.asarray(embed_vd, np.float32))
     cosine = unit @ unit_rows(unit[list(ids)].mean(0))
     cosine[list(ids)] = -np.inf  # not the word itself

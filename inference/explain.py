@@ -29,6 +29,7 @@ from qkv.train.metrics import flops_per_token
 
 from .decode import Decoder, SamplingConfig, Seq2SeqDecoder, filter_logits
 from .embeddings import nearest_pieces, pca_2d, special_ids
+from qkv.errors import UserError
 
 # Where the sown weights live in each shape, and what the report calls them.
 STACKS = {("blocks", "attn"): "self", ("encoder_blocks", "attn"): "encoder", ("blocks", "cross_attn"): "cross"}
@@ -64,25 +65,25 @@ def build_inputs(cfg: ModelConfig, tokenizer, prompt: str, source: str | None = 
                  position: int | None = None, target_ids: list[int] | None = None) -> Inputs:
     """The token ids each shape reads (bos/eos as in training), checked against the context length."""
     if tokenizer is None:
-        raise ValueError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH.model")
+        raise UserError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH.model")
     if not prompt:
-        raise ValueError("empty prompt: give at least one character of text with --prompt")
+        raise UserError("empty prompt: give at least one character of text with --prompt")
     limit = cfg.max_seq_len
     src = None
     if cfg.kind == "encoder_decoder":
         src_text = prompt if source is None else source
         if not src_text:
-            raise ValueError("empty source: give the text to translate with --source")
+            raise UserError("empty source: give the text to translate with --source")
         src = tokenizer.encode(src_text) + [tokenizer.eos_id]
         target = tokenizer.encode(prompt) if source is not None else list(target_ids or [])
         tokens = [tokenizer.bos_id] + target
         _check_length(len(src), limit, "source")
     elif cfg.kind == "encoder":
         if cfg.n_classes:
-            raise ValueError("this encoder is a classifier (model.n_classes > 0): explain reads decoders, "
-                             "masked-language-model encoders and encoder-decoders")
+            raise UserError("this encoder is a classifier (model.n_classes > 0): explain reads decoders, "
+                            "masked-language-model encoders and encoder-decoders")
         if tokenizer.mask_id is None:
-            raise ValueError("the tokenizer has no <mask> piece: explain shows an encoder's masked-token guess")
+            raise UserError("the tokenizer has no <mask> piece: explain shows an encoder's masked-token guess")
         tokens = [tokenizer.bos_id] + tokenizer.encode(prompt) + [tokenizer.eos_id]
     else:
         tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
@@ -90,8 +91,8 @@ def build_inputs(cfg: ModelConfig, tokenizer, prompt: str, source: str | None = 
     first, last = (1, len(tokens) - 2) if cfg.kind == "encoder" else (0, len(tokens) - 1)
     position = last if position is None else position
     if not first <= position <= last:
-        raise ValueError(f"--position {position} is outside the tokens that can be explained ({first}..{last}; "
-                         "position 0 is <s>)")
+        raise UserError(f"--position {position} is outside the tokens that can be explained ({first}..{last}; "
+                        "position 0 is <s>)")
     masked = None
     if cfg.kind == "encoder":
         masked, tokens = tokens[position], tokens[:position] + [tokenizer.mask_id] + tokens[position + 1:]
@@ -100,8 +101,8 @@ def build_inputs(cfg: ModelConfig, tokenizer, prompt: str, source: str | None = 
 
 def _check_length(n: int, limit: int, what: str) -> None:
     if n > limit:
-        raise ValueError(f"the {what} is {n} tokens (with <s>/</s>), longer than the model's context of {limit}: "
-                         "shorten it")
+        raise UserError(f"the {what} is {n} tokens (with <s>/</s>), longer than the model's context of {limit}: "
+                        "shorten it")
 
 
 def make_batch(inputs: Inputs) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .explain import Explanation
+from qkv.errors import UserError
 
 TITLES = {"self": "self-attention", "encoder": "encoder self-attention", "cross": "cross-attention (target × source)"}
 REPORT_MARK = "explanation.json"  # a folder holding this is a report that may be replaced
@@ -159,7 +160,7 @@ def draw_training(run_dir: str | Path, path: Path) -> dict[str, Any]:
     train = [r for r in records if r.get("split") == "train" and "loss" in r]
     evals = [r for r in records if r.get("split") == "eval" and "loss" in r]
     if not train:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet: train for longer")
+        raise UserError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet: train for longer")
     plt = _plt()
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=[3, 1], constrained_layout=True)
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
@@ -209,7 +210,7 @@ def _replace_dir(out_dir: str | Path, fill) -> Path:
     report, never other files): nothing is left behind if ``fill`` fails."""
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_MARK).exists())):
-        raise ValueError(f"--out {out} exists and is not an earlier qkv explain report: choose a new folder")
+        raise UserError(f"--out {out} exists and is not an earlier qkv explain report: choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from typing import IO, Sequence
+from qkv.errors import UserError
 
 GRACE_S = 10.0
 TAIL_LINES = 40
@@ -103,12 +104,12 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
     130 on Ctrl-C, 143 on SIGTERM).
     """
     if processes < 1 or devices_per_process < 1:
-        raise ValueError(f"--processes={processes} and --devices-per-process={devices_per_process} must be >= 1")
+        raise UserError(f"--processes={processes} and --devices-per-process={devices_per_process} must be >= 1")
     command = list(command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise ValueError("nothing to launch: give a qkv subcommand after --, e.g. -- pretrain tiny")
+        raise UserError("nothing to launch: give a qkv subcommand after --, e.g. -- pretrain tiny")
     port = port or free_port()
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there

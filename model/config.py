@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import jax.numpy as jnp
+from qkv.errors import UserError
 
 Positions = Literal["learned", "sinusoidal", "rope"]
 RopeScaling = Literal["none", "linear", "llama3"]
@@ -87,39 +88,39 @@ class ModelConfig:
         for key, allowed in _CHOICES.items():
             value = getattr(self, key)
             if value not in allowed:
-                raise ValueError(f"model.{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
+                raise UserError(f"model.{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, key) < 1:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
         if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
                 "change one of them or set model.head_dim"
             )
         kv = self.num_kv_heads
         if kv < 1 or self.n_heads % kv:
-            raise ValueError(
+            raise UserError(
                 f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads} (grouped-query attention)"
             )
         if self.positions == "rope" and self.head_size % 2:
-            raise ValueError(f"rope needs an even head size, got {self.head_size}: change model.head_dim")
+            raise UserError(f"rope needs an even head size, got {self.head_size}: change model.head_dim")
         if self.rope_factor <= 0 or self.rope_original_max_len < 1:
-            raise ValueError(f"model.rope_factor={self.rope_factor} and model.rope_original_max_len="
-                             f"{self.rope_original_max_len} must be positive")
+            raise UserError(f"model.rope_factor={self.rope_factor} and model.rope_original_max_len="
+                            f"{self.rope_original_max_len} must be positive")
         if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
-            raise ValueError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
-                             f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
+            raise UserError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
+                            f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
         if self.n_encoder_layers is not None and self.n_encoder_layers < 1:
-            raise ValueError(f"model.n_encoder_layers={self.n_encoder_layers} must be a positive integer (or null)")
+            raise UserError(f"model.n_encoder_layers={self.n_encoder_layers} must be a positive integer (or null)")
         if self.n_classes and (self.n_classes < 2 or self.kind != "encoder"):
-            raise ValueError(f"model.n_classes={self.n_classes}: a classification head needs model.kind=encoder "
-                             "and n_classes >= 2 (0: none)")
+            raise UserError(f"model.n_classes={self.n_classes}: a classification head needs model.kind=encoder "
+                            "and n_classes >= 2 (0: none)")
         if self.logit_softcap < 0:
-            raise ValueError(f"model.logit_softcap={self.logit_softcap}: use 0 (off) or a positive cap such as 30")
+            raise UserError(f"model.logit_softcap={self.logit_softcap}: use 0 (off) or a positive cap such as 30")
         if self.loss_chunk < -1:
-            raise ValueError(f"model.loss_chunk={self.loss_chunk}: use -1 (auto), 0 (no chunking) or a chunk length")
+            raise UserError(f"model.loss_chunk={self.loss_chunk}: use -1 (auto), 0 (no chunking) or a chunk length")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def num_kv_heads(self) -> int:

@@ -7,6 +7,7 @@ pooled vector (the first token, BERT's [CLS] position, or the mean of the tokens
 Encoder-decoder (the original Transformer): the encoder reads the source once; the decoder is the
 decoder-only model's causal stack with a cross-attention sub-layer in every block, whose queries come
 from the decoder and whose keys/values come from the encoder's output. Source and target share one
+from qkv.errors import UserError
 embedding (a joint vocabulary). For decoding, :meth:`EncoderDecoder.memory_kv` projects the encoder
 output into every layer's keys/values once; each step then reuses them (inference/decode.py).
 """
@@ -63,7 +64,7 @@ class Encoder(EmbedAndHead):
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
         """Float32 vocabulary logits [B, T, vocab] at every position (the MLM head), and no cache."""
         if cache is not None:
-            raise ValueError("an encoder-only model does not generate text: use a decoder or encoder_decoder checkpoint")
+            raise UserError("an encoder-only model does not generate text: use a decoder or encoder_decoder checkpoint")
         return self.vocab_logits(self.encode(tokens_bt, positions_bt, segment_ids_bt, dropout_key)), None
 
     def pool(self, hidden_btd: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
@@ -74,7 +75,7 @@ class Encoder(EmbedAndHead):
                  segment_ids_bt: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
         """Float32 class logits [B, n_classes]."""
         if not self.cfg.n_classes:
-            raise ValueError("this encoder has no classification head: fine-tune one with model.n_classes=K")
+            raise UserError("this encoder has no classification head: fine-tune one with model.n_classes=K")
         pooled_bd = self.pool(self.encode(tokens_bt, positions_bt, segment_ids_bt, dropout_key), segment_ids_bt)
         dtype = self.cfg.compute_dtype
         logits_bc = pooled_bd @ self.cls_head[...].astype(dtype) + self.cls_bias[...].astype(dtype)

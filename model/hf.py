@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ModelConfig
+from qkv.errors import UserError
 
 Tensors = dict[str, np.ndarray]
 
@@ -50,12 +51,12 @@ def _check_fields(hf: dict[str, Any], arch: str, mapped: set[str], required: dic
     """Refuse, naming the field, a config whose math qkv would not reproduce exactly."""
     for field, allowed in required.items():
         if field in hf and hf[field] not in allowed:
-            raise ValueError(f"config.json {field}={hf[field]!r} is not supported for {arch}: qkv computes only "
-                             f"{field}={allowed[0]!r}, and a different value would give wrong logits")
+            raise UserError(f"config.json {field}={hf[field]!r} is not supported for {arch}: qkv computes only "
+                            f"{field}={allowed[0]!r}, and a different value would give wrong logits")
     for field in hf:
         if field not in mapped and field not in required and field not in INERT_FIELDS and not field.startswith("_"):
-            raise ValueError(f"config.json field {field}={hf[field]!r} is unknown to qkv's {arch} converter and "
-                             "might change the math: remove it from config.json if it does not")
+            raise UserError(f"config.json field {field}={hf[field]!r} is unknown to qkv's {arch} converter and "
+                            "might change the math: remove it from config.json if it does not")
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -71,28 +72,28 @@ def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
         rope, field = {**base, **hf["rope_scaling"]}, "rope_scaling"
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(f"config.json {field} rope_type={kind!r} is not supported: qkv computes "
-                         f"{', '.join(ROPE_TYPES)} RoPE exactly")
+        raise UserError(f"config.json {field} rope_type={kind!r} is not supported: qkv computes "
+                        f"{', '.join(ROPE_TYPES)} RoPE exactly")
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("config.json partial_rotary_factor is not supported: qkv rotates the whole head")
+        raise UserError("config.json partial_rotary_factor is not supported: qkv rotates the whole head")
     out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     if kind != "default":
         if "factor" not in rope:
-            raise ValueError(f"config.json {field} lacks 'factor', which rope_type={kind!r} needs")
+            raise UserError(f"config.json {field} lacks 'factor', which rope_type={kind!r} needs")
         out.update(rope_scaling=kind, rope_factor=float(rope["factor"]))
     if kind == "llama3":
         try:
             out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
                        rope_high_freq_factor=float(rope["high_freq_factor"]))
         except KeyError as err:
-            raise ValueError(f"config.json {field} lacks {err.args[0]!r}, which rope_type='llama3' needs") from None
+            raise UserError(f"config.json {field} lacks {err.args[0]!r}, which rope_type='llama3' needs") from None
         out["rope_original_max_len"] = int(rope.get("original_max_position_embeddings",
                                                     hf.get("max_position_embeddings", 2048)))
     known = {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor", "low_freq_factor",
              "high_freq_factor", "original_max_position_embeddings"}
     for key in rope:
         if key not in known:
-            raise ValueError(f"config.json {field} key {key!r} is unknown to qkv and might change the math")
+            raise UserError(f"config.json {field} key {key!r} is unknown to qkv and might change the math")
     return out
 
 
@@ -225,14 +226,14 @@ _QKV_ONLY = dict(qk_norm=False, logit_softcap=0.0)
 def _require(cfg: ModelConfig, family: str, **wanted: Any) -> None:
     for key, value in {**wanted, **_QKV_ONLY}.items():
         if getattr(cfg, key) != value:
-            raise ValueError(f"{family} export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")
+            raise UserError(f"{family} export needs model.{key}={value!r}, this model has {getattr(cfg, key)!r}")
 
 
 def _check_gpt2_shape(cfg: ModelConfig) -> None:
     _require(cfg, "GPT-2", positions="learned", norm="layernorm", activation="gelu", use_bias=True,
              norm_position="pre")
     if cfg.num_kv_heads != cfg.n_heads or cfg.head_size * cfg.n_heads != cfg.d_model:
-        raise ValueError("GPT-2 export needs plain multi-head attention with head_size * n_heads == d_model")
+        raise UserError("GPT-2 export needs plain multi-head attention with head_size * n_heads == d_model")
 
 
 def gpt2_from_hf(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
@@ -314,6 +315,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture_of(hf_config: dict[str, Any]) -> Architecture:
     model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"Hugging Face model_type {model_type!r} is not supported: "
-                         f"qkv converts {', '.join(ARCHITECTURES)}")
+        raise UserError(f"Hugging Face model_type {model_type!r} is not supported: "
+                        f"qkv converts {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]

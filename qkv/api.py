@@ -30,6 +30,7 @@ from qkv.inference.embeddings import nearest_pieces, special_ids, unit_rows
 from qkv.model.encoder import mean_pool
 from qkv.inference.run import load_run
 from qkv.train.config import Config
+from qkv.errors import UserError
 
 
 @dataclass
@@ -52,9 +53,9 @@ class LanguageModel:
         self._require("decoder", "encoder", what="logits of token ids")
         ids = np.asarray(token_ids, dtype=np.int32)
         if ids.ndim != 2:
-            raise ValueError(f"token_ids must be a [batch, length] array, got shape {ids.shape}")
+            raise UserError(f"token_ids must be a [batch, length] array, got shape {ids.shape}")
         if ids.shape[1] > self.config.model.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens exceed the model's context of {self.config.model.max_seq_len}")
+            raise UserError(f"{ids.shape[1]} tokens exceed the model's context of {self.config.model.max_seq_len}")
         return np.asarray(_forward(self.graphdef, self.params, ids))
 
     def _decoder(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
@@ -69,10 +70,10 @@ class LanguageModel:
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """BOS + token ids per prompt; refuses empty prompts and checkpoints without a tokenizer."""
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH "
-                             "(tokenizer.json or .model), or generate from token ids (--prompt-ids)")
+            raise UserError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH "
+                            "(tokenizer.json or .model), or generate from token ids (--prompt-ids)")
         if any(not p for p in prompts):
-            raise ValueError("empty prompt: give at least one character of text")
+            raise UserError("empty prompt: give at least one character of text")
         return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
 
     def fit_new_tokens(self, prompts: Sequence[str], max_new_tokens: int) -> tuple[int, str | None]:
@@ -101,8 +102,8 @@ class LanguageModel:
             hint = {"encoder": "an encoder-only checkpoint reads text but does not generate it: use embed, "
                                "neighbours, classify or qkv evaluate",
                     "decoder": "use generate for text continuation"}.get(self.kind, "")
-            raise ValueError(f"{what} needs a model.kind={' or '.join(kinds)} checkpoint, not {self.kind}"
-                             + (f": {hint}" if hint else ""))
+            raise UserError(f"{what} needs a model.kind={' or '.join(kinds)} checkpoint, not {self.kind}"
+                            + (f": {hint}" if hint else ""))
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam_size: int = 1,
@@ -136,10 +137,10 @@ class LanguageModel:
         vocab = self.config.model.vocab_size
         for row in rows:
             if not row:
-                raise ValueError("empty prompt: give at least one token id")
+                raise UserError("empty prompt: give at least one token id")
             if min(row) < 0 or max(row) >= vocab:
-                raise ValueError(f"prompt token id {min(row) if min(row) < 0 else max(row)} is outside the model's "
-                                 f"vocabulary of {vocab} ids (0..{vocab - 1})")
+                raise UserError(f"prompt token id {min(row) if min(row) < 0 else max(row)} is outside the model's "
+                                f"vocabulary of {vocab} ids (0..{vocab - 1})")
         pad, eos = (self.tokenizer.pad_id, self.tokenizer.eos_id) if self.tokenizer else (0, None)
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty, text=False)
         return [[int(t) for t in r] for r in decoder.generate(self.params, rows, pad, eos)]
@@ -173,7 +174,7 @@ class LanguageModel:
 
     def _encoded(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts or any(not t for t in texts):
-            raise ValueError("give at least one non-empty text")
+            raise UserError("give at least one non-empty text")
         limit = self.config.model.max_seq_len
         ids = [([self.tokenizer.bos_id] + self.tokenizer.encode(t) + [self.tokenizer.eos_id])[:limit] for t in texts]
         from qkv.inference.decode import right_pad
@@ -216,7 +217,7 @@ class LanguageModel:
         from qkv.inference.explain import read
         weights = read(self.config.model, self.graphdef, self.params, self.tokenizer, text, source)[2]
         if stack not in weights:
-            raise ValueError(f"stack={stack!r}: this model has {', '.join(weights)}")
+            raise UserError(f"stack={stack!r}: this model has {', '.join(weights)}")
         return weights[stack]
 
     def next_token_table(self, text: str, k: int = 10, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -232,7 +233,7 @@ class LanguageModel:
         """The predicted label of each text (a classifier fine-tuned with finetune.method=classify)."""
         self._require("encoder", what="classify")
         if not self.config.model.n_classes:
-            raise ValueError("this encoder has no classification head: fine-tune one with finetune.method=classify")
+            raise UserError("this encoder has no classification head: fine-tune one with finetune.method=classify")
         tokens, segments = self._encoded(list(texts))
         logits = np.asarray(_classify(self.graphdef, self.params, tokens, segments))
         labels = self.config.finetune.labels or list(range(self.config.model.n_classes))

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from qkv.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -82,7 +83,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     for text in ns.overrides:
         key, value = parse_override(text)
         if "." not in key:
-            raise ValueError(f"override {text!r} must name a section, e.g. data.eval_batches=0")
+            raise UserError(f"override {text!r} must name a section, e.g. data.eval_batches=0")
         section, name = key.split(".", 1)
         overrides.setdefault(section, {})[name] = value
     _require_dir(ns.checkpoint)
@@ -106,7 +107,7 @@ def _nonblank_lines(path_text: str, what: str) -> list[str]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{what} file {path_text!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+        raise UserError(f"{what} file {path_text!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     return [line for line in text.splitlines() if line.strip()]
 
 
@@ -115,7 +116,7 @@ def _read_prompts(ns: argparse.Namespace) -> list[str]:
     if ns.prompt_file:
         prompts += _nonblank_lines(ns.prompt_file, "prompt")
     if not prompts:
-        raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+        raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
 
 
@@ -123,14 +124,14 @@ def _read_prompt_ids(ns: argparse.Namespace) -> list[list[int]]:
     try:
         return [[int(t) for t in text.split(",")] for text in ns.prompt_ids]
     except ValueError:
-        raise ValueError("--prompt-ids takes comma-separated integer token ids, e.g. --prompt-ids 1,2,3") from None
+        raise UserError("--prompt-ids takes comma-separated integer token ids, e.g. --prompt-ids 1,2,3") from None
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from qkv.inference.decode import SamplingConfig, check_beam
 
     if ns.prompt_ids and (ns.prompt or ns.prompt_file):
-        raise ValueError("give either --prompt-ids or --prompt/--prompt-file, not both")
+        raise UserError("give either --prompt-ids or --prompt/--prompt-file, not both")
     prompts = _read_prompt_ids(ns) if ns.prompt_ids else _read_prompts(ns)
     settings = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                     top_p=ns.top_p, seed=ns.seed)
@@ -146,8 +147,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         return 0
     lm.prompt_ids(prompts)  # refuse bad prompts before printing anything
     if lm.kind == "encoder":
-        raise ValueError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
-                         "(use qkv embed, or qkv evaluate)")
+        raise UserError(f"{ns.checkpoint} holds an encoder-only model: it reads text but does not generate it "
+                        "(use qkv embed, or qkv evaluate)")
     settings["max_new_tokens"], notice = lm.fit_new_tokens(prompts, ns.max_new_tokens)
     if notice:  # more than the context holds: generate what fits, and say so (docs/errors.md)
         print(f"qkv: note: --{notice.replace('_', '-', 2)}", file=sys.stderr)
@@ -178,7 +179,7 @@ def cmd_embed(ns: argparse.Namespace) -> int:
     if ns.text_file:
         texts += _nonblank_lines(ns.text_file, "text")
     if len(texts) < 2:
-        raise ValueError("give at least two texts (--text, repeatable, or --text-file): neighbours need others")
+        raise UserError("give at least two texts (--text, repeatable, or --text-file): neighbours need others")
     _require_dir(ns.checkpoint)
     from qkv.api import load
 
@@ -193,17 +194,17 @@ def cmd_explain(ns: argparse.Namespace) -> int:
 
     if ns.checkpoint is None:
         if ns.run is None:
-            raise ValueError("no checkpoint given: pass --checkpoint RUN_DIR (or --run RUN_DIR for training curves)")
+            raise UserError("no checkpoint given: pass --checkpoint RUN_DIR (or --run RUN_DIR for training curves)")
         _require_dir(ns.run)
         from qkv.inference.explain_report import write_training_report
         print(f"report: {write_training_report(ns.run, ns.out)}")
         return 0
     if not ns.prompt:
-        raise ValueError("empty prompt: give the text to explain with --prompt TEXT")
+        raise UserError("empty prompt: give the text to explain with --prompt TEXT")
     SamplingConfig(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)  # validate before the slow part
     for flag, value in (("--layer", ns.layer), ("--head", ns.head), ("--new-tokens", ns.new_tokens)):
         if value is not None and value < 0:
-            raise ValueError(f"{flag} {value} must be >= 0")
+            raise UserError(f"{flag} {value} must be >= 0")
     _require_dir(ns.checkpoint)
     from qkv.api import load
     from qkv.inference.explain_report import terminal_summary, write_report
@@ -212,9 +213,9 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     cfg = lm.config.model
     depth = min(cfg.n_layers, cfg.encoder_layers) if cfg.kind == "encoder_decoder" else cfg.n_layers
     if ns.layer is not None and ns.layer >= depth:
-        raise ValueError(f"--layer {ns.layer} is out of range: this model has layers 0..{depth - 1}")
+        raise UserError(f"--layer {ns.layer} is out of range: this model has layers 0..{depth - 1}")
     if ns.head is not None and ns.head >= cfg.n_heads:
-        raise ValueError(f"--head {ns.head} is out of range: this model has heads 0..{cfg.n_heads - 1}")
+        raise UserError(f"--head {ns.head} is out of range: this model has heads 0..{cfg.n_heads - 1}")
     exp = lm.explain(ns.prompt, source=ns.source, position=ns.position, k=ns.k, temperature=ns.temperature,
                      top_k=ns.top_k, top_p=ns.top_p, new_tokens=ns.new_tokens)
     index = write_report(exp, ns.out, ns.layer, ns.head, run_dir=ns.checkpoint, title=f"{ns.checkpoint}, step {lm.step}")
@@ -244,10 +245,10 @@ def cmd_tokenizer(ns: argparse.Namespace) -> int:
         try:
             ids = [int(x) for x in " ".join(ns.ids).replace(",", " ").split()]
         except ValueError:
-            raise ValueError("decode takes integer token ids, e.g. qkv tokenizer decode --model M 12 7 99") from None
+            raise UserError("decode takes integer token ids, e.g. qkv tokenizer decode --model M 12 7 99") from None
         bad = [i for i in ids if not 0 <= i < tok.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
+            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
         sys.stdout.write(tok.decode(ids))
         sys.stdout.write("\n")
     return 0
@@ -436,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command line argparse refuses (unknown flag, a value of the wrong type)."""
 
 

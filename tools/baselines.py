@@ -12,6 +12,7 @@ import lzma
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from qkv.errors import UserError
 
 COMPRESSORS = {
     "gzip -9": lambda b: gzip.compress(b, compresslevel=9, mtime=0),
@@ -31,7 +32,7 @@ def compression_bits_per_byte(texts: Iterable[str]) -> dict[str, float]:
         for name, compress in COMPRESSORS.items():
             sizes[name] += len(compress(data))
     if not total:
-        raise ValueError("the split is empty: there is nothing to compress")
+        raise UserError("the split is empty: there is nothing to compress")
     return {**{name: 8 * size / total for name, size in sizes.items()}, "bytes": float(total)}
 
 

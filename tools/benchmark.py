@@ -37,6 +37,7 @@ from qkv.train.tasks import task_for
 from .profile_summary import summarize_trace
 from qkv.train.sharding import check_batch, make_mesh, resolve_rules
 from qkv.train.step import Trainer
+from qkv.errors import UserError
 
 # Short names accepted by --sweep; any section.key works too. mesh=DxFxT and devices=N are special.
 SWEEP_ALIASES = {"batch_size": "train.batch_size", "batch": "train.batch_size", "remat": "model.remat",
@@ -225,7 +226,7 @@ def _time_points(points: Sequence[TrainPoint], steps: int, profile_dir: str | No
                  breakdown: bool) -> list[dict[str, Any]]:
     """Round-robin over the points, one step each per round, so load changes hit every point alike."""
     if steps < 1:
-        raise ValueError(f"--steps={steps} must be >= 1")
+        raise UserError(f"--steps={steps} must be >= 1")
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True) if profile_dir else nullcontext():
         for _ in range(steps):
             for point in points:
@@ -243,12 +244,12 @@ def sweep_points(specs: Sequence[str]) -> list[list[tuple[str, Any]]]:
     axes = []
     for spec in specs:
         if "=" not in spec:
-            raise ValueError(f"--sweep {spec!r} must look like key=v1,v2 (e.g. remat=none,full)")
+            raise UserError(f"--sweep {spec!r} must look like key=v1,v2 (e.g. remat=none,full)")
         key, raw = spec.split("=", 1)
         key = key.strip()
         values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v != ""]
         if not values:
-            raise ValueError(f"--sweep {spec!r} lists no values")
+            raise UserError(f"--sweep {spec!r} lists no values")
         axes.append([(key, v) for v in values])
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
@@ -262,7 +263,7 @@ def point_overrides(point: Sequence[tuple[str, Any]]) -> tuple[list[str], int | 
         elif key == "mesh":
             parts = str(value).lower().split("x")
             if len(parts) != 3:
-                raise ValueError(f"--sweep mesh={value!r} must be DATAxFSDPxTENSOR, e.g. 2x2x1")
+                raise UserError(f"--sweep mesh={value!r} must be DATAxFSDPxTENSOR, e.g. 2x2x1")
             overrides += [f"mesh.{axis}={p}" for axis, p in zip(("data", "fsdp", "tensor"), parts)]
         else:
             overrides.append(f"{SWEEP_ALIASES.get(key, key)}={json.dumps(value) if isinstance(value, bool) else value}")
@@ -273,7 +274,7 @@ def run_train_sweep(source: str | None, overrides: Sequence[str], sweep: Sequenc
                     profile_dir: str | None = None, breakdown: bool = False) -> list[dict[str, Any]]:
     """Build and compile every point of the grid, then time them round-robin (one step each per round)."""
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+        raise UserError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
     env, built, labels = environment(), [], []
     points = sweep_points(sweep)
     probe = None
@@ -282,7 +283,7 @@ def run_train_sweep(source: str | None, overrides: Sequence[str], sweep: Sequenc
         label = " ".join(f"{k}={v}" for k, v in point) or "base"
         cfg = load_config(source, [*overrides, *extra])
         if n_devices and n_devices > jax.device_count():
-            raise ValueError(f"devices={n_devices} but only {jax.device_count()} are available")
+            raise UserError(f"devices={n_devices} but only {jax.device_count()} are available")
         print(f"[{i + 1}/{len(points)}] compiling {label} ...", file=sys.stderr, flush=True)
         built.append(TrainPoint(cfg, warmup, warmup + steps, jax.devices()[:n_devices] if n_devices else None, probe))
         probe = built[-1].probe
@@ -324,10 +325,10 @@ def benchmark_decode(model_cfg: ModelConfig, graphdef: Any, params: Any, batch_s
     from qkv.inference.decode import Decoder, SamplingConfig
 
     if prompt_len < 1 or new_tokens < 2:
-        raise ValueError(f"--prompt-len={prompt_len} must be >= 1 and --new-tokens={new_tokens} >= 2")
+        raise UserError(f"--prompt-len={prompt_len} must be >= 1 and --new-tokens={new_tokens} >= 2")
     if prompt_len + new_tokens > model_cfg.max_seq_len:
-        raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed model.max_seq_len="
-                         f"{model_cfg.max_seq_len}: shorten them")
+        raise UserError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed model.max_seq_len="
+                        f"{model_cfg.max_seq_len}: shorten them")
     device = device or jax.devices()[0]
     params = jax.device_put(params, device)
     host_tbps = roofline.measure_copy_tbps(device) if device.platform == "cpu" else None
@@ -423,9 +424,9 @@ def parse_int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{what}={text!r} must be comma-separated integers, e.g. 1,2,4") from None
+        raise UserError(f"{what}={text!r} must be comma-separated integers, e.g. 1,2,4") from None
     if not values or any(v < 1 for v in values):
-        raise ValueError(f"{what}={text!r} must list positive integers, e.g. 1,2,4")
+        raise UserError(f"{what}={text!r} must list positive integers, e.g. 1,2,4")
     return values
 
 
@@ -447,7 +448,7 @@ def main(ns: Any) -> int:
                 print("  top ops: " + ", ".join(f"{o['op']} {o['s'] * 1e3:.0f} ms" for o in prof["top_ops"]))
     else:
         if ns.checkpoint and (source or overrides):
-            raise ValueError("give either CONFIG [key=value ...] or --checkpoint RUN_DIR, not both")
+            raise UserError("give either CONFIG [key=value ...] or --checkpoint RUN_DIR, not both")
         if ns.checkpoint and not Path(ns.checkpoint).expanduser().is_dir():
             raise FileNotFoundError(f"checkpoint directory {ns.checkpoint!r} does not exist: pass the train.run_dir of a run")
         records = run_decode(source, overrides, ns.checkpoint, parse_int_list(ns.batch_sizes, "--batch-sizes"),

@@ -31,6 +31,7 @@ from qkv.model.hf import ARCHITECTURES, architecture_of
 from qkv.train import checkpoint
 from qkv.train.config import Config, DataConfig, config_from_dict
 from qkv.train.lora import lora_paths
+from qkv.errors import UserError
 
 
 class SafetensorsDir(Mapping[str, np.ndarray]):
@@ -57,8 +58,8 @@ class SafetensorsDir(Mapping[str, np.ndarray]):
         try:
             return safe_open(str(path), framework="flax")
         except Exception as err:  # SafetensorError (a header past the end, bad JSON), OSError
-            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(err)}): it is truncated or "
-                             "damaged; download or save it again") from None
+            raise UserError(f"{path} is not a readable safetensors file ({_first_line(err)}): it is truncated or "
+                            "damaged; download or save it again") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self.where[name]
@@ -66,8 +67,8 @@ class SafetensorsDir(Mapping[str, np.ndarray]):
             try:
                 return np.asarray(f.get_tensor(name), np.float32)
             except Exception as err:
-                raise ValueError(f"{path} is damaged: tensor {name!r} cannot be read ({_first_line(err)}); "
-                                 "download or save it again") from None
+                raise UserError(f"{path} is damaged: tensor {name!r} cannot be read ({_first_line(err)}); "
+                                "download or save it again") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
@@ -88,9 +89,9 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({_first_line(err)}): fix or download it again") from None
+        raise UserError(f"{path} is not valid JSON ({_first_line(err)}): fix or download it again") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a JSON object: fix or download it again")
+        raise UserError(f"{path} is not a JSON object: fix or download it again")
     return config
 
 
@@ -110,21 +111,21 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     hf_dir, run_dir = Path(hf_dir).expanduser(), Path(run_dir).expanduser()
     hf_config = read_config(hf_dir)
     if checkpoint.latest_step(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds a checkpoint: choose a new output directory")
+        raise UserError(f"{run_dir} already holds a checkpoint: choose a new output directory")
     arch = architecture_of(hf_config)
     try:
         model_cfg = arch.config_from_hf(hf_config)
     except KeyError as err:
-        raise ValueError(f"{hf_dir / 'config.json'} lacks field {err.args[0]!r}, which "
-                         f"{arch.hf_name} needs") from None
+        raise UserError(f"{hf_dir / 'config.json'} lacks field {err.args[0]!r}, which "
+                        f"{arch.hf_name} needs") from None
     tensors = SafetensorsDir(hf_dir)
     try:
         params = arch.params_from_hf(tensors, model_cfg)
     except KeyError as err:
-        raise ValueError(f"{hf_dir} lacks tensor {err.args[0]!r} that {arch.hf_name} needs") from None
+        raise UserError(f"{hf_dir} lacks tensor {err.args[0]!r} that {arch.hf_name} needs") from None
     problem = _first_mismatch(split_params(abstract_model(model_cfg))[1], params)
     if problem:
-        raise ValueError(f"{hf_dir} does not match its config.json: {problem}")
+        raise UserError(f"{hf_dir} does not match its config.json: {problem}")
     tok = _import_tokenizer(hf_dir, tokenizer)
     if tok is not None:
         check_vocab(tok, model_cfg.vocab_size)
@@ -200,10 +201,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
     that ``transformers`` loads, and the run's tokenizer (``tokenizer.model`` or ``tokenizer.json``). Holds the
     run's parameters plus one shard in memory."""
     if arch_name not in ARCHITECTURES:
-        raise ValueError(f"--arch {arch_name!r} is not supported: choose {', '.join(ARCHITECTURES)}")
+        raise UserError(f"--arch {arch_name!r} is not supported: choose {', '.join(ARCHITECTURES)}")
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} exists and is not empty: choose a new output directory")
+        raise UserError(f"{out_dir} exists and is not empty: choose a new output directory")
     arch = ARCHITECTURES[arch_name]
     cfg, params, meta = load_params(run_dir, step)
     arch.check(cfg.model)
@@ -233,10 +234,10 @@ def merge_lora_run(run_dir: str | Path, out_dir: str | Path, step: int | None = 
     """``qkv convert merge-lora``: a LoRA run (base + adapters) -> a plain params checkpoint in out_dir."""
     run_dir, out_dir = Path(run_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if checkpoint.latest_step(out_dir) is not None:
-        raise ValueError(f"{out_dir} already holds a checkpoint: choose a new output directory")
+        raise UserError(f"{out_dir} already holds a checkpoint: choose a new output directory")
     cfg = config_from_dict(checkpoint.read_meta(run_dir, step)["config"])
     if cfg.finetune.lora.rank == 0:
-        raise ValueError(f"{run_dir} is not a LoRA run (finetune.lora.rank=0): it is already a plain checkpoint")
+        raise UserError(f"{run_dir} is not a LoRA run (finetune.lora.rank=0): it is already a plain checkpoint")
     run = load_run(run_dir, step)  # base + adapters, merged
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(
         cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0)))

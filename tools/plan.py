@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from qkv.train.config import Config, load_config, split_config_args
+from qkv.errors import UserError
 
 GIB = 1024 ** 3
 
@@ -56,7 +57,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
         if key not in sizes or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh {text!r}: use positive sizes for data, fsdp, tensor, e.g. data=1,fsdp=8,tensor=1")
+            raise UserError(f"--mesh {text!r}: use positive sizes for data, fsdp, tensor, e.g. data=1,fsdp=8,tensor=1")
         sizes[key] = int(value)
     return sizes
 
@@ -98,7 +99,7 @@ def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     devices = jax.devices()
     if len(devices) < n:
-        raise ValueError(f"planning a {n}-device mesh needs {n} devices, this process has {len(devices)}")
+        raise UserError(f"planning a {n}-device mesh needs {n} devices, this process has {len(devices)}")
     cfg = replace(cfg, mesh=replace(cfg.mesh, **mesh))
     jmesh = make_mesh(cfg.mesh, devices[:n])
     rules = resolve_rules(cfg.mesh.rules)
@@ -145,7 +146,7 @@ def plan_in_subprocess(source: str | None, overrides: list[str], mesh: dict[str,
     if out.returncode != 0:
         lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
         message = lines[-1] if lines else f"exit code {out.returncode}"
-        raise ValueError(message.removeprefix("qkv: error: "))
+        raise UserError(message.removeprefix("qkv: error: "))
     return json.loads(out.stdout)
 
 
@@ -187,7 +188,7 @@ def main(ns) -> int:
         print(json.dumps(plan) if ns.json else format_topology_plan(plan))
         return 0 if plan["fits"] else 1
     if ns.device is not None and ns.device not in DEVICES:
-        raise ValueError(f"--device {ns.device!r} is unknown: choose one of {', '.join(DEVICES)}")
+        raise UserError(f"--device {ns.device!r} is unknown: choose one of {', '.join(DEVICES)}")
     source, overrides = split_config_args(ns.args)
     cfg = load_config(source, overrides)
     mesh = parse_mesh(ns.mesh) if ns.mesh else {"data": max(cfg.mesh.data, 1), "fsdp": max(cfg.mesh.fsdp, 1),

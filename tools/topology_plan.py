@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from qkv.train.config import Config
+from qkv.errors import UserError
 
 GIB = 1024 ** 3
 
@@ -104,8 +105,8 @@ def _gpu_devices(name: str) -> list:
     label, memory, _, bandwidth = GPU_SPECS[gpu]
     from qkv.platforms import cuda_plugin_installed
     if not cuda_plugin_installed():
-        raise ValueError(f"--topology {name!r} needs the CUDA plugin (no GPU needed): install it with "
-                         'pip install -e ".[cuda]"')
+        raise UserError(f"--topology {name!r} needs the CUDA plugin (no GPU needed): install it with "
+                        'pip install -e ".[cuda]"')
     from jax.experimental import topologies
     target = _HOPPER.format(bandwidth=bandwidth, memory=memory, name=label)
     try:
@@ -114,8 +115,8 @@ def _gpu_devices(name: str) -> list:
                                                      topology=f"1x{int(hosts)}x{int(per_host)}",
                                                      target_config=target).devices)
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"--topology {name!r}: the CUDA plugin cannot describe it ({str(err).splitlines()[0][:160]})"
-                         ) from None
+        raise UserError(f"--topology {name!r}: the CUDA plugin cannot describe it ({str(err).splitlines()[0][:160]})"
+                        ) from None
 
 
 def topology_devices(name: str) -> list:
@@ -124,8 +125,8 @@ def topology_devices(name: str) -> list:
     if re.fullmatch(rf"({'|'.join(GPU_SPECS)}):[0-9]+(x[0-9]+)?", name):
         return _gpu_devices(name)
     if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+)*", name):
-        raise ValueError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4, "
-                         "or GPU:COUNT, e.g. h100:8, h200:2x8")
+        raise UserError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4, "
+                        "or GPU:COUNT, e.g. h100:8, h200:2x8")
     from qkv.platforms import restrict_platforms
     restrict_platforms()  # without a TPU: allow several compile-only libtpu loads (if libtpu is not loaded yet)
     try:
@@ -133,8 +134,8 @@ def topology_devices(name: str) -> list:
         with quiet_native_stderr():
             return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except Exception as err:  # noqa: BLE001 (no libtpu, or a shape it does not know)
-        raise ValueError(f"--topology {name!r}: the TPU compiler cannot describe it ({str(err).splitlines()[0][:160]}); "
-                         'install it with pip install -e ".[tpu-compile]"') from None
+        raise UserError(f"--topology {name!r}: the TPU compiler cannot describe it ({str(err).splitlines()[0][:160]}); "
+                        'install it with pip install -e ".[tpu-compile]"') from None
 
 
 def _shape_bytes(text: str) -> int:

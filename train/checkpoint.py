@@ -35,6 +35,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from qkv.errors import UserError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -47,7 +48,7 @@ DAMAGED_FIX = ("restore the step from a backup or delete it (qkv pretrain itself
                "step)")
 
 
-class DamagedCheckpoint(ValueError):
+class DamagedCheckpoint(UserError):
     """A checkpoint step that exists but cannot be restored whole (truncated, deleted or altered files)."""
 
 
@@ -327,7 +328,7 @@ def restore(run_dir: str | Path, abstract_state: dict[str, Any], step: int | Non
         raise DamagedCheckpoint(f"{where} is damaged: it has no params item: {DAMAGED_FIX}")
     problem = _shape_mismatch(abstract_state["params"], stored)
     if problem:
-        raise ValueError(f"{where} does not fit this model: {problem}")
+        raise UserError(f"{where} does not fit this model: {problem}")
     items = {"params": ocp.args.StandardRestore(abstract_state["params"]), "meta": ocp.args.JsonRestore()}
     if with_optimizer:
         items["opt_state"] = ocp.args.StandardRestore(abstract_state["opt_state"])
@@ -419,7 +420,7 @@ def save_params(run_dir: str | Path, params: Any, meta: dict[str, Any], step: in
     readable by generate, evaluate, finetune and export. Refuses NaN/Inf parameters."""
     sums, finite = checksums({"params": params})
     if not finite:
-        raise ValueError("the parameters hold NaN or Inf: not writing them")
+        raise UserError("the parameters hold NaN or Inf: not writing them")
     mngr = manager(run_dir, keep=1)
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums})))

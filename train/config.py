@@ -19,6 +19,7 @@ import yaml
 from qkv.model import ModelConfig
 
 from .validate import check_section
+from qkv.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -163,23 +164,23 @@ class Config:
         check_section("model", self.model)  # the other sections check themselves when built
         if max(self.data.seq_len, self.data.source_len) > self.model.max_seq_len:
             key = "seq_len" if self.data.seq_len > self.model.max_seq_len else "source_seq_len"
-            raise ValueError(
+            raise UserError(
                 f"data.{key}={getattr(self.data, key)} exceeds model.max_seq_len={self.model.max_seq_len}: "
                 f"lower data.{key} or raise model.max_seq_len"
             )
         if self.train.batch_size % self.optim.grad_accum:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size={self.train.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}"
             )
         if self.optim.name == "muon" and self.finetune.lora.rank > 0:
-            raise ValueError(
+            raise UserError(
                 f"optim.name=muon cannot train LoRA adapters (finetune.lora.rank={self.finetune.lora.rank}): use "
                 "optim.name=adamw, or finetune.lora.rank=0 for a full fine-tune with Muon"
             )
         if self.data.source in ("files", "jsonl", "pairs") and not self.data.path:
-            raise ValueError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
+            raise UserError(f"data.source={self.data.source} needs data.path=DIR_OR_GLOB")
         if self.data.source == "tfds" and not self.data.tfds_name:
-            raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. lm1b)")
+            raise UserError("data.source=tfds needs data.tfds_name=NAME (e.g. lm1b)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,11 +209,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key}={value!r} is not allowed")
+        raise UserError(errors[0] if errors else f"{key}={value!r} is not allowed")
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ValueError(f"{key}={value!r} is not allowed: choose {_type_name(tp)}")
+        raise UserError(f"{key}={value!r} is not allowed: choose {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if tp is bool:
@@ -239,7 +240,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     name = _type_name(tp)
     hint = _TYPE_HINTS.get(get_origin(tp) or tp, "")
-    raise ValueError(f"{key}={value!r} must be {'an' if name[0] in 'aeiou' else 'a'} {name}{hint}")
+    raise UserError(f"{key}={value!r} must be {'an' if name[0] in 'aeiou' else 'a'} {name}{hint}")
 
 
 _TYPE_HINTS = {int: ": write whole digits, e.g. 100 (not 1e2)", float: ": write a number, e.g. 3e-4",
@@ -251,8 +252,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     where = prefix or "config"
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}: write it as "
-                         f"{where + ': ' if prefix else ''}{{key: value, ...}} (qkv config tiny prints every section)")
+        raise UserError(f"{where} must be a mapping of keys to values, got {type(data).__name__}: write it as "
+                        f"{where + ': ' if prefix else ''}{{key: value, ...}} (qkv config tiny prints every section)")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -261,12 +262,12 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f": did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f": allowed keys are {', '.join(names)}"
-            raise ValueError(f"unknown config key {full!r}{hint}")
+            raise UserError(f"unknown config key {full!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a frozen dataclass refusing arguments: report it plainly
-        raise ValueError(f"{where}: {err}") from None
+        raise UserError(f"{where}: {err}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -275,7 +276,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {part!r} is a value, not a section")
+            raise UserError(f"override {dotted!r}: {part!r} is a value, not a section")
     node[parts[-1]] = value
 
 
@@ -306,7 +307,7 @@ def parse_yaml(text: str) -> Any:
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with the value read as YAML (so 3, 3e-4, true, null, [a, b] work)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value, e.g. train.steps=100")
+        raise UserError(f"override {text!r} must look like section.key=value, e.g. train.steps=100")
     key, raw = text.split("=", 1)
     try:
         value = parse_yaml(raw) if raw != "" else ""
@@ -327,21 +328,21 @@ def read_yaml(source: str | Path | None) -> dict[str, Any]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise ValueError(f"config {source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
+            raise UserError(f"config {source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"config {source!r} is not a text file (byte {err.start} is not UTF-8): "
-                             "give a YAML file or a preset name") from None
+            raise UserError(f"config {source!r} is not a text file (byte {err.start} is not UTF-8): "
+                            "give a YAML file or a preset name") from None
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as err:
-        raise ValueError(f"config {source!r} is not valid YAML: {_yaml_problem(err)}") from None
+        raise UserError(f"config {source!r} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {source!r} must be a mapping of sections, got a {type(data).__name__}: write it "
-                         "as section: {key: value} mappings (qkv config tiny prints one)")
+        raise UserError(f"config {source!r} must be a mapping of sections, got a {type(data).__name__}: write it "
+                        "as section: {key: value} mappings (qkv config tiny prints one)")
     return data
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+from qkv.errors import UserError
 
 _initialized = False
 
@@ -64,9 +65,9 @@ def process_data_state(meta: dict) -> str:
     """
     states = meta.get("data_per_process") or [meta["data"]]
     if len(states) != jax.process_count():
-        raise ValueError(f"the checkpoint was written by {len(states)} process(es) and this run has "
-                         f"{jax.process_count()}: resume with {len(states)} (each process continues its own "
-                         "shard of the data), or start a new train.run_dir")
+        raise UserError(f"the checkpoint was written by {len(states)} process(es) and this run has "
+                        f"{jax.process_count()}: resume with {len(states)} (each process continues its own "
+                        "shard of the data), or start a new train.run_dir")
     return states[jax.process_index()]
 
 

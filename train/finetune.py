@@ -40,6 +40,7 @@ from .lora import init_lora, merge_lora
 from .loop import Job, Report, build_trainer, check_resumable, run
 from .sharding import replicated
 from .step import Trainer
+from qkv.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,10 +55,10 @@ def _resolved_init(init_from: str, init_step: int | None) -> tuple[str, int, dic
     meta = checkpoint.read_meta(path, init_step)
     saved = meta["config"].get("finetune", {})
     if saved.get("lora", {}).get("rank", 0):
-        raise ValueError(f"finetune.init_from={init_from!r} is a LoRA run: merge it first with "
-                         "qkv convert merge-lora RUN_DIR OUT_DIR and start from OUT_DIR")
+        raise UserError(f"finetune.init_from={init_from!r} is a LoRA run: merge it first with "
+                        "qkv convert merge-lora RUN_DIR OUT_DIR and start from OUT_DIR")
     if "tokenizer" not in meta:
-        raise ValueError(f"finetune.init_from={init_from!r} has no tokenizer: convert it again with --tokenizer")
+        raise UserError(f"finetune.init_from={init_from!r} has no tokenizer: convert it again with --tokenizer")
     return str(path), int(meta["step"]), meta
 
 
@@ -68,10 +69,10 @@ def load_finetune_config(source: str | Path | None, overrides: list[str] | tuple
     data = config_data(source or "sft-tiny", overrides)
     ft = data.get("finetune") or {}
     if not isinstance(ft, dict) or not ft.get("init_from"):
-        raise ValueError("finetune.init_from=RUN_DIR is required: the checkpoint to fine-tune")
+        raise UserError("finetune.init_from=RUN_DIR is required: the checkpoint to fine-tune")
     from_tfds = ft.get("method") == "classify" and (data.get("data") or {}).get("source") == "tfds"
     if not ft.get("train_path") and not from_tfds:
-        raise ValueError("finetune.train_path=FILE.jsonl is required: the training examples")
+        raise UserError("finetune.train_path=FILE.jsonl is required: the training examples")
     init_step = ft.get("init_step")
     run_dir = (data.get("train") or {}).get("run_dir") or TrainConfig.run_dir
     if init_step is None and checkpoint.latest_step(Path(run_dir).expanduser()) is not None:
@@ -117,8 +118,8 @@ def _classify_settings(data: dict[str, Any], ft: dict[str, Any], init_from: str)
     """Classification: the init run must be an encoder; the label set is fixed at the first start (from
     the training data unless given) and sizes the head (model.n_classes)."""
     if data["model"].get("kind") != "encoder":
-        raise ValueError(f"finetune.method=classify needs an encoder checkpoint (model.kind=encoder): "
-                         f"{init_from} holds a model.kind={data['model'].get('kind', 'decoder')} model")
+        raise UserError(f"finetune.method=classify needs an encoder checkpoint (model.kind=encoder): "
+                        f"{init_from} holds a model.kind={data['model'].get('kind', 'decoder')} model")
     if not ft.get("labels"):
         d = data.get("data") or {}
         if d.get("source") == "tfds":
@@ -134,7 +135,7 @@ def _classify_settings(data: dict[str, Any], ft: dict[str, Any], init_from: str)
 def _tfds_records(data: dict[str, Any], ft: dict[str, Any], split: str):
     d = data.get("data") or {}
     if not d.get("tfds_name"):
-        raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. glue/sst2)")
+        raise UserError("data.source=tfds needs data.tfds_name=NAME (e.g. glue/sst2)")
     return tfds_labeled(d["tfds_name"], split, Path(d.get("data_dir", "~/.cache/qkv/tfds")).expanduser(),
                         text_field=d.get("text_field", "sentence"), label_field=ft.get("label_field", "label"))
 
@@ -178,11 +179,11 @@ def finetune_trainer(cfg: Config) -> Trainer:
     is the same (a resumed or repeated run then skips recompiling its steps)."""
     ft = cfg.finetune
     if (ft.method == "classify") != bool(cfg.model.n_classes) or (ft.method == "classify" and ft.lora.rank):
-        raise ValueError("finetune.method=classify trains an encoder (model.kind=encoder) with model.n_classes set, "
-                         "fully (finetune.lora.rank=0); other methods need a model without a class head")
+        raise UserError("finetune.method=classify trains an encoder (model.kind=encoder) with model.n_classes set, "
+                        "fully (finetune.lora.rank=0); other methods need a model without a class head")
     if ft.method == "dpo" and (cfg.train.batch_size // jax.process_count()) % (2 * cfg.optim.grad_accum):
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} rows must hold whole (chosen, rejected) pairs "
-                         f"in every micro-batch and process: make it a multiple of 2 x optim.grad_accum x processes")
+        raise UserError(f"train.batch_size={cfg.train.batch_size} rows must hold whole (chosen, rejected) pairs "
+                        f"in every micro-batch and process: make it a multiple of 2 x optim.grad_accum x processes")
     d = cfg.to_dict()
     key = json.dumps({"model": d["model"], "optim": d["optim"], "mesh": d["mesh"], "devices": str(jax.devices()),
                       "train": [cfg.train.steps, cfg.train.seed, cfg.train.batch_size, cfg.train.skip_nonfinite],
@@ -236,7 +237,7 @@ class FinetuneJob(Job):
 
     def __init__(self, cfg: Config, run_dir: Path):
         if run_dir == Path(cfg.finetune.init_from):
-            raise ValueError("train.run_dir is finetune.init_from: write the fine-tuned run to a new directory")
+            raise UserError("train.run_dir is finetune.init_from: write the fine-tuned run to a new directory")
         super().__init__(cfg, finetune_trainer(cfg))
         self.base: Any = None
         self.n_examples = 0
@@ -246,9 +247,9 @@ class FinetuneJob(Job):
         saved = config_from_dict(meta["config"]).finetune
         for key in ("method", "init_from", "init_step", "train_path", "lora", "eval_path", "eval_fraction"):
             if getattr(saved, key) != getattr(self.cfg.finetune, key):
-                raise ValueError(f"{run_dir} holds a run with finetune.{key}={getattr(saved, key)!r}, not "
-                                 f"{getattr(self.cfg.finetune, key)!r}: use another train.run_dir or keep the saved "
-                                 "settings")
+                raise UserError(f"{run_dir} holds a run with finetune.{key}={getattr(saved, key)!r}, not "
+                                f"{getattr(self.cfg.finetune, key)!r}: use another train.run_dir or keep the saved "
+                                "settings")
 
     def _base(self) -> Any:
         if self.base is None:
@@ -260,8 +261,8 @@ class FinetuneJob(Job):
         meta = meta if meta is not None else checkpoint.read_meta(ft.init_from, ft.init_step)
         tok = checkpoint.read_tokenizer(meta)
         if tok.vocab_size > self.cfg.model.vocab_size:
-            raise ValueError(f"the init checkpoint's tokenizer has {tok.vocab_size} pieces but model.vocab_size="
-                             f"{self.cfg.model.vocab_size}")
+            raise UserError(f"the init checkpoint's tokenizer has {tok.vocab_size} pieces but model.vocab_size="
+                            f"{self.cfg.model.vocab_size}")
         return tok
 
     def data(self, tok: Tokenizer):
@@ -288,7 +289,7 @@ class FinetuneJob(Job):
                 log(f"truncated {s.truncated} of {len(s.items)} {what} texts to data.seq_len={cfg.data.seq_len}")
         items = train_items[jax.process_index()::jax.process_count()]
         if not items:
-            raise ValueError(f"{ft.train_path} has fewer examples than there are processes ({jax.process_count()})")
+            raise UserError(f"{ft.train_path} has fewer examples than there are processes ({jax.process_count()})")
         self.n_examples = len(train_items)
         make = {"classify": ClassifyIterator, "dpo": DPOIterator}.get(ft.method, PackedSFTIterator)
         data_iter = make(items, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // jax.process_count(),
@@ -320,7 +321,7 @@ def finetune(cfg: Config, report: Report | None = None) -> dict[str, Any]:
     (``report``, e.g. ``qkv.inference.report.finetune_report(cfg)``, adds a sample)."""
     from_tfds = cfg.finetune.method == "classify" and cfg.data.source == "tfds"
     if not cfg.finetune.init_from or not (cfg.finetune.train_path or from_tfds):
-        raise ValueError("finetune needs finetune.init_from and finetune.train_path (use load_finetune_config)")
+        raise UserError("finetune needs finetune.init_from and finetune.train_path (use load_finetune_config)")
     summary = run(cfg, lambda run_dir: FinetuneJob(cfg, run_dir), report)
     summary["trainable_params"] = summary.pop("params")
     return summary

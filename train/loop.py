@@ -39,6 +39,7 @@ from .sharding import check_batch, make_mesh, resolve_rules
 from .step import State, Trainer, run_eval
 from .tasks import task_for
 from .validate import check_run_dir
+from qkv.errors import UserError
 
 
 def open_split(cfg: Config, split: str):
@@ -50,8 +51,8 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, texts, with_mask: bool = False
     if cfg.tokenizer.path:
         path = Path(cfg.tokenizer.path).expanduser()
         if not path.is_file():
-            raise ValueError(f"tokenizer.path={cfg.tokenizer.path!r} does not exist: point it at a .model file "
-                             "or leave it unset to train one")
+            raise UserError(f"tokenizer.path={cfg.tokenizer.path!r} does not exist: point it at a .model file "
+                            "or leave it unset to train one")
         return Tokenizer.load(path)
     target = run_dir / "tokenizer.model"
     if is_main_process() and not target.exists():  # decided by process 0 alone; the others wait
@@ -80,7 +81,7 @@ def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
         if old != new:
             changed = [k for k in old.__dataclass_fields__ if getattr(old, k) != getattr(new, k)]
             key = changed[0]
-            raise ValueError(
+            raise UserError(
                 f"{run_dir} holds a run with {section}.{key}={getattr(old, key)!r}, not {getattr(new, key)!r}: "
                 "use another train.run_dir or keep the saved settings"
             )
@@ -92,7 +93,7 @@ def build_trainer(cfg: Config, **kwargs: Any) -> Trainer:
     rules = resolve_rules(cfg.mesh.rules)
     check_batch(cfg.train.batch_size, mesh, rules)
     if cfg.train.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} processes")
+        raise UserError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} processes")
     if kwargs.get("objective") is None:  # fine-tuning passes its own (a classifier has no pretraining task)
         kwargs["objective"] = task_for(cfg).objective()
     return Trainer(cfg.model, cfg.optim, mesh, rules, cfg.train.steps, cfg.train.seed,

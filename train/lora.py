@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
+from qkv.errors import UserError
 
 LORA_KERNELS = {("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"), ("mlp", "wi"), ("mlp", "wg"),
                 ("mlp", "wo")}
@@ -30,15 +31,15 @@ def lora_paths(base: Any, targets: list[str]) -> list[tuple[str, ...]]:
         else:
             keys = [k for k in sorted(LORA_KERNELS) if k[1] == name]
             if len(keys) > 1:
-                raise ValueError(f"finetune.lora.targets: {name!r} is ambiguous: write "
-                                 f"{' or '.join('.'.join(k) for k in keys)}")
+                raise UserError(f"finetune.lora.targets: {name!r} is ambiguous: write "
+                                f"{' or '.join('.'.join(k) for k in keys)}")
         choices = "wq, wk, wv, attn.wo, wi, wg, mlp.wo, attention, mlp, all"
         if not keys or any(k not in LORA_KERNELS for k in keys):
-            raise ValueError(f"finetune.lora.targets: unknown target {name!r}: choose from {choices}")
+            raise UserError(f"finetune.lora.targets: unknown target {name!r}: choose from {choices}")
         for k in keys:
             if k not in present:
-                raise ValueError(f"finetune.lora.targets: this model has no {'.'.join(k)} kernel: choose from "
-                                 f"{', '.join('.'.join(p) for p in sorted(present))}")
+                raise UserError(f"finetune.lora.targets: this model has no {'.'.join(k)} kernel: choose from "
+                                f"{', '.join('.'.join(p) for p in sorted(present))}")
             if present[k] not in picked:
                 picked.append(present[k])
     return picked

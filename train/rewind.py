@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from qkv.errors import UserError
 
 MIN_HISTORY = 20  # good steps seen before the robust threshold is trusted
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
@@ -89,8 +90,8 @@ def load_plan(run_dir: Path) -> list[dict[str, int]]:
     try:
         plan = json.loads(path.read_text())
     except ValueError:
-        raise ValueError(f"{path} is damaged (not JSON): restore it from a backup, or delete it and the "
-                         "checkpoints after its first rewind") from None
+        raise UserError(f"{path} is damaged (not JSON): restore it from a backup, or delete it and the "
+                        "checkpoints after its first rewind") from None
     return plan["rewinds"]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .config import MeshConfig
+from qkv.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -48,17 +49,17 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {', '.join('mesh.' + k for k in free)}")
+        raise UserError(f"only one mesh axis may be -1, got {', '.join('mesh.' + k for k in free)}")
     for key, value in sizes.items():
         if value == 0 or value < -1:
-            raise ValueError(f"mesh.{key}={value} must be a positive integer or -1 (the rest)")
+            raise UserError(f"mesh.{key}={value} must be a positive integer or -1 (the rest)")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if n_devices % fixed:
-            raise ValueError(f"mesh axes {sizes} cannot fill {n_devices} devices: {n_devices} is not divisible by {fixed}")
+            raise UserError(f"mesh axes {sizes} cannot fill {n_devices} devices: {n_devices} is not divisible by {fixed}")
         sizes[free[0]] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
             f"{math.prod(sizes.values())} devices, but {n_devices} are available: set one axis to -1"
         )
@@ -79,7 +80,7 @@ def resolve_rules(overrides: Mapping[str, Any]) -> dict[str, Any]:
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         bad = [t for t in targets if t not in MESH_AXES]
         if bad:
-            raise ValueError(f"mesh.rules.{name}={target!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)})")
+            raise UserError(f"mesh.rules.{name}={target!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)})")
         rules[name] = targets or None
     return rules
 
@@ -105,7 +106,7 @@ def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mes
         if size % ways:
             axes = "x".join(f"{n}={mesh.shape[n]}" for n in names)
             what = f" ({logical[dim]})" if dim < len(logical) and logical[dim] else ""
-            raise ValueError(
+            raise UserError(
                 f"{path} dimension {dim}{what} of size {size} cannot be split over mesh axes {axes} ({ways} ways): "
                 "choose mesh sizes that divide it, or change mesh.rules"
             )
@@ -132,8 +133,8 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Mapping[str, Any], what: str
     names = (spec,) if isinstance(spec, str) else tuple(spec or ())
     ways = math.prod(mesh.shape[n] for n in names)
     if batch_size % ways:
-        raise ValueError(f"{what}={batch_size} cannot be split over {ways} batch shards ({'x'.join(names)}): "
-                         f"use a multiple of {ways}")
+        raise UserError(f"{what}={batch_size} cannot be split over {ways} batch shards ({'x'.join(names)}): "
+                        f"use a multiple of {ways}")
 
 
 def activation_layout(mesh: Mesh, rules: Mapping[str, Any]):

@@ -27,6 +27,7 @@ from .config import LoraConfig, OptimConfig
 from .lora import init_lora, merge_lora
 from .objectives import Objective, cross_entropy, loss_tokens
 from .sharding import activation_layout, batch_sharding, replicated, tree_shardings
+from qkv.errors import UserError
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -71,8 +72,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: An
     schedule = learning_rate_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.name == "muon" and axes is None:  # the config refuses Muon with LoRA; this guards the Python API
-        raise ValueError("optim.name=muon needs the model's weight matrices (LoRA adapters are not trained with "
-                         "Muon): use optim.name=adamw")
+        raise UserError("optim.name=muon needs the model's weight matrices (LoRA adapters are not trained with "
+                        "Muon): use optim.name=adamw")
     if cfg.name == "muon":
         from optax.contrib import MuonDimensionNumbers, scale_by_muon
         from optax.contrib._muon import scale_by_shape  # not exported by optax 0.2.8
@@ -345,8 +346,8 @@ def same_count(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarra
     if most == len(batches):
         return batches
     if fewest == 0 and most > 0:  # every process reaches this same decision
-        raise ValueError(f"a process has no evaluation examples while another has {most} batches: use a larger "
-                         "validation split (data.validation_fraction, finetune.eval_path) or fewer processes")
+        raise UserError(f"a process has no evaluation examples while another has {most} batches: use a larger "
+                        "validation split (data.validation_fraction, finetune.eval_path) or fewer processes")
     return batches + [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (most - len(batches))
 
 

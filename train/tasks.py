@@ -29,6 +29,7 @@ from qkv.data import (Seq2SeqIterator, Tokenizer, load_pairs, make_eval_dataset,
 from . import objectives
 from .config import Config
 from .distributed import log
+from qkv.errors import UserError
 
 Batch = dict[str, np.ndarray]
 TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds")
@@ -52,8 +53,8 @@ class LMTask:
         self.cfg = cfg
         self._eval_cache: tuple[Any, list[Batch]] | None = None  # (source, its batches): built once per run
         if cfg.data.source not in self.sources:
-            raise ValueError(f"data.source={cfg.data.source} cannot train model.kind={cfg.model.kind}: "
-                             f"use data.source={'|'.join(self.sources)}")
+            raise UserError(f"data.source={cfg.data.source} cannot train model.kind={cfg.model.kind}: "
+                            f"use data.source={'|'.join(self.sources)}")
 
     def open(self, split: str):
         d = self.cfg.data
@@ -102,8 +103,8 @@ class LMTask:
 
     def check_tokenizer(self, tok: Tokenizer) -> None:
         if tok.vocab_size > self.cfg.model.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={self.cfg.model.vocab_size}: "
-                             f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
+            raise UserError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size={self.cfg.model.vocab_size}: "
+                            f"set model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
 
 class MLMTask(LMTask):
     """Encoder-only masked-language modelling (BERT): recover 15 % of the tokens from both sides."""
@@ -120,8 +121,8 @@ class MLMTask(LMTask):
     def check_tokenizer(self, tok: Tokenizer) -> None:
         super().check_tokenizer(tok)
         if tok.mask_id is None:
-            raise ValueError("the tokenizer has no <mask> piece for masked-language modelling: leave tokenizer.path "
-                             "unset so qkv trains one with it (qkv.data.train_tokenizer(..., with_mask=True))")
+            raise UserError("the tokenizer has no <mask> piece for masked-language modelling: leave tokenizer.path "
+                            "unset so qkv trains one with it (qkv.data.train_tokenizer(..., with_mask=True))")
 
 class Seq2SeqTask(LMTask):
     """Encoder-decoder: the target given the source, with teacher forcing (and optional label smoothing)."""
@@ -134,7 +135,7 @@ class Seq2SeqTask(LMTask):
             return toy_pairs(split, d.toy_limit)
         if d.source == "tfds":
             if not d.tfds_name:
-                raise ValueError("data.source=tfds needs data.tfds_name=NAME (e.g. wmt14_translate/de-en)")
+                raise UserError("data.source=tfds needs data.tfds_name=NAME (e.g. wmt14_translate/de-en)")
             return tfds_pairs(d.tfds_name, split, Path(d.data_dir).expanduser(), d.source_field, d.target_field,
                               d.train_split, d.eval_split)
         return load_pairs(d.path, split, target_path=d.target_path, source_field=d.source_field,
@@ -158,7 +159,7 @@ class Seq2SeqTask(LMTask):
         per_process = self.cfg.train.batch_size // jax.process_count()
         examples = self._examples(tok, source)[jax.process_index()::jax.process_count()]
         if not examples:
-            raise ValueError(f"the training pairs are fewer than the {jax.process_count()} processes")
+            raise UserError(f"the training pairs are fewer than the {jax.process_count()} processes")
         return Seq2SeqIterator(examples, src_len=self.cfg.data.source_len, tgt_len=self.cfg.data.seq_len,
                                batch_size=per_process, seed=self.cfg.train.seed)
 
@@ -181,6 +182,6 @@ _KIND_TASK = {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
 def task_for(cfg: Config) -> LMTask:
     """The pretraining task of ``cfg.model.kind`` (validated against ``cfg.data.source``)."""
     if cfg.model.n_classes:
-        raise ValueError(f"model.n_classes={cfg.model.n_classes}: classifiers are fine-tuned from an encoder run: "
-                         "qkv finetune finetune.method=classify finetune.init_from=RUN ...")
+        raise UserError(f"model.n_classes={cfg.model.n_classes}: classifiers are fine-tuned from an encoder run: "
+                        "qkv finetune finetune.method=classify finetune.init_from=RUN ...")
     return TASKS[_KIND_TASK[cfg.model.kind]](cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, Callable
+from qkv.errors import UserError
 
 # Sane upper bounds: far above any real run, low enough to catch a typo (1e20 steps, a batch of 1e12).
 MAX_STEPS = 10**9
@@ -188,7 +189,7 @@ def check_section(section: str, obj: Any) -> None:
     for key, test, need, fix in RULES[section]:
         value = getattr(obj, key)
         if not test(value):
-            raise ValueError(f"{section}.{key}={show(value)} must be {need}: {fix}")
+            raise UserError(f"{section}.{key}={show(value)} must be {need}: {fix}")
 
 
 def check_run_dir(run_dir: "Path") -> None:
@@ -199,13 +200,13 @@ def check_run_dir(run_dir: "Path") -> None:
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"train.run_dir={str(run_dir)!r} is a file, not a directory: choose another train.run_dir")
+        raise UserError(f"train.run_dir={str(run_dir)!r} is a file, not a directory: choose another train.run_dir")
     ancestor = run_dir
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"train.run_dir={str(run_dir)!r} lies under the file {str(ancestor)!r}: choose another "
-                         "train.run_dir")
+        raise UserError(f"train.run_dir={str(run_dir)!r} lies under the file {str(ancestor)!r}: choose another "
+                        "train.run_dir")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"train.run_dir={str(run_dir)!r}: {str(ancestor)!r} is not writable by this user: choose "
-                         "another train.run_dir")
+        raise UserError(f"train.run_dir={str(run_dir)!r}: {str(ancestor)!r} is not writable by this user: choose "
+                        "another train.run_dir")
