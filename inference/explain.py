@@ -173,7 +173,8 @@ def next_token_table(logits_v: np.ndarray, tokenizer, k: int = 10, temperature: 
     """The ``k`` best tokens by logit with softmax probabilities at T=1 and at ``temperature``, whether the
     sampler's top-k/top-p filter keeps them, and the probability the sampler then draws them with."""
     SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # the sampler's own validation
-    logits = np.asarray(logits_v, np.float32)
+    # a model vocabulary padded beyond the tokenizer's: the sampler never draws those ids (vocab_limit), nor does this
+    logits = np.asarray(logits_v, np.float32)[:tokenizer.vocab_size]
     p1 = _softmax(logits)
     if temperature == 0.0:  # greedy: all mass on the best token
         kept = np.zeros(logits.shape, bool)
@@ -225,30 +226,32 @@ def greedy_check(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, tokenize
                  new_tokens: int) -> dict[str, Any]:
     """Greedy continuation decoded twice: with the KV cache (the real decoders of inference/) and without
     it (the whole forward pass again for every new token, reading the last position's logits)."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens, vocab_limit=tokenizer.vocab_size)
     if cfg.kind == "encoder_decoder":
-        cached = Seq2SeqDecoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)).generate(
+        cached = Seq2SeqDecoder(cfg, graphdef, greedy).generate(
             params, [inputs.source], tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)[0]
         start = [tokenizer.bos_id]
     else:
-        cached = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)).generate(
-            params, [inputs.tokens], tokenizer.pad_id, tokenizer.eos_id)[0]
+        cached = Decoder(cfg, graphdef, greedy).generate(params, [inputs.tokens], tokenizer.pad_id, tokenizer.eos_id)[0]
         start = list(inputs.tokens)
-    uncached = _greedy_uncached(graphdef, params, start, inputs.source, new_tokens, tokenizer.eos_id)
+    uncached = _greedy_uncached(graphdef, params, start, inputs.source, new_tokens, tokenizer.eos_id,
+                                tokenizer.vocab_size)
     return {"new_tokens": new_tokens, "cached": cached, "uncached": uncached, "same": cached == uncached,
             "text": tokenizer.decode(cached)}
 
 
-def _greedy_uncached(graphdef, params, start: list[int], source: list[int] | None, steps: int, eos_id: int
-                     ) -> list[int]:
+def _greedy_uncached(graphdef, params, start: list[int], source: list[int] | None, steps: int, eos_id: int,
+                     vocab_limit: int) -> list[int]:
     """Each step runs the full forward pass over a fixed-length buffer (causal: later slots cannot
-    change earlier logits), so one compiled shape serves every step."""
+    change earlier logits), so one compiled shape serves every step; ids from ``vocab_limit`` on (a model
+    vocabulary padded beyond the tokenizer's) are never chosen, as in the cached decoders."""
     buffer = np.zeros(len(start) + steps, np.int32)
     buffer[:len(start)] = start
     out: list[int] = []
     for i in range(steps):
         n = len(start) + i
         batch = make_batch(Inputs(buffer.tolist(), 0, source))
-        token = int(np.argmax(np.asarray(_forward(graphdef, params, batch))[0, n - 1]))
+        token = int(np.argmax(np.asarray(_forward(graphdef, params, batch))[0, n - 1, :vocab_limit]))
         if token == eos_id:
             break
         out.append(token)
@@ -266,7 +269,9 @@ def embedding_numbers(embed_vd: np.ndarray, tokenizer, ids: list[int], k: int = 
                       ) -> dict[str, Any]:
     """Nearest vocabulary pieces (cosine) of each distinct regular piece in ``ids``, and a 2-D PCA map of
     the input embeddings of the ``n_map`` pieces with the lowest ids after the special and byte pieces
-    (SentencePiece numbers pieces by score: for BPE, the earliest merges of the most frequent pairs)."""
+    (SentencePiece numbers pieces by score: for BPE, the earliest merges of the most frequent pairs). Rows of a
+    model vocabulary padded beyond the tokenizer's are no pieces: they are left out."""
+    embed_vd = np.asarray(embed_vd)[:tokenizer.vocab_size]
     skip = set(special_ids(tokenizer))
     regular = [i for i in range(tokenizer.vocab_size) if i not in skip and not piece_rows(tokenizer, [i])[0]["byte"]]
     neighbours = []
@@ -288,7 +293,8 @@ def read(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, tokenizer, promp
     if cfg.kind == "encoder_decoder" and source is None:  # explain the model's own translation
         probe = build_inputs(cfg, tokenizer, prompt)
         budget = cfg.max_seq_len - 1  # the whole translation (one compiled scan)
-        target_ids = Seq2SeqDecoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=budget)).generate(
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=budget, vocab_limit=tokenizer.vocab_size)
+        target_ids = Seq2SeqDecoder(cfg, graphdef, greedy).generate(
             params, [probe.source], tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)[0]
     inputs = build_inputs(cfg, tokenizer, prompt, source, position, target_ids)
     logits, weights = forward_with_weights(graphdef, params, make_batch(inputs))

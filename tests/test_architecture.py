@@ -67,3 +67,22 @@ def test_a_forbidden_import_breaks_the_contract(tmp_path, module, forbidden):
     assert result.returncode != 0
     importer = "qkv." + module[:-3].replace("/", ".")
     assert importer in result.stdout, result.stdout
+
+
+def test_no_private_names_are_imported_from_other_packages():
+    """A library's underscore modules and names are not its API and change without notice (optax moved Muon's
+    width scaling into a private ``optax.contrib._muon.scale_by_shape``): qkv imports only public names, even
+    inside functions."""
+    import ast
+
+    private = []
+    for folder in ("qkv", *ROOMS.values()):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                modules = ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                           else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                if any(p.startswith("_") and not p.startswith("__") for m in modules for p in m.split(".")) or \
+                        any(n.startswith("_") and not n.startswith("__") for n in names):
+                    private.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not private, private

@@ -110,9 +110,14 @@ def test_weights_equal_float64_numpy_softmax():
 
 
 class _Pieces:
-    """Just enough of a tokenizer for the table: piece names."""
+    """Just enough of a tokenizer for the table: piece names, and its size."""
+
+    def __init__(self, vocab_size: int = 40):
+        self.vocab_size = vocab_size
 
     def id_to_piece(self, i):
+        if not 0 <= i < self.vocab_size:
+            raise IndexError(f"piece id {i} is out of range")  # as SentencePiece's id_to_piece
         return f"p{i}"
 
 
@@ -154,6 +159,18 @@ def test_next_token_table_probabilities_and_marks(temperature, top_k, top_p):
     assert draws <= {i for i in range(40) if kept[i]}
     survivors = np.asarray(filter_logits(logits[None] / np.float32(temperature), top_k, top_p))[0]
     assert ((survivors > np.finfo(np.float32).min) == kept).all()
+
+
+def test_next_token_table_leaves_out_ids_beyond_the_tokenizer():
+    """A model vocabulary padded beyond the tokenizer's: the padding's logits (here the largest) are neither
+    listed nor counted; the probabilities are those of the sampler, which never draws them (vocab_limit)."""
+    logits = np.random.default_rng(2).normal(0, 2, 48).astype(np.float32)
+    logits[40:] = 50.0
+    table = next_token_table(logits, _Pieces(40), k=10, temperature=0.8, top_k=5)
+    assert all(r["id"] < 40 for r in table["rows"]) and table["kept"] == 5
+    np.testing.assert_allclose([r["p_t1"] for r in table["rows"]],
+                               np.sort(np.exp(logits[:40] - logits[:40].max()) / np.exp(logits[:40] - logits[:40].max()).sum())[::-1][:10],
+                               rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- reports from tiny runs
@@ -260,3 +277,50 @@ def test_bad_input_is_one_line_and_leaves_no_report(runs, tmp_path, capsys, name
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qkv: error: ") and expected in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def _padded(lm, extra_of_each: int = 3):
+    """``lm`` with its vocabulary grown beyond the tokenizer's by one row per tokenizer piece: row V + j is
+    ``extra_of_each`` times row j (embedding and untied head alike), so each padding row is its piece's nearest
+    neighbour and outscores it: ids the tokenizer cannot name, as in a padded vocabulary."""
+    from dataclasses import replace
+
+    from qkv.api import LanguageModel
+    from qkv.model import abstract_model, logical_axes
+    cfg, n = lm.config.model, lm.tokenizer.vocab_size
+    bigger = replace(cfg, vocab_size=cfg.vocab_size + n)
+    abstract = abstract_model(bigger)
+    graphdef, _ = split_params(abstract)
+
+    def grow(axes, x):
+        if "vocab" not in axes:
+            return x
+        axis = axes.index("vocab")
+        copies = extra_of_each * np.take(np.asarray(x), np.arange(n), axis=axis)
+        return jax.numpy.asarray(np.concatenate([np.asarray(x), copies], axis=axis), x.dtype)
+    params = jax.tree.map(grow, logical_axes(abstract), lm.params, is_leaf=lambda a: isinstance(a, tuple))
+    return LanguageModel(replace(lm.config, model=bigger), lm.tokenizer, graphdef, params, lm.step)
+
+
+def _ids(numbers: dict) -> list[int]:
+    e, g = numbers["embeddings"], numbers.get("greedy_check") or {}
+    return ([r["id"] for r in numbers["next_token"]["rows"]] + e["map"]["ids"]
+            + [n["id"] for row in e["neighbours"] for n in row["neighbours"]] + g.get("cached", []) + g.get("uncached", []))
+
+
+@pytest.mark.parametrize("kind,prompt,source", [("decoder", "def f(x):", None), ("encoder", "import os", None),
+                                                ("encoder_decoder", "4721", None), ("encoder_decoder", "one", "1")])
+def test_explain_a_model_vocabulary_larger_than_the_tokenizer(runs, kind, prompt, source):
+    """Padding rows are no pieces: the explanation names only the tokenizer's ids, and it is the same as that of
+    the model without them (the translation and greedy continuations too)."""
+    import qkv
+
+    lm = qkv.load(runs[kind])
+    padded = _padded(lm)
+    assert padded.config.model.vocab_size > lm.tokenizer.vocab_size
+    settings = dict(source=source, new_tokens=3, neighbours=3, map_pieces=20)
+    got, want = padded.explain(prompt, **settings).numbers, lm.explain(prompt, **settings).numbers
+    assert max(_ids(got)) < lm.tokenizer.vocab_size
+    assert _ids(got) == _ids(want) and got["target_text"] == want["target_text"]
+    np.testing.assert_allclose([r["p_t1"] for r in got["next_token"]["rows"]],
+                               [r["p_t1"] for r in want["next_token"]["rows"]], rtol=1e-4, atol=1e-7)

@@ -78,7 +78,7 @@ def test_rope_scaling_matches_transformers(name, tmp_path):
 
 
 def test_old_rope_scaling_key_is_read(tmp_path):
-    """transformers 4 wrote rope_theta + rope_scaling {"type": ...}; the issue's silent-wrong case."""
+    """transformers 4 wrote rope_theta + rope_scaling {"type": ...}; the case that would otherwise import silently wrong."""
     hf = make_hf("llama", {**LLAMA, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
     hf.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -47,17 +47,24 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+# Axes that mark an embedding table or an output head (token and position embeddings, the untied LM head, a
+# classifier): Muon's authors keep these on AdamW with the norms and biases, and orthogonalise hidden matrices only.
+TABLE_AXES = frozenset({"vocab", "position", "classes"})
+STACK_AXES = frozenset({"layers", "experts"})  # separate matrices stacked along one array axis
+
+
 def muon_dimensions(axes: Any) -> Any:
     """Per parameter, how Muon sees it as a matrix (from its logical axes), or None for AdamW.
 
-    A projection's input side is ``embed`` when that is its first axis (wq, wk, wv, mlp.wi, mlp.wg: the
+    A hidden projection's input side is ``embed`` when that is its first axis (wq, wk, wv, mlp.wi, mlp.wg: the
     rest is the output), otherwise its last axis is the output ``embed`` (attention and MLP ``wo``);
-    ``layers`` stacks separate matrices. Embeddings (``vocab``), norms and biases stay on AdamW."""
+    ``layers`` (and ``experts``) stack separate matrices. By role, embedding tables and output heads (an axis in
+    ``TABLE_AXES``: ``embed``, ``pos_embed``, ``lm_head``, ``cls_head``), norms and biases stay on AdamW."""
     from optax.contrib import MuonDimensionNumbers
 
     def dims(names: tuple[str, ...]) -> Any:
-        own = [i for i, n in enumerate(names) if n != "layers"]
-        if "vocab" in names or len(own) < 2 or "embed" not in names:
+        own = [i for i, n in enumerate(names) if n not in STACK_AXES]
+        if TABLE_AXES.intersection(names) or len(own) < 2 or "embed" not in names:
             return None
         if names[own[0]] == "embed":
             return MuonDimensionNumbers(reduction_axis=(own[0],), output_axis=tuple(own[1:]))
@@ -65,8 +72,29 @@ def muon_dimensions(axes: Any) -> Any:
     return jax.tree.map(dims, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def scale_by_width(weight_dimension_numbers: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Muon's width scaling (github.com/KellerJordan/Muon): each orthogonalised update times
+    sqrt(max(1, fan_out / fan_in)), fan-in and fan-out read from the matrix's ``MuonDimensionNumbers``. optax >= 0.2.7
+    moved this out of ``scale_by_muon`` into a transform it does not export; this is that transform."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def scale(update: jax.Array, d: Any) -> jax.Array:
+        if not isinstance(d, MuonDimensionNumbers):  # an AdamW leaf, masked out inside the partition
+            return update
+        fan_in = np.prod([update.shape[a] for a in d.reduction_axis])
+        fan_out = np.prod([update.shape[a] for a in d.output_axis])
+        return update * np.sqrt(max(1.0, fan_out / fan_in)).astype(update.dtype)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        dims = weight_dimension_numbers(updates)
+        return jax.tree.map(scale, updates, dims, is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers)
+                            ), state
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: Any = None) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (or Muon for the weight matrices named by ``axes``); ``decay_mask``
+    """Global-norm clipping, then AdamW (or Muon for the hidden weight matrices named by ``axes``); ``decay_mask``
     (True per weight matrix) spares norms and biases."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     schedule = learning_rate_schedule(cfg, total_steps)
@@ -76,7 +104,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: An
                         "Muon): use optim.name=adamw")
     if cfg.name == "muon":
         from optax.contrib import MuonDimensionNumbers, scale_by_muon
-        from optax.contrib._muon import scale_by_shape  # not exported by optax 0.2.8
         dims = muon_dimensions(axes)
         is_dims = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
         labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims, is_leaf=is_dims)
@@ -84,7 +111,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any, axes: An
         masked_dims = lambda tree: jax.tree.map(lambda d, x: x if d is None else d, dims, tree,  # noqa: E731
                                                 is_leaf=is_dims)
         matrices = optax.chain(scale_by_muon(weight_dimension_numbers=masked_dims),
-                               scale_by_shape(weight_dimension_numbers=masked_dims),
+                               scale_by_width(masked_dims),
                                optax.add_decayed_weights(cfg.weight_decay),
                                optax.scale_by_learning_rate(learning_rate_schedule(
                                    replace(cfg, learning_rate=cfg.muon_learning_rate), total_steps)))

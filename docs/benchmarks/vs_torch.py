@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 SIZES = {  # name: (vocab, d_model, layers, heads, block, batch)
-    "S": (65, 128, 4, 4, 64, 12),   # nanoGPT's documented CPU run of shakespeare_char (the shape)
+    "S": (65, 128, 4, 4, 64, 12),   # nanoGPT's documented CPU run of shakespeare_char (size S)
     "M": (65, 256, 4, 4, 128, 16),
     "L": (65, 384, 6, 6, 256, 16),  # nanoGPT's shakespeare_char GPU shape, at batch 16
 }
