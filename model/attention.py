@@ -36,35 +36,45 @@ from .config import ModelConfig
 from .layers import apply_rope, dense, param, rms_normalize
 
 
-def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
-    """Boolean [b, t, s]: query at slot i sees key slot j iff j <= i and both lie in the same segment.
+def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array,
+                   window: int = 0) -> jax.Array:
+    """Boolean [b, t, s]: query at slot i sees key slot j iff j <= i, both lie in the same segment and,
+    with a sliding ``window`` W > 0, i - W < j (the query and the W - 1 keys before it).
 
     Segments keep packed documents apart (and padding, segment 0, to itself); slots are positions in
-    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding. With
-    ``q_slots_bt=None`` the mask is not causal: segments alone decide (encoders, cross-attention,
-    where a target example's segment id names its source example).
+    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding (query slots
+    offset by the cache index). With ``q_slots_bt=None`` the mask is not causal: segments alone decide
+    (encoders, cross-attention, where a target example's segment id names its source example); a
+    window there is the rule mirrored, |i - j| < W with query i at slot i (transformers' bidirectional
+    sliding window counts |i - j| <= W: its W is this W - 1).
     """
     same_segment_bts = k_segments_bs[:, None, :] == q_segments_bt[:, :, None]
-    if q_slots_bt is None:
-        return same_segment_bts
     k_slots_s = jnp.arange(k_segments_bs.shape[1])
+    if q_slots_bt is None:
+        if not window:
+            return same_segment_bts
+        q_slots_bt = jnp.broadcast_to(jnp.arange(q_segments_bt.shape[1]), q_segments_bt.shape)
+        distance_bts = jnp.abs(q_slots_bt[:, :, None] - k_slots_s[None, None, :])
+        return same_segment_bts & (distance_bts < window)
     causal_bts = k_slots_s[None, None, :] <= q_slots_bt[:, :, None]
+    if window:
+        causal_bts &= k_slots_s[None, None, :] > q_slots_bt[:, :, None] - window
     return causal_bts & same_segment_bts
 
 
 class Mask(NamedTuple):
     """The parts of ``attention_mask`` (one rule), kept apart so flash kernels can read them.
 
-    ``dense()`` is the boolean [b, t, s] of the rule; kernels use q_slots (None: not causal) and the
-    segment ids directly. Where a dense array is passed instead, attention runs on XLA.
+    ``dense(window)`` is the boolean [b, t, s] of the rule; kernels use q_slots (None: not causal) and
+    the segment ids directly. Where a dense array is passed instead, attention runs on XLA.
     """
 
     q_slots_bt: jax.Array | None
     q_segments_bt: jax.Array
     k_segments_bs: jax.Array
 
-    def dense(self) -> jax.Array:
-        return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs)
+    def dense(self, window: int = 0) -> jax.Array:
+        return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs, window)
 
 
 def select_impl(impl: str, t: int, s: int, e: int) -> str:
@@ -77,14 +87,23 @@ def select_impl(impl: str, t: int, s: int, e: int) -> str:
     return impl
 
 
+def _scores_scale(e: int, scale: float | None) -> float:
+    return 1 / math.sqrt(e) if scale is None else scale
+
+
 def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array,
-                        with_weights: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                        with_weights: bool = False, *, scale: float | None = None,
+                        softcap: float = 0.0) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The textbook definition, written out with einsums (float32 softmax); ``with_weights`` also returns
-    the softmax weights [b, h, t, s] (what ``qkv explain`` draws)."""
+    the softmax weights [b, h, t, s] (what ``qkv explain`` draws). ``scale`` multiplies q·k (None:
+    1/√e); ``softcap`` c > 0 caps the scaled scores at c·tanh(scores / c) before the mask. The dense
+    mask already holds any sliding window (``Mask.dense(window)``)."""
     b, t, h, e = q_bthe.shape
     k_heads = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, k_heads, h // k_heads, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) / math.sqrt(e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) * _scores_scale(e, scale)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out_btkge = jnp.einsum("bkgts,bske->btkge", probs.astype(v_bske.dtype), v_bske)
@@ -92,18 +111,26 @@ def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     return (out_bthe, probs.reshape(b, h, t, -1)) if with_weights else out_bthe
 
 
-def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: str) -> jax.Array:
+def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: str, *, scale: float | None = None,
+                          window: int = 0, softcap: float = 0.0) -> jax.Array:
     """Attention by ``impl``; a flash kernel only for self-attention given as a ``Mask`` whose query
-    slots are 0..T-1 (training and prefill from an empty cache), XLA otherwise."""
+    slots are 0..T-1 (training and prefill from an empty cache), XLA otherwise.
+
+    ``scale``, ``window`` and ``softcap`` as in ``attention_mask`` / ``reference_attention``. A dense
+    mask must already hold the window (``Mask.dense(window)``); ``window`` is applied to a ``Mask`` only.
+    On XLA, jax's attention has no soft-cap: with one, the einsum definition runs (the same math).
+    """
     if isinstance(mask, Mask):
-        impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3])
-        if impl in flash.KERNELS:
-            return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs,
-                                       causal=mask.q_slots_bt is not None)
-        mask = mask.dense()
-    if impl == "reference":
-        return reference_attention(q_bthe, k_bske, v_bske, mask)
-    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask[:, None], implementation="xla")
+        if not window and not softcap:  # the kernels take neither yet
+            impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3])
+            if impl in flash.KERNELS:
+                return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs,
+                                           causal=mask.q_slots_bt is not None, scale=scale)
+        mask = mask.dense(window)
+    if impl == "reference" or softcap:
+        return reference_attention(q_bthe, k_bske, v_bske, mask, scale=scale, softcap=softcap)
+    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask[:, None], scale=scale,
+                                        implementation="xla")
 
 
 class Attention(nnx.Module):
