@@ -31,6 +31,8 @@ from flax import nnx
 
 from typing import NamedTuple
 
+from qkv.errors import UserError
+
 from . import flash
 from .config import ModelConfig
 from .layers import apply_rope, dense, param, rms_normalize
@@ -77,14 +79,52 @@ class Mask(NamedTuple):
         return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs, window)
 
 
-def select_impl(impl: str, t: int, s: int, e: int) -> str:
-    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e."""
-    platform = flash.target_platform()
+class Choice(NamedTuple):
+    """What runs for one attention call: ``impl`` (what ``dot_product_attention`` dispatches on: xla,
+    reference, splash, cudnn), ``kernels`` (in words, as ``qkv plan`` reports it: xla, reference, splash,
+    cudnn+pallas-gpu, cudnn+xla, pallas-gpu) and ``reason`` ('' when what was asked runs)."""
+
+    impl: str
+    kernels: str
+    reason: str
+
+
+def choose_impl(impl: str, t: int, s: int, e: int, *, causal: bool = True, window: int = 0, softcap: float = 0.0,
+                dtype=jnp.float32, platform: str | None = None) -> Choice:
+    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e with
+    these features, compiled for ``platform`` (None: the active layout's devices, else the default backend).
+
+    ``auto`` picks the platform's kernel (splash on TPU, cudnn on GPU, xla elsewhere); a kernel that cannot
+    take the shape or the features falls back to xla with the reason. Under mesh rules that split
+    ``length`` or ``head_dim`` no kernel is right (each shard would attend on its own): ``auto`` runs xla,
+    an explicitly named kernel is refused.
+    """
+    platform = platform or flash.target_platform()
+    asked = impl
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
-    if impl == "splash" and platform == "tpu" and not flash.splash_supported(t, s, e):
-        return "xla"
-    return impl
+        if impl == "xla":
+            return Choice("xla", "xla", f"auto: no flash kernel for {platform}")
+    if impl in ("xla", "reference"):
+        return Choice(impl, impl, "")
+    split = flash.sharded_dims(t, e)
+    if split:
+        dims = " and ".join(split)
+        if asked != "auto":
+            raise UserError(f"model.attention_impl={impl}: mesh.rules split {dims}, and the {impl} kernel runs per "
+                            f"shard, so it would attend from its shard of {dims} alone; set model.attention_impl=xla "
+                            f"(or auto), or mesh.rules that leave length and head_dim unsplit")
+        return Choice("xla", "xla", f"mesh.rules split {dims}: no kernel runs per shard of it")
+    if impl == "splash":
+        why = flash.splash_unsupported(t, s, e)
+        return Choice("xla", "xla", f"splash: {why}") if why else Choice("splash", "splash", "")
+    kernels, why = flash.gpu_plan(t, s, e, dtype, causal, window, softcap)
+    return Choice("xla" if kernels == "xla" else "cudnn", kernels, why)
+
+
+def select_impl(impl: str, t: int, s: int, e: int, **features) -> str:
+    """``choose_impl(...).impl``: what ``dot_product_attention`` runs."""
+    return choose_impl(impl, t, s, e, **features).impl
 
 
 def _scores_scale(e: int, scale: float | None) -> float:
@@ -121,11 +161,12 @@ def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: 
     On XLA, jax's attention has no soft-cap: with one, the einsum definition runs (the same math).
     """
     if isinstance(mask, Mask):
-        if not window and not softcap:  # the kernels take neither yet
-            impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3])
-            if impl in flash.KERNELS:
-                return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs,
-                                           causal=mask.q_slots_bt is not None, scale=scale)
+        causal = mask.q_slots_bt is not None
+        impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3], causal=causal, window=window,
+                           softcap=softcap, dtype=q_bthe.dtype)
+        if impl in flash.KERNELS:
+            return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs, causal=causal,
+                                       scale=scale, window=window, softcap=softcap)
         mask = mask.dense(window)
     if impl == "reference" or softcap:
         return reference_attention(q_bthe, k_bske, v_bske, mask, scale=scale, softcap=softcap)

@@ -1,6 +1,7 @@
 """Flash-attention kernels (model/flash.py) in Pallas interpret mode equal ``reference_attention``:
-forward and gradients, causal and bidirectional, packed segments, padding, grouped-query heads; also
-per shard under the train step's layout (shard_map), and ``auto`` per platform."""
+forward and gradients, causal and bidirectional, packed segments, padding, grouped-query heads, sliding
+windows, soft-caps and an explicit scale; also per shard under the train step's layout (shard_map), and
+what ``auto`` picks per platform, shape, feature and mesh rules (with the reason)."""
 from __future__ import annotations
 
 import jax
@@ -10,44 +11,49 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qkv.model import ModelConfig
-from qkv.model.attention import Mask, dot_product_attention, reference_attention, select_impl
+from qkv.errors import UserError
+from qkv.model import flash
+from qkv.model.attention import Mask, choose_impl, dot_product_attention, reference_attention, select_impl
 from qkv.train.config import MeshConfig
 from qkv.train.sharding import LOGICAL_RULES, activation_layout, make_mesh
 
-pytestmark = pytest.mark.slow  # trains, compiles or runs processes: deselect with -m 'not slow'
-
-B, T, H, E = 2, 128, 4, 32
+B, T, H, E = 2, 128, 4, 64
 
 
-def inputs(kv_heads: int, causal: bool, seed: int = 0):
+def inputs(kv_heads: int, causal: bool, seed: int = 0, t: int = T, b: int = B, h: int = H):
     rng = np.random.default_rng(seed)
     q, k, v, ct = (jnp.asarray(rng.normal(size=s), jnp.float32)
-                   for s in [(B, T, H, E), (B, T, kv_heads, E), (B, T, kv_heads, E), (B, T, H, E)])
-    seg = np.ones((B, T), np.int32)
+                   for s in [(b, t, h, E), (b, t, kv_heads, E), (b, t, kv_heads, E), (b, t, h, E)])
+    seg = np.ones((b, t), np.int32)
     seg[0, 50:], seg[0, 100:] = 2, 3  # three packed documents
-    seg[1, 90:] = 0  # padding
+    seg[-1, t - 38:] = 0  # padding
     seg = jnp.asarray(seg)
-    return q, k, v, ct, Mask(jnp.broadcast_to(jnp.arange(T), (B, T)) if causal else None, seg, seg)
+    return q, k, v, ct, Mask(jnp.broadcast_to(jnp.arange(t), (b, t)) if causal else None, seg, seg)
 
 
-def max_errors(impl: str, q, k, v, ct, mask, wrap=lambda f: f):
+def max_errors(impl: str, q, k, v, ct, mask, wrap=lambda f: f, **features):
     def loss(attend):
         return lambda q, k, v: jnp.sum(attend(q, k, v) * ct)
-    kernel = wrap(lambda q, k, v: dot_product_attention(q, k, v, mask, impl))
-    reference = lambda q, k, v: reference_attention(q, k, v, mask.dense())  # noqa: E731
+    kernel = wrap(lambda q, k, v: dot_product_attention(q, k, v, mask, impl, **features))
+    ref_features = {name: x for name, x in features.items() if name != "window"}
+    reference = lambda q, k, v: reference_attention(q, k, v, mask.dense(features.get("window", 0)),  # noqa: E731
+                                                    **ref_features)
     out, ref = jax.jit(kernel)(q, k, v), reference(q, k, v)
     grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
     ref_grads = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
     return [float(jnp.max(jnp.abs(a - b))) for a, b in zip((out, *grads), (ref, *ref_grads))]
 
 
+@pytest.mark.slow  # Pallas interpret mode
 @pytest.mark.parametrize("impl, kv_heads, causal", [
     ("splash", 2, True), ("splash", 4, False), ("cudnn", 2, True), ("cudnn", 1, False)])
 def test_kernel_equals_reference_forward_and_gradients(impl, kv_heads, causal):
+    assert choose_impl(impl, T, T, E, causal=causal, platform="cpu").impl == impl  # the kernel, not a fallback
     errors = max_errors(impl, *inputs(kv_heads, causal))
     assert max(errors) < 2e-5, errors  # float32 values of order 1
 
 
+@pytest.mark.slow  # Pallas interpret mode
 def test_splash_runs_per_shard_under_the_train_layout():
     """Batch over (data, fsdp), heads over tensor, inside shard_map: the same numbers as the reference.
     kv heads 1 cannot split over tensor=2: they are repeated per query head for the kernel."""
@@ -69,6 +75,7 @@ def test_splash_runs_per_shard_under_the_train_layout():
         assert max(errors) < 2e-5, (kv_heads, errors)
 
 
+@pytest.mark.slow  # builds the TPU compiler's devices
 def test_auto_picks_the_kernel_of_the_platform():
     assert jax.default_backend() == "cpu"
     assert select_impl("auto", 128, 128, 64) == "xla"  # CPU: XLA
@@ -80,3 +87,102 @@ def test_auto_picks_the_kernel_of_the_platform():
         assert select_impl("auto", 100, 100, 128) == "xla"  # a length the kernel cannot tile
         assert select_impl("xla", 1024, 1024, 128) == "xla"
     assert ModelConfig(attention_impl="splash").attention_impl == "splash"
+
+
+@pytest.mark.slow  # Pallas interpret mode
+@pytest.mark.parametrize("impl, kv_heads, causal", [("splash", 1, True), ("splash", 2, False)])
+def test_splash_with_window_softcap_and_scale_equals_reference(impl, kv_heads, causal):
+    """Sliding window 64 over T=256 (LocalMask: whole blocks outside the window are skipped), Gemma 2's
+    soft-cap and an explicit scale; forward and gradients."""
+    q, k, v, ct, mask = inputs(kv_heads, causal, seed=3, t=256, b=1, h=2)
+    q = 3 * q  # scores of order 10: the cap of 5 changes them
+    features = dict(window=64, softcap=5.0, scale=0.2)
+    assert choose_impl(impl, 256, 256, E, causal=causal, platform="cpu", window=64, softcap=5.0).impl == "splash"
+    errors = max_errors(impl, q, k, v, ct, mask, **features)
+    assert max(errors) < 5e-5, errors
+    uncapped = max_errors(impl, q, k, v, ct, mask, window=64, scale=0.2)
+    assert max(uncapped) < 5e-5, uncapped
+    dense = mask.dense(64)  # and the cap matters at these scores
+    assert float(jnp.max(jnp.abs(reference_attention(q, k, v, dense, scale=0.2, softcap=5.0)
+                                 - reference_attention(q, k, v, dense, scale=0.2)))) > 1e-2
+
+
+def test_splash_blocks_divide_every_length_it_accepts():
+    """The block along T is the largest multiple of 128 up to 512 that divides T (min(512, T) does not
+    divide 640, 768, 896 or 1280)."""
+    want = {128: 128, 256: 256, 384: 384, 512: 512, 640: 128, 768: 384, 896: 128, 1024: 512, 1280: 256, 1536: 512}
+    for t, block in want.items():
+        assert flash.splash_block(t) == block and t % block == 0
+        assert choose_impl("auto", t, t, 128, platform="tpu") == ("splash", "splash", "")
+    assert choose_impl("auto", 100, 100, 128, platform="tpu") == ("xla", "xla", "splash: length 100 is not a multiple of 128")
+    assert choose_impl("auto", 128, 128, 32, platform="tpu").impl == "xla"  # head size 32
+
+
+@pytest.mark.slow  # Pallas interpret mode
+def test_splash_at_a_length_min_512_does_not_divide():
+    q, k, v, ct, mask = inputs(1, causal=True, seed=5, t=640, b=1, h=1)
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask, "splash"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, mask.dense())), atol=2e-5)
+
+
+def test_gpu_selection_by_dtype_shape_and_features():
+    """On GPU: cuDNN (bf16/fp16) for rows of one document, the Pallas GPU kernel for packed rows where it
+    tiles the length and has the features, else jax's XLA attention for them; a soft-cap goes to XLA."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    def gpu(t, dtype, **features):
+        return choose_impl("auto", t, t, 128, dtype=dtype, platform="gpu", **features)
+
+    assert gpu(256, bf16) == ("cudnn", "cudnn+pallas-gpu", "")
+    assert gpu(200, bf16) == ("cudnn", "cudnn+xla",
+                              "packed rows on xla: the Pallas GPU kernel tiles lengths in multiples of 128, not 200")
+    assert gpu(256, f32) == ("cudnn", "pallas-gpu", "cuDNN takes bfloat16/float16, not float32")
+    assert gpu(200, f32).impl == "xla" and "not 200" in gpu(200, f32).reason
+    assert gpu(256, bf16, window=64) == ("cudnn", "cudnn+xla", "packed rows on xla: the Pallas GPU kernel has no sliding window")
+    assert gpu(256, bf16, window=64, causal=False).impl == "xla"  # cuDNN's window is causal only
+    capped = gpu(256, bf16, softcap=50.0)
+    assert capped.impl == "xla" and "no soft-cap" in capped.reason
+    assert choose_impl("cudnn", 256, 256, 128, dtype=bf16, platform="gpu", softcap=50.0).impl == "xla"
+    assert choose_impl("auto", 256, 256, 128, platform="tpu", window=64, softcap=50.0).impl == "splash"
+    assert choose_impl("auto", 256, 256, 128, platform="cpu") == ("xla", "xla", "auto: no flash kernel for cpu")
+    assert select_impl("xla", 256, 256, 128, platform="tpu") == "xla"
+
+
+def test_gpu_path_at_a_length_its_kernel_cannot_tile():
+    """T = 200 (not a multiple of the Pallas GPU kernel's 128 block): the GPU path runs its packed rows on
+    jax's XLA attention instead of failing to trace (interpret mode: the packed-rows path for every row)."""
+    q, k, v, ct, mask = inputs(2, causal=True, seed=2, t=200, b=2, h=4)
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    for features in ({}, {"window": 48, "scale": 0.1}):
+        out = dot_product_attention(q, k, v, mask, "cudnn", **features)
+        window = features.pop("window", 0)
+        want = reference_attention(*(a.astype(jnp.float32) for a in (q, k, v)), mask.dense(window), **features)
+        assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - want))) < 3e-2
+
+
+def test_single_document_rows():
+    seg = jnp.array([[1, 1, 1, 0], [4, 4, 4, 4], [2, 2, 0, 0]])
+    single, lengths = flash.single_document_rows(seg)
+    assert bool(single) and lengths.tolist() == [3, 4, 2]
+    for packed in ([[1, 1, 2, 2]], [[1, 1, 0, 1]], [[0, 0, 0, 0]], [[0, 1, 1, 1]]):  # two documents; a gap; empty
+        assert not bool(flash.single_document_rows(jnp.array(packed))[0]), packed
+
+
+@pytest.mark.parametrize("rules", [{"length": "tensor"}, {"head_dim": "tensor", "heads": None}])
+def test_kernels_refuse_mesh_rules_that_split_length_or_head_dim(rules):
+    """A kernel runs per shard in shard_map: split along the sequence it would attend within each chunk,
+    split along head_dim it would add up partial dot products. auto runs XLA; a named kernel is refused."""
+    from qkv.train.sharding import resolve_rules
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+    q, k, v, ct, mask = inputs(2, causal=True, seed=1)
+    with activation_layout(mesh, resolve_rules(rules)):
+        for impl in ("splash", "cudnn"):
+            with pytest.raises(UserError, match=f"model.attention_impl={impl}: .*mesh.rules"):
+                dot_product_attention(q, k, v, mask, impl)
+        choice = choose_impl("auto", T, T, E, platform="tpu")
+        assert choice.impl == "xla" and choice.reason.startswith(f"mesh.rules split {next(iter(rules))}")
+        out = dot_product_attention(q, k, v, mask, "auto")  # CPU mesh: xla in any case; the same numbers
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, mask.dense())), atol=2e-5)
+    with activation_layout(mesh, LOGICAL_RULES):  # the default rules split neither
+        assert choose_impl("auto", T, T, E, platform="tpu").impl == "splash"
