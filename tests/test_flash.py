@@ -186,3 +186,57 @@ def test_kernels_refuse_mesh_rules_that_split_length_or_head_dim(rules):
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, mask.dense())), atol=2e-5)
     with activation_layout(mesh, LOGICAL_RULES):  # the default rules split neither
         assert choose_impl("auto", T, T, E, platform="tpu").impl == "splash"
+
+
+@pytest.mark.slow  # compiles for TPU
+def test_splash_with_window_and_softcap_compiles_for_tpu():
+    """The real TPU compiler (libtpu, no TPU): splash with a LocalMask and a soft-cap, forward and backward,
+    at T = 640 (blocks of 128) over a v5p slice's layout."""
+    from qkv.tools.topology_plan import topology_devices
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=1), topology_devices("v5p:2x2x1"))
+    t, h, e = 640, 2, 128
+    batch, rows = NamedSharding(mesh, PartitionSpec("fsdp")), 4
+    q, k, v = (jax.ShapeDtypeStruct((rows, t, h, e), jnp.bfloat16, sharding=batch) for _ in range(3))
+    seg = jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=batch)
+
+    def loss(q, k, v, seg):
+        with activation_layout(mesh, LOGICAL_RULES):
+            assert choose_impl("auto", t, t, e, window=128, softcap=50.0) == ("splash", "splash", "")
+            mask = Mask(jnp.broadcast_to(jnp.arange(t), seg.shape), seg, seg)
+            out = dot_product_attention(q, k, v, mask, "auto", window=128, softcap=50.0, scale=0.0625)
+            return jnp.sum(out.astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, seg).compile()
+    assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not XLA's attention
+
+
+@pytest.mark.slow  # compiles the train step for TPU
+def test_topology_plan_compiles_splash_at_t_640():
+    """``qkv plan --topology v5p:2x2x1`` at a length min(512, T) does not divide: splash runs (blocks of
+    128) and the plan says so."""
+    from qkv.tools.topology_plan import format_topology_plan, topology_plan
+    from qkv.train.config import load_config
+
+    cfg = load_config("llama-1b", ["model.n_layers=1", "model.vocab_size=1024", "model.d_model=256", "model.n_heads=2",
+                                   "model.n_kv_heads=2", "model.head_dim=128", "model.d_ff=512",
+                                   "model.max_seq_len=640", "data.seq_len=640", "train.batch_size=4"])
+    plan = topology_plan(cfg, "v5p:2x2x1", {"data": 1, "fsdp": 4, "tensor": 1}, with_estimate=False)
+    assert plan["attention"] == "splash" and plan["attention_reason"] == "" and plan["fits"]
+    assert "attention splash," in format_topology_plan(plan)
+    cfg = load_config("llama-1b", ["model.n_layers=1", "model.vocab_size=1024", "model.d_model=256", "model.n_heads=2",
+                                   "model.n_kv_heads=2", "model.head_dim=128", "model.d_ff=512",
+                                   "model.max_seq_len=200", "data.seq_len=200", "train.batch_size=4"])
+    plan = topology_plan(cfg, "v5p:2x2x1", {"data": 1, "fsdp": 4, "tensor": 1}, with_estimate=False)
+    assert plan["attention"] == "xla" and plan["attention_reason"] == "splash: length 200 is not a multiple of 128"
+    assert "attention xla (splash: length 200 is not a multiple of 128)," in format_topology_plan(plan)
+
+
+def test_cpu_plan_reports_the_attention_that_runs():
+    """``qkv plan`` (the CPU compile) names the attention that ran and why."""
+    from qkv.tools.plan import build_plan, format_plan
+    from qkv.train.config import load_config
+
+    plan = build_plan(load_config("tiny", ["train.batch_size=2"]), {"data": 1, "fsdp": 1, "tensor": 1}, compile=False)
+    assert plan["attention"] == "xla" and plan["attention_reason"] == "auto: no flash kernel for cpu"
+    assert "attention xla (auto: no flash kernel for cpu)" in format_plan(plan)
