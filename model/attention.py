@@ -1,22 +1,36 @@
 """Multi-head (and grouped-query) attention: causal or bidirectional self-attention, and cross-attention.
 
-softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. One module serves all
-three uses: self-attention projects queries, keys and values from the same sequence (causal in a
+softmax(mask(cap(scale · Q Kᵀ))) · V per head, heads concatenated and projected back. One module serves
+all three uses: self-attention projects queries, keys and values from the same sequence (causal in a
 decoder, bidirectional in an encoder, the mask decides); cross-attention takes its keys and values
 from another sequence (the encoder's output), projected once with ``memory_kv`` and reused at every
-decoding step. The explicit einsum ``reference_attention`` is the readable definition and what
-tests compare against; ``model.attention_impl`` chooses what runs:
+decoding step. The explicit einsum ``reference_attention`` is the readable definition and what tests
+compare against::
+
+    scores_bkgts = einsum("btkge,bske->bkgts", q, k) * scale          # scale: 1/√e unless given
+    scores_bkgts = c * tanh(scores_bkgts / c)                          # soft-cap c > 0 (Gemma 2)
+    probs_bkgts = softmax(where(mask_bts, scores_bkgts, -inf), axis=s)
+    out_btkge = einsum("bkgts,bske->btkge", probs_bkgts, v)
+
+One mask rule (``attention_mask``): query at slot i sees key slot j iff both lie in the same segment,
+j <= i when causal, and i - W < j with a sliding window W > 0 (transformers' sliding_window rule; the
+rule mirrored, |i - j| < W, when not causal). ``model.attention_impl`` chooses what runs:
 
 - ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, which materialises the
-  ``[b, h, t, s]`` scores (quadratic memory in T).
-- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory.
-- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document, else the Pallas GPU flash
-  kernel with segment ids (model/flash.py), O(T) memory.
+  ``[b, h, t, s]`` scores (quadratic memory in T); with a soft-cap, which jax's function lacks, the
+  einsum definition above (the same math, compiled by XLA).
+- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory; it takes
+  windows and soft-caps.
+- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document (it takes a causal window, no
+  soft-cap), else the Pallas GPU flash kernel with segment ids (neither) or, where that cannot run,
+  XLA for those rows (model/flash.py ``gpu_plan``).
 - ``auto`` (default): splash when compiling for TPU, cudnn on GPU, xla on CPU.
 
-The flash kernels serve training-time self-attention (causal or bidirectional, packed segments,
-padding, grouped-query heads); decoding over a cache and cross-attention always run on ``xla``,
-and so do shapes the kernel cannot tile (``flash.splash_supported``).
+``choose_impl`` decides, and says why it fell back (``qkv plan`` prints it): a shape or feature the
+kernel cannot take runs on ``xla``; mesh rules that split ``length`` or ``head_dim`` are refused for a
+named kernel (it runs per shard) and run ``xla`` under ``auto``. The flash kernels serve training-time
+self-attention (causal or bidirectional, packed segments, padding, grouped-query heads); decoding over
+a cache and cross-attention always run on ``xla`` with the dense mask, which holds the window.
 
 Shape suffixes: b batch, t query length, s key length, d model width, h query heads, k kv heads,
 g query heads per kv head, e head size.

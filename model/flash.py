@@ -1,22 +1,27 @@
 """Flash-attention kernels for training-time self-attention: O(T) memory, the same mask rule.
 
-The kernels read the mask's parts (causal or not, query/key segment ids) instead of a dense
-``[b, t, s]`` boolean, and never materialise the ``[T, T]`` scores:
+The kernels read the mask's parts (causal or not, query/key segment ids, a static sliding window)
+instead of a dense ``[b, t, s]`` boolean, and never materialise the ``[T, T]`` scores:
 
 - ``splash``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu``), a
-  causal or full mask per head and ``SegmentIds`` for packed documents and padding; grouped-query
-  heads are read in place (query head i uses kv head i // g), not repeated.
+  causal, full or local (sliding-window) mask per head, ``SegmentIds`` for packed documents and
+  padding, and its own logit soft-cap; grouped-query heads are read in place (query head i uses kv
+  head i // g), not repeated. Blocks: the largest multiple of 128 up to 512 dividing T.
 - ``gpu``: on GPUs, cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``,
-  causal with per-row lengths) when every row holds one document followed by padding, decided at
-  run time per batch; otherwise the Pallas GPU (Triton) flash kernel with segment ids, which keeps
-  packed documents apart exactly. The Triton kernel has no grouped-query support: kv heads are
-  repeated for it (O(T) memory). Padding queries' outputs differ from the reference on the cuDNN
-  branch (zeros instead of padding attending padding); the loss masks them and no real token reads them.
+  causal with per-row lengths and a left window) when every row holds one document followed by
+  padding, decided at run time per batch; otherwise the Pallas GPU (Triton) flash kernel with segment
+  ids, which keeps packed documents apart exactly but takes no window, no soft-cap and only lengths in
+  multiples of 128 (where it cannot, those rows run on jax's XLA attention). The Triton kernel has no
+  grouped-query support: kv heads are repeated for it (O(T) memory). Padding queries' outputs differ
+  from the reference on the cuDNN branch (zeros instead of padding attending padding); the loss masks
+  them and no real token reads them. ``gpu_plan`` says which runs; a soft-cap runs on XLA.
 
 Off their platform the Pallas kernels run in interpret mode (slow; what the CPU tests use). Under an
 activation layout (``constrain.layout_sharding``: the train step's mesh and rules) the kernel runs
 per shard inside ``jax.shard_map``, batch split as the layout says and heads over their mesh axis,
-because XLA cannot partition a custom kernel itself. Without a layout it runs on the whole arrays.
+because XLA cannot partition a custom kernel itself; a layout that splits ``length`` or ``head_dim``
+would give each shard part of the attention (``sharded_dims``; model/attention.py refuses or falls
+back). Without a layout it runs on the whole arrays.
 """
 from __future__ import annotations
 
@@ -72,10 +77,6 @@ def splash_unsupported(t: int, s: int, e: int) -> str:
     if e % 64:
         return f"head size {e} is not a multiple of 64"
     return ""
-
-
-def splash_supported(t: int, s: int, e: int) -> bool:
-    return not splash_unsupported(t, s, e)
 
 
 def pallas_gpu_unsupported(t: int, s: int, window: int, softcap: float) -> str:
@@ -173,10 +174,6 @@ def single_document_rows(seg_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     first_b1 = seg_bt[:, :1]
     expected_bt = jnp.where(jnp.arange(seg_bt.shape[1])[None] < lengths_b[:, None], first_b1, 0)
     return jnp.all(seg_bt == expected_bt) & jnp.all(first_b1 > 0), lengths_b
-
-
-def cudnn_takes(dtype: jnp.dtype) -> bool:
-    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 def _xla_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, scale: float | None, window: int):
