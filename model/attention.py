@@ -1,22 +1,36 @@
 """Multi-head (and grouped-query) attention: causal or bidirectional self-attention, and cross-attention.
 
-softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. One module serves all
-three uses: self-attention projects queries, keys and values from the same sequence (causal in a
+softmax(mask(cap(scale · Q Kᵀ))) · V per head, heads concatenated and projected back. One module serves
+all three uses: self-attention projects queries, keys and values from the same sequence (causal in a
 decoder, bidirectional in an encoder, the mask decides); cross-attention takes its keys and values
 from another sequence (the encoder's output), projected once with ``memory_kv`` and reused at every
-decoding step. The explicit einsum ``reference_attention`` is the readable definition and what
-tests compare against; ``model.attention_impl`` chooses what runs:
+decoding step. The explicit einsum ``reference_attention`` is the readable definition and what tests
+compare against::
+
+    scores_bkgts = einsum("btkge,bske->bkgts", q, k) * scale          # scale: 1/√e unless given
+    scores_bkgts = c * tanh(scores_bkgts / c)                          # soft-cap c > 0 (Gemma 2)
+    probs_bkgts = softmax(where(mask_bts, scores_bkgts, -inf), axis=s)
+    out_btkge = einsum("bkgts,bske->btkge", probs_bkgts, v)
+
+One mask rule (``attention_mask``): query at slot i sees key slot j iff both lie in the same segment,
+j <= i when causal, and i - W < j with a sliding window W > 0 (transformers' sliding_window rule; the
+rule mirrored, |i - j| < W, when not causal). ``model.attention_impl`` chooses what runs:
 
 - ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, which materialises the
-  ``[b, h, t, s]`` scores (quadratic memory in T).
-- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory.
-- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document, else the Pallas GPU flash
-  kernel with segment ids (model/flash.py), O(T) memory.
+  ``[b, h, t, s]`` scores (quadratic memory in T); with a soft-cap, which jax's function lacks, the
+  einsum definition above (the same math, compiled by XLA).
+- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory; it takes
+  windows and soft-caps.
+- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document (it takes a causal window, no
+  soft-cap), else the Pallas GPU flash kernel with segment ids (neither) or, where that cannot run,
+  XLA for those rows (model/flash.py ``gpu_plan``).
 - ``auto`` (default): splash when compiling for TPU, cudnn on GPU, xla on CPU.
 
-The flash kernels serve training-time self-attention (causal or bidirectional, packed segments,
-padding, grouped-query heads); decoding over a cache and cross-attention always run on ``xla``,
-and so do shapes the kernel cannot tile (``flash.splash_supported``).
+``choose_impl`` decides, and says why it fell back (``qkv plan`` prints it): a shape or feature the
+kernel cannot take runs on ``xla``; mesh rules that split ``length`` or ``head_dim`` are refused for a
+named kernel (it runs per shard) and run ``xla`` under ``auto``. The flash kernels serve training-time
+self-attention (causal or bidirectional, packed segments, padding, grouped-query heads); decoding over
+a cache and cross-attention always run on ``xla`` with the dense mask, which holds the window.
 
 Shape suffixes: b batch, t query length, s key length, d model width, h query heads, k kv heads,
 g query heads per kv head, e head size.
@@ -31,60 +45,119 @@ from flax import nnx
 
 from typing import NamedTuple
 
+from qkv.errors import UserError
+
 from . import flash
 from .config import ModelConfig
 from .layers import apply_rope, dense, param, rms_normalize
 
 
-def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array) -> jax.Array:
-    """Boolean [b, t, s]: query at slot i sees key slot j iff j <= i and both lie in the same segment.
+def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array,
+                   window: int = 0) -> jax.Array:
+    """Boolean [b, t, s]: query at slot i sees key slot j iff j <= i, both lie in the same segment and,
+    with a sliding ``window`` W > 0, i - W < j (the query and the W - 1 keys before it).
 
     Segments keep packed documents apart (and padding, segment 0, to itself); slots are positions in
-    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding. With
-    ``q_slots_bt=None`` the mask is not causal: segments alone decide (encoders, cross-attention,
-    where a target example's segment id names its source example).
+    the key buffer, so the same rule serves training (slots 0..T-1) and cached decoding (query slots
+    offset by the cache index). With ``q_slots_bt=None`` the mask is not causal: segments alone decide
+    (encoders, cross-attention, where a target example's segment id names its source example); a
+    window there is the rule mirrored, |i - j| < W with query i at slot i (transformers' bidirectional
+    sliding window counts |i - j| <= W: its W is this W - 1).
     """
     same_segment_bts = k_segments_bs[:, None, :] == q_segments_bt[:, :, None]
-    if q_slots_bt is None:
-        return same_segment_bts
     k_slots_s = jnp.arange(k_segments_bs.shape[1])
+    if q_slots_bt is None:
+        if not window:
+            return same_segment_bts
+        q_slots_bt = jnp.broadcast_to(jnp.arange(q_segments_bt.shape[1]), q_segments_bt.shape)
+        distance_bts = jnp.abs(q_slots_bt[:, :, None] - k_slots_s[None, None, :])
+        return same_segment_bts & (distance_bts < window)
     causal_bts = k_slots_s[None, None, :] <= q_slots_bt[:, :, None]
+    if window:
+        causal_bts &= k_slots_s[None, None, :] > q_slots_bt[:, :, None] - window
     return causal_bts & same_segment_bts
 
 
 class Mask(NamedTuple):
     """The parts of ``attention_mask`` (one rule), kept apart so flash kernels can read them.
 
-    ``dense()`` is the boolean [b, t, s] of the rule; kernels use q_slots (None: not causal) and the
-    segment ids directly. Where a dense array is passed instead, attention runs on XLA.
+    ``dense(window)`` is the boolean [b, t, s] of the rule; kernels use q_slots (None: not causal) and
+    the segment ids directly. Where a dense array is passed instead, attention runs on XLA.
     """
 
     q_slots_bt: jax.Array | None
     q_segments_bt: jax.Array
     k_segments_bs: jax.Array
 
-    def dense(self) -> jax.Array:
-        return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs)
+    def dense(self, window: int = 0) -> jax.Array:
+        return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs, window)
 
 
-def select_impl(impl: str, t: int, s: int, e: int) -> str:
-    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e."""
-    platform = flash.target_platform()
+class Choice(NamedTuple):
+    """What runs for one attention call: ``impl`` (what ``dot_product_attention`` dispatches on: xla,
+    reference, splash, cudnn), ``kernels`` (in words, as ``qkv plan`` reports it: xla, reference, splash,
+    cudnn+pallas-gpu, cudnn+xla, pallas-gpu) and ``reason`` ('' when what was asked runs)."""
+
+    impl: str
+    kernels: str
+    reason: str
+
+
+def choose_impl(impl: str, t: int, s: int, e: int, *, causal: bool = True, window: int = 0, softcap: float = 0.0,
+                dtype=jnp.float32, platform: str | None = None) -> Choice:
+    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e with
+    these features, compiled for ``platform`` (None: the active layout's devices, else the default backend).
+
+    ``auto`` picks the platform's kernel (splash on TPU, cudnn on GPU, xla elsewhere); a kernel that cannot
+    take the shape or the features falls back to xla with the reason. Under mesh rules that split
+    ``length`` or ``head_dim`` no kernel is right (each shard would attend on its own): ``auto`` runs xla,
+    an explicitly named kernel is refused.
+    """
+    platform = platform or flash.target_platform()
+    asked = impl
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
-    if impl == "splash" and platform == "tpu" and not flash.splash_supported(t, s, e):
-        return "xla"
-    return impl
+        if impl == "xla":
+            return Choice("xla", "xla", f"auto: no flash kernel for {platform}")
+    if impl in ("xla", "reference"):
+        return Choice(impl, impl, "")
+    split = flash.sharded_dims(t, e)
+    if split:
+        dims = " and ".join(split)
+        if asked != "auto":
+            raise UserError(f"model.attention_impl={impl}: mesh.rules split {dims}, and the {impl} kernel runs per "
+                            f"shard, so it would attend from its shard of {dims} alone; set model.attention_impl=xla "
+                            f"(or auto), or mesh.rules that leave length and head_dim unsplit")
+        return Choice("xla", "xla", f"mesh.rules split {dims}: no kernel runs per shard of it")
+    if impl == "splash":
+        why = flash.splash_unsupported(t, s, e)
+        return Choice("xla", "xla", f"splash: {why}") if why else Choice("splash", "splash", "")
+    kernels, why = flash.gpu_plan(t, s, e, dtype, causal, window, softcap)
+    return Choice("xla" if kernels == "xla" else "cudnn", kernels, why)
+
+
+def select_impl(impl: str, t: int, s: int, e: int, **features) -> str:
+    """``choose_impl(...).impl``: what ``dot_product_attention`` runs."""
+    return choose_impl(impl, t, s, e, **features).impl
+
+
+def _scores_scale(e: int, scale: float | None) -> float:
+    return 1 / math.sqrt(e) if scale is None else scale
 
 
 def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array,
-                        with_weights: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                        with_weights: bool = False, *, scale: float | None = None,
+                        softcap: float = 0.0) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The textbook definition, written out with einsums (float32 softmax); ``with_weights`` also returns
-    the softmax weights [b, h, t, s] (what ``qkv explain`` draws)."""
+    the softmax weights [b, h, t, s] (what ``qkv explain`` draws). ``scale`` multiplies q·k (None:
+    1/√e); ``softcap`` c > 0 caps the scaled scores at c·tanh(scores / c) before the mask. The dense
+    mask already holds any sliding window (``Mask.dense(window)``)."""
     b, t, h, e = q_bthe.shape
     k_heads = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, k_heads, h // k_heads, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) / math.sqrt(e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) * _scores_scale(e, scale)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out_btkge = jnp.einsum("bkgts,bske->btkge", probs.astype(v_bske.dtype), v_bske)
@@ -92,18 +165,27 @@ def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     return (out_bthe, probs.reshape(b, h, t, -1)) if with_weights else out_bthe
 
 
-def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: str) -> jax.Array:
+def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: str, *, scale: float | None = None,
+                          window: int = 0, softcap: float = 0.0) -> jax.Array:
     """Attention by ``impl``; a flash kernel only for self-attention given as a ``Mask`` whose query
-    slots are 0..T-1 (training and prefill from an empty cache), XLA otherwise."""
+    slots are 0..T-1 (training and prefill from an empty cache), XLA otherwise.
+
+    ``scale``, ``window`` and ``softcap`` as in ``attention_mask`` / ``reference_attention``. A dense
+    mask must already hold the window (``Mask.dense(window)``); ``window`` is applied to a ``Mask`` only.
+    On XLA, jax's attention has no soft-cap: with one, the einsum definition runs (the same math).
+    """
     if isinstance(mask, Mask):
-        impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3])
+        causal = mask.q_slots_bt is not None
+        impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3], causal=causal, window=window,
+                           softcap=softcap, dtype=q_bthe.dtype)
         if impl in flash.KERNELS:
-            return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs,
-                                       causal=mask.q_slots_bt is not None)
-        mask = mask.dense()
-    if impl == "reference":
-        return reference_attention(q_bthe, k_bske, v_bske, mask)
-    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask[:, None], implementation="xla")
+            return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs, causal=causal,
+                                       scale=scale, window=window, softcap=softcap)
+        mask = mask.dense(window)
+    if impl == "reference" or softcap:
+        return reference_attention(q_bthe, k_bske, v_bske, mask, scale=scale, softcap=softcap)
+    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask[:, None], scale=scale,
+                                        implementation="xla")
 
 
 class Attention(nnx.Module):
