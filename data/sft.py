@@ -66,7 +66,7 @@ class _IdsOnly:
         return self._BOS if i == self.bos_id else self._EOS
 
     def template(self) -> ChatTemplate:
-        return ChatTemplate(PLAIN_TEMPLATE, {"bos_token": self._BOS, "eos_token": self._EOS})
+        return ChatTemplate(PLAIN_TEMPLATE, {"bos_token": self._BOS, "eos_token": self._EOS}, "qkv's plain chat template")
 
 
 def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
