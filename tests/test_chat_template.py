@@ -240,3 +240,22 @@ def test_the_plain_template_keeps_the_old_layout():
     assert ids == old
     trained = [i for i, m in zip(ids, span_mask(offsets, spans)) if m]
     assert trained == tok.encode("ok") + [tok.eos_id] + tok.encode("ok ok") + [tok.eos_id]
+
+
+def test_dpo_with_messages_scores_only_the_next_assistant_turn(tmp_path):
+    from qkv.data.sft import load_dpo
+
+    tok = _hf_tokenizer_dir(tmp_path, "")
+    template = ChatTemplate((FIXTURES / "chatml-generation.jinja").read_text(), special_token_strings(tok))
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"},
+                                             {"role": "assistant", "content": "there"},
+                                             {"role": "user", "content": "how are you"}],
+                                "chosen": "fine thanks", "rejected": "how"}) + "\n")
+    data = load_dpo(str(path), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=100, template=template,
+                    tokenizer=tok)
+    (chosen, rejected), = data.items
+    for ex, reply in ((chosen, "fine thanks"), (rejected, "how")):
+        trained = tok._tok_specials.decode(ex.targets[ex.loss_mask == 1].tolist(), skip_special_tokens=False)
+        assert trained == reply + "<|im_end|>"  # the earlier assistant turn ("there") is prompt, not scored
+    assert chosen.inputs[:10].tolist() == rejected.inputs[:10].tolist()
