@@ -281,8 +281,9 @@ def merge_lora_run(run_dir: str | Path, out_dir: str | Path, step: int | None = 
     run = load_run(run_dir, step)  # base + adapters, merged
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(
         cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0)))
+    chat = {k: run.meta[k] for k in ("chat_template", "eos_ids") if k in run.meta}  # the chat goes along
     checkpoint.save_params(out_dir, run.params, {"config": plain.to_dict(), "tokenizer": run.meta["tokenizer"],
-                                                 "source": {"merged_lora_run": str(run_dir), "step": run.step}},
-                           step=run.step)
+                                                 "source": {"merged_lora_run": str(run_dir), "step": run.step},
+                                                 **chat}, step=run.step)
     return {"out_dir": str(out_dir), "step": run.step, "base": cfg.finetune.init_from,
             "adapted": [".".join(p) for p in lora_paths(run.params, cfg.finetune.lora.targets)]}
