@@ -63,6 +63,7 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}): pass the "
                             "tokenizer.json of a Hugging Face model") from None
         self._tok.encode_special_tokens = True
+        self._tok_specials = None  # the same tokenizer reading special tokens (encode_with_offsets)
         ids = dict(special_ids)
         if ids.get("eos") is None:
             raise UserError("the tokenizer.json names no end-of-text token: add \"eos_token\" to the "
@@ -131,6 +132,19 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of `text` with special-token spellings read as special tokens and no
+        bos/eos added: how rendered chat templates are tokenized (transformers' ``add_special_tokens=False``)."""
+        if self._tok_specials is None:
+            from tokenizers import Tokenizer as RustTokenizer
+            self._tok_specials = RustTokenizer.from_str(self._json)
+        encoding = self._tok_specials.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+
+    def added_special_ids(self) -> set[int]:
+        """Ids of the added tokens marked special (<|eot_id|>, <|im_end|>, <end_of_turn>, ...)."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

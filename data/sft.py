@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .chat_template import PLAIN_TEMPLATE, ChatTemplate, TemplateError, encode_rendered, span_mask
 from .examples import (DataError, Example, ExampleSet, OrderedIterator, PackingIterator, field_text, jsonl_files,
                        read_jsonl, rows_to_batch)
 from qkv.errors import UserError
@@ -46,35 +47,70 @@ ROLE_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant:
 
 
 def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
-    """The template text of a conversation so far, ending with the assistant header: what to pass to
-    ``qkv generate`` (or ``LanguageModel.generate``) to get the next assistant turn."""
-    text = "".join(f"{ROLE_HEADERS[m['role']]}{m['content']}\n" for m in messages)
-    return text + ROLE_HEADERS["assistant"]
+    """qkv's plain template of a conversation so far, without bos, ending with the assistant header (what to
+    pass to ``LanguageModel.generate``, which adds bos). ``ChatTemplate.render(..., add_generation_prompt=True)``
+    is the general form (it writes the special tokens itself)."""
+    return ChatTemplate(PLAIN_TEMPLATE, {"bos_token": "", "eos_token": ""}).render(
+        list(messages), add_generation_prompt=True)
+
+
+class _IdsOnly:
+    """A tokenizer made of an encode function and bos/eos ids, for templates that spell them as sentinels."""
+
+    _BOS, _EOS = "\x00qkv-bos\x00", "\x00qkv-eos\x00"
+
+    def __init__(self, encode: Callable[[str], list[int]], bos_id: int, eos_id: int):
+        self.encode, self.bos_id, self.eos_id, self.pad_id = encode, bos_id, eos_id, None
+
+    def id_to_piece(self, i: int) -> str:
+        return self._BOS if i == self.bos_id else self._EOS
+
+    def template(self) -> ChatTemplate:
+        return ChatTemplate(PLAIN_TEMPLATE, {"bos_token": self._BOS, "eos_token": self._EOS}, "qkv's plain chat template")
+
+
+def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
+    """A conversation's shape: a non-empty list of objects with a string role and string content (an
+    assistant turn may instead carry tool_calls); the roles themselves are the template's to accept."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        role = field_text(m, "role", f"{where}: messages[{i}]", True)
+        if role == "assistant" and m.get("tool_calls") and m.get("content") in (None, ""):
+            continue
+        field_text(m, "content", f"{where}: messages[{i}]", role == "assistant")
+    return messages
+
+
+def template_example(messages: list[dict[str, Any]], template: ChatTemplate, tok: Any, where: str,
+                     last_turn_only: bool = False) -> tuple[Example, int]:
+    """(the example, its prompt length): the rendered conversation, trained on the assistant spans (the
+    last one only with ``last_turn_only``, DPO) as ``ChatTemplate.assistant_spans`` finds them."""
+    try:
+        text, spans = template.assistant_spans(messages)
+    except TemplateError as err:
+        raise DataError(f"{where}: {err}") from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant message to learn from")
+    spans = spans[-1:] if last_turn_only else spans
+    tokens, offsets = encode_rendered(tok, text, [e for span in spans for e in span])
+    trained = span_mask(offsets, spans)
+    if 1 not in trained:
+        raise DataError(f"{where}: {template.origin} wrote no assistant text for this conversation: check its roles")
+    return _example(tokens, trained, where)
+
+
+def _example(tokens: list[int], trained: list[int], where: str) -> tuple[Example, int]:
+    prompt_len = trained.index(1) if 1 in trained else len(trained)
+    tok = np.asarray(tokens, np.int32)
+    mask = np.asarray(trained[1:], np.int32)  # target t is token t+1: counted when that token is trained
+    return Example(tok[:-1], tok[1:], mask, where), prompt_len
 
 
 def sft_spans(record: dict[str, Any], where: str) -> list[tuple[str, bool]]:
-    """(text, trained) pieces of one SFT record; contiguous prompt text is already joined."""
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        spans: list[tuple[str, bool]] = []
-        prompt = ""
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            role = field_text(m, "role", f"{where}: messages[{i}]", True)
-            if role not in ROLE_HEADERS:
-                raise DataError(f"{where}: messages[{i}] has role {role!r}: use system, user or assistant")
-            content = field_text(m, "content", f"{where}: messages[{i}]", role == "assistant")
-            if role == "assistant":
-                spans += [(prompt + ROLE_HEADERS[role], False), (content, True)]
-                prompt = "\n"
-            else:
-                prompt += f"{ROLE_HEADERS[role]}{content}\n"
-        if not any(trained for _, trained in spans):
-            raise DataError(f"{where}: the conversation has no assistant message to learn from")
-        return spans
+    """(text, trained) pieces of a prompt/response SFT record."""
     if "prompt" not in record and "response" not in record:
         raise DataError(f"{where}: expected 'prompt' and 'response' fields, or 'messages'")
     return [(field_text(record, "prompt", where, False), False), (field_text(record, "response", where, True), True)]
@@ -90,10 +126,7 @@ def encode_spans(spans: Sequence[tuple[str, bool]], encode: Callable[[str], list
             ids = ids + [eos_id]
         tokens += ids
         trained += [int(is_trained)] * len(ids)
-    prompt_len = trained.index(1) if 1 in trained else len(trained)
-    tok = np.asarray(tokens, np.int32)
-    mask = np.asarray(trained[1:], np.int32)  # target t is token t+1: counted when that token is trained
-    return Example(tok[:-1], tok[1:], mask, where), prompt_len
+    return _example(tokens, trained, where)
 
 
 def _fits(example: Example, prompt_len: int, seq_len: int, overlong: str, what: str) -> bool:
@@ -107,12 +140,26 @@ def _fits(example: Example, prompt_len: int, seq_len: int, overlong: str, what: 
                     "shorten it, raise data.seq_len, or set finetune.overlong=skip to leave such examples out")
 
 
+def _chat(template: ChatTemplate | None, tokenizer: Any, encode: Callable[[str], list[int]], bos_id: int,
+          eos_id: int) -> tuple[ChatTemplate, Any]:
+    if template is not None and tokenizer is not None:
+        return template, tokenizer
+    ids = _IdsOnly(encode, bos_id, eos_id)
+    return ids.template(), ids
+
+
 def load_sft(pattern: str, encode: Callable[[str], list[int]], *, bos_id: int, eos_id: int, seq_len: int,
-             overlong: str = "error") -> ExampleSet:
-    """Every SFT example of the matching JSONL files, validated and tokenized, in file order."""
+             overlong: str = "error", template: ChatTemplate | None = None, tokenizer: Any = None) -> ExampleSet:
+    """Every SFT example of the matching JSONL files, validated and tokenized, in file order; ``messages``
+    records are rendered by ``template`` and tokenized by ``tokenizer`` (both None: qkv's plain template)."""
+    template, tokenizer = _chat(template, tokenizer, encode, bos_id, eos_id)
     out = ExampleSet([], files=jsonl_files(pattern))
     for where, record in read_jsonl(pattern):
-        example, prompt_len = encode_spans(sft_spans(record, where), encode, bos_id, eos_id, where)
+        if "messages" in record:
+            example, prompt_len = template_example(check_messages(record["messages"], where), template, tokenizer,
+                                                   where)
+        else:
+            example, prompt_len = encode_spans(sft_spans(record, where), encode, bos_id, eos_id, where)
         if _fits(example, prompt_len, seq_len, overlong, "the example"):
             out.items.append(example)
         else:
@@ -124,15 +171,23 @@ def load_sft(pattern: str, encode: Callable[[str], list[int]], *, bos_id: int, e
 
 
 def load_dpo(pattern: str, encode: Callable[[str], list[int]], *, bos_id: int, eos_id: int, seq_len: int,
-             overlong: str = "error") -> ExampleSet:
-    """Every (chosen, rejected) pair of the matching JSONL files, as two Examples sharing the prompt."""
+             overlong: str = "error", template: ChatTemplate | None = None, tokenizer: Any = None) -> ExampleSet:
+    """Every (chosen, rejected) pair of the matching JSONL files, as two Examples sharing the prompt. A
+    ``messages`` record is the conversation so far; chosen/rejected are the assistant's next turn, rendered
+    by the chat template (only that turn is scored)."""
+    template, tokenizer = _chat(template, tokenizer, encode, bos_id, eos_id)
     out = ExampleSet([], files=jsonl_files(pattern))
     for where, record in read_jsonl(pattern):
-        prompt = field_text(record, "prompt", where, False)
+        messages = check_messages(record["messages"], where) if "messages" in record else None
+        prompt = None if messages is not None else field_text(record, "prompt", where, False)
         pair, ok = [], True
         for key in ("chosen", "rejected"):
-            example, prompt_len = encode_spans([(prompt, False), (field_text(record, key, where, True), True)], encode,
-                                               bos_id, eos_id, where)
+            reply = field_text(record, key, where, True)
+            if messages is not None:
+                example, prompt_len = template_example([*messages, {"role": "assistant", "content": reply}],
+                                                       template, tokenizer, where, last_turn_only=True)
+            else:
+                example, prompt_len = encode_spans([(prompt, False), (reply, True)], encode, bos_id, eos_id, where)
             ok = ok and _fits(example, prompt_len, seq_len, overlong, f"prompt + {key}")
             pair.append(example)
         if ok:

@@ -134,6 +134,12 @@ def trim_at_eos(row: Sequence[int], eos_id: int | None) -> list[int]:
     return row[:row.index(eos_id)] if eos_id in row else row
 
 
+def stop_list(eos_id: int | Sequence[int]) -> list[int]:
+    """The ids sampling stops at: one eos id, or several (a chat model's eos and end-of-turn ids; beam
+    search uses the first)."""
+    return [int(i) for i in eos_id] if isinstance(eos_id, (list, tuple)) else [int(eos_id)]
+
+
 class Decoder:
     """Jitted prefill and decode steps for one model graph and one sampling setting; with
     ``beam_size`` > 1, ``generate`` runs beam search instead of sampling."""
@@ -178,7 +184,7 @@ class Decoder:
             token_np = np.asarray(token)
             out = np.where(done, pad_id, token_np)
             if eos_id is not None:
-                done |= token_np == eos_id
+                done |= np.isin(token_np, stop_list(eos_id))
             yield out
             if done.all() or step == budget - 1:
                 return
@@ -212,7 +218,7 @@ class Decoder:
             for row, tok in enumerate(tokens.tolist()):
                 if finished[row]:
                     continue
-                if eos_id is not None and tok == eos_id:
+                if eos_id is not None and tok in stop_list(eos_id):
                     finished[row] = True
                 else:
                     rows[row].append(tok)

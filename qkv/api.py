@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from qkv.data import Tokenizer
+from qkv.data.chat_template import ChatTemplate, encode_rendered, stop_ids, template_for
 from qkv.inference.decode import Decoder, SamplingConfig, check_beam
 from qkv.inference.embeddings import nearest_pieces, special_ids, unit_rows
 from qkv.model.encoder import mean_pool
@@ -40,12 +41,13 @@ class LanguageModel:
     graphdef: nnx.GraphDef
     params: Any
     step: int
+    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's metadata (chat template, eos ids)
 
     @classmethod
     def load(cls, run_dir: str | Path, step: int | None = None) -> "LanguageModel":
         """Parameters (no optimizer state), config and tokenizer of a checkpoint in ``run_dir``."""
         run = load_run(run_dir, step)
-        return cls(run.config, run.tokenizer, run.graphdef, run.params, run.step)
+        return cls(run.config, run.tokenizer, run.graphdef, run.params, run.step, run.meta)
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Float32 logits [B, T, vocab] for equal-length rows of token ids: next-token (decoder) or masked-token
@@ -153,13 +155,17 @@ class LanguageModel:
             yield from self.generate([prompt], max_new_tokens, temperature, top_k, top_p, seed)
             return
         SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-        decoder = self._decoder(self._fitted([prompt], max_new_tokens), temperature, top_k, top_p, seed)
+        yield from self._stream_text(self.prompt_ids([prompt])[0], [self.tokenizer.eos_id],
+                                     self._fitted([prompt], max_new_tokens), temperature, top_k, top_p, seed)
+
+    def _stream_text(self, prompt_ids: list[int], stops: Sequence[int], max_new_tokens: int, temperature: float,
+                     top_k: int, top_p: float, seed: int) -> Iterator[str]:
+        decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed)
         ids: list[int] = []
         shown = ""
-        for tokens in decoder.stream(self.params, self.prompt_ids([prompt]), self.tokenizer.pad_id,
-                                     self.tokenizer.eos_id):
+        for tokens in decoder.stream(self.params, [prompt_ids], self.tokenizer.pad_id, list(stops)):
             token = int(tokens[0])
-            if token in (self.tokenizer.eos_id, self.tokenizer.pad_id):
+            if token in stops or token == self.tokenizer.pad_id:
                 break
             ids.append(token)
             text = self.tokenizer.decode(ids)
@@ -171,6 +177,48 @@ class LanguageModel:
         if rest:
             yield rest
 
+    # -- chat (docs/chat.md): the model's own template, stopping at every end-of-turn id ---------------
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's chat template (read at import or set by tokenizer.chat_template), else qkv's plain one."""
+        self._require("decoder", what="chat")
+        if self.tokenizer is None:
+            raise UserError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH")
+        return template_for(self.meta, self.tokenizer)
+
+    @functools.cached_property
+    def stop_ids(self) -> list[int]:
+        """eos, the template's end-of-turn token and the eos ids of the imported generation_config.json."""
+        return stop_ids(self.chat_template, self.tokenizer, self.meta.get("eos_ids", ()))
+
+    def chat_prompt_ids(self, messages: Sequence[dict[str, Any]], check: bool = True,
+                        **template_kwargs: Any) -> list[int]:
+        """Ids of the conversation so far with the template's generation prompt (what the model answers);
+        ``check``: refuse one that leaves no room in the model's context."""
+        text = self.chat_template.render(list(messages), add_generation_prompt=True, **template_kwargs)
+        ids = encode_rendered(self.tokenizer, text)[0]
+        if check and len(ids) >= self.config.model.max_seq_len:
+            raise UserError(f"the conversation has {len(ids)} tokens, the model's context is "
+                            f"{self.config.model.max_seq_len}: drop earlier turns")
+        return ids
+
+    def chat(self, conversations: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 128,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             **template_kwargs: Any) -> list[str]:
+        """The assistant's next reply to each conversation, decoded in one batch."""
+        rows = [self.chat_prompt_ids(c, **template_kwargs) for c in conversations]
+        room = self.config.model.max_seq_len - max(len(r) for r in rows)
+        decoder = self._decoder(min(max_new_tokens, room), temperature, top_k, top_p, seed)
+        out = decoder.generate(self.params, rows, self.tokenizer.pad_id, self.stop_ids)
+        return [self.tokenizer.decode(r) for r in out]
+
+    def chat_stream(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 128, temperature: float = 0.8,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, **template_kwargs: Any) -> Iterator[str]:
+        """The assistant's next reply, piece by piece as it is produced."""
+        ids = self.chat_prompt_ids(messages, **template_kwargs)
+        room = self.config.model.max_seq_len - len(ids)
+        yield from self._stream_text(ids, self.stop_ids, min(max_new_tokens, room), temperature, top_k, top_p, seed)
 
     def _encoded(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts or any(not t for t in texts):

@@ -136,6 +136,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     if tok is not None:
         meta["tokenizer"] = checkpoint.encode_tokenizer(tok.to_bytes())
         meta["tokenizer_backend"] = tok.backend
+    meta.update(import_chat(hf_dir, tokenizer))
     checkpoint.save_params(run_dir, params, meta, step=0)
     return {"run_dir": str(run_dir.resolve()), "arch": arch.hf_name, "tokenizer": tok.backend if tok else None,
             "params": int(sum(a.size for a in jax.tree.leaves(params)))}
@@ -151,6 +152,44 @@ def _import_tokenizer(hf_dir: Path, tokenizer: str | Path | None) -> Tokenizer |
     if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():
         return Tokenizer.load(hf_dir)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates (docs/chat.md): read at import, written back at export
+
+
+def import_chat(hf_dir: Path, tokenizer: str | Path | None) -> dict[str, Any]:
+    """Meta entries for the chat: the template HF_DIR (or the --tokenizer's directory) ships, and the list
+    of end-of-turn ids generation_config.json names (Llama 3 and Qwen list several)."""
+    from qkv.data.chat_template import read_template
+
+    out: dict[str, Any] = {}
+    source = read_template(hf_dir) or (read_template(Path(tokenizer).expanduser()) if tokenizer else None)
+    if source:
+        out["chat_template"] = source
+    gen = hf_dir / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if isinstance(eos, list) and all(isinstance(i, int) for i in eos):
+        out["eos_ids"] = eos
+    return out
+
+
+def export_chat(meta: dict[str, Any], tok: Tokenizer, folder: Path) -> None:
+    """The run's chat template (qkv's plain one when it has none) into tokenizer_config.json and
+    chat_template.jinja, so apply_chat_template of the exported tokenizer gives the ids qkv trained on."""
+    from qkv.data.chat_template import stop_ids, template_for
+
+    template = template_for(meta, tok)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config["chat_template"] = template.source
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (folder / "chat_template.jinja").write_text(template.source, encoding="utf-8")
+    stops = stop_ids(template, tok, meta.get("eos_ids", ()))
+    gen_path = folder / "generation_config.json"
+    if len(stops) > 1 and gen_path.is_file():  # generate stops at every end-of-turn id, as qkv chat does
+        gen = json.loads(gen_path.read_text())
+        gen_path.write_text(json.dumps({**gen, "eos_token_id": stops}, indent=2))
 
 
 def load_params(run_dir: str | Path, step: int | None = None) -> tuple[Config, dict[str, Any], dict[str, Any]]:
@@ -220,6 +259,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
         if "tokenizer" in meta:
             tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
             tok.save_for_hf(tmp)
+            export_chat(meta, tok, tmp)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -241,8 +281,9 @@ def merge_lora_run(run_dir: str | Path, out_dir: str | Path, step: int | None = 
     run = load_run(run_dir, step)  # base + adapters, merged
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(
         cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0)))
+    chat = {k: run.meta[k] for k in ("chat_template", "eos_ids") if k in run.meta}  # the chat goes along
     checkpoint.save_params(out_dir, run.params, {"config": plain.to_dict(), "tokenizer": run.meta["tokenizer"],
-                                                 "source": {"merged_lora_run": str(run_dir), "step": run.step}},
-                           step=run.step)
+                                                 "source": {"merged_lora_run": str(run_dir), "step": run.step},
+                                                 **chat}, step=run.step)
     return {"out_dir": str(out_dir), "step": run.step, "base": cfg.finetune.init_from,
             "adapted": [".".join(p) for p in lora_paths(run.params, cfg.finetune.lora.targets)]}

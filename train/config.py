@@ -57,6 +57,9 @@ class TokenizerConfig:
     path: str | None = None  # an existing SentencePiece .model; None: train one from the corpus
     model_type: Literal["bpe", "unigram", "char"] = "bpe"
     train_documents: int = 400  # documents sampled from the training split to train it
+    # The chat template for `messages` records and chat (docs/chat.md): a .jinja file or a Hugging Face
+    # directory; None: the init checkpoint's (read at `qkv convert import`), else qkv's plain template.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         check_section("tokenizer", self)

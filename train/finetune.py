@@ -31,6 +31,7 @@ import numpy as np
 
 from qkv.data import (ClassifyIterator, Tokenizer, classify_eval_batches, classify_examples, infer_labels, read_labeled,
                       tfds_labeled)
+from qkv.data.chat_template import ChatTemplate, template_for
 from qkv.data.sft import DPOIterator, PackedSFTIterator, eval_batches, load_dpo, load_sft
 
 from . import checkpoint, objectives
@@ -194,7 +195,8 @@ def finetune_trainer(cfg: Config) -> Trainer:
     return _CACHED[key]
 
 
-def load_examples(cfg: Config, tok: Tokenizer, path: str | None, split: str = "train"):
+def load_examples(cfg: Config, tok: Tokenizer, path: str | None, split: str = "train",
+                  template: ChatTemplate | None = None):
     """The examples of ``path`` (classify with data.source=tfds: of the TFDS ``split``) for the method."""
     ft = cfg.finetune
     if ft.method == "classify":
@@ -205,7 +207,8 @@ def load_examples(cfg: Config, tok: Tokenizer, path: str | None, split: str = "t
         return classify_examples(records, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.data.seq_len,
                                  labels=ft.labels)
     load = load_dpo if ft.method == "dpo" else load_sft
-    return load(path, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.data.seq_len, overlong=ft.overlong)
+    return load(path, tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.data.seq_len, overlong=ft.overlong,
+                template=template, tokenizer=tok if template is not None else None)
 
 
 def hold_out(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -267,10 +270,15 @@ class FinetuneJob(Job):
 
     def data(self, tok: Tokenizer):
         cfg, ft = self.cfg, self.cfg.finetune
-        train_set = load_examples(cfg, tok, ft.train_path)
+        init_meta = checkpoint.read_meta(ft.init_from, ft.init_step)
+        template = template_for(init_meta, tok, cfg.tokenizer.chat_template)
+        self.chat = {k: init_meta[k] for k in ("eos_ids",) if k in init_meta}  # kept in every checkpoint's meta
+        if not template.is_plain:
+            self.chat["chat_template"] = template.source
+        train_set = load_examples(cfg, tok, ft.train_path, template=template)
         train_items, eval_items = train_set.items, None
         if ft.eval_path or (ft.method == "classify" and not ft.train_path):  # an eval file, or the TFDS validation split
-            eval_set = load_examples(cfg, tok, ft.eval_path, "validation")
+            eval_set = load_examples(cfg, tok, ft.eval_path, "validation", template=template)
             eval_items = eval_set.items
         else:
             eval_set = train_set

@@ -230,6 +230,7 @@ class Job:
 
     name = "train"
     validation: Any = None
+    chat: dict[str, Any] = {}  # a fine-tuning run's chat template and eos ids, kept in its checkpoints' meta
 
     def __init__(self, cfg: Config, trainer: Trainer):
         self.cfg, self.trainer = cfg, trainer
@@ -281,7 +282,7 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
             try:
                 summary, state = _train(cfg, run_dir, trainer, tok, state, data_iter, good_step, job.name,
                                         evaluate=lambda params: run_eval(trainer, params, eval_batches()),
-                                        spikes=spikes)
+                                        spikes=spikes, chat=job.chat)
                 break
             except rewind.Spike as spike:
                 state, good_step = _rewind(cfg, run_dir, trainer, data_iter, spike)
@@ -387,7 +388,8 @@ def pretrain(cfg: Config, report: Report | None = None) -> dict[str, Any]:
 
 def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: State, data_iter,
            good_step: int | None, name: str, evaluate: Evaluate,
-           spikes: rewind.SpikeDetector | None = None) -> tuple[dict[str, Any], State]:
+           spikes: rewind.SpikeDetector | None = None,
+           chat: dict[str, Any] | None = None) -> tuple[dict[str, Any], State]:
     """The training loop: steps, logging, evaluation, checkpoints, stops; returns (summary, final state).
 
     ``tokens_per_s`` counts every token the step processes (train.batch_size x data.seq_len, as ``qkv
@@ -405,6 +407,7 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
         data = iterator_state_to_json(data_iter.get_state())  # each process has its own position in its shard
         return {"config": cfg.to_dict(), "data": data, "data_per_process": all_processes_text(data),
                 "tokenizer": checkpoint.encode_tokenizer(tok.to_bytes()),
+                **(chat or {}),
                 **({"spike_history": spikes.state()} if spikes is not None else {})}
 
     start = int(jax.device_get(state["step"]))

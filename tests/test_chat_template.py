@@ -1,0 +1,261 @@
+"""Chat templates: qkv's rendering, ids and assistant masks equal transformers' apply_chat_template's on real
+templates (tests/fixtures/chat_templates), SFT masks train exactly the assistant turns, refusals name file:line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qkv.data.chat_template import (PLAIN_TEMPLATE, ChatTemplate, TemplateError, encode_rendered, read_template,
+                                    span_mask, special_token_strings, stop_ids)
+from qkv.data.hf_tokenizer import HFTokenizer
+from qkv.data.sft import DataError, PackedSFTIterator, load_sft
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+
+# (bos, eos, the template's other special tokens) per fixture.
+SPECIALS = {
+    "llama-3.2-instruct": ("<|begin_of_text|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>",
+                                                                    "<|eot_id|>"]),
+    "qwen2.5-instruct": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]),
+    "qwen3": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]),
+    "mistral-instruct": ("<s>", "</s>", ["[INST]", "[/INST]"]),
+    "gemma-it": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
+    "chatml-generation": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]),
+}
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+U1, A1 = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}
+U2, A2 = {"role": "user", "content": "Und auf Deutsch? Ünïcödé ✓ 日本"}, {"role": "assistant", "content": "Vier. ✓"}
+EMPTY_USER = {"role": "user", "content": ""}
+TOOL_CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]}
+TOOL_RESULT = {"role": "tool", "content": "4"}
+CONVERSATIONS = {
+    "single": [U1, A1],
+    "system_single": [SYSTEM, U1, A1],
+    "multi": [U1, A1, U2, A2],
+    "system_multi": [SYSTEM, U1, A1, U2, A2],
+    "empty_user": [EMPTY_USER, A1],
+    "open": [U1, A1, U2],
+}
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                           "parameters": {"type": "object", "properties": {
+                                               "a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizers_by_template():
+    """A byte-level BPE trained here per template, with its special tokens: (qkv HFTokenizer, transformers')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [m["content"] for c in CONVERSATIONS.values() for m in c] * 20 + ["System: User: Assistant: model"] * 20
+    out = {}
+    for name, (bos, eos, extra) in SPECIALS.items():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[bos, eos, *extra],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        text = tok.to_str()
+        ours = HFTokenizer(text, {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos)})
+        theirs = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), bos_token=bos, eos_token=eos)
+        out[name] = (ours, theirs)
+    return out
+
+
+def _cases():
+    for name in SPECIALS:
+        for conv in CONVERSATIONS:
+            yield name, conv
+
+
+@pytest.mark.parametrize("name,conv", list(_cases()))
+def test_rendered_text_ids_and_masks_equal_transformers(tokenizers_by_template, name, conv):
+    ours, theirs = tokenizers_by_template[name]
+    source = (FIXTURES / f"{name}.jinja").read_text()
+    template = ChatTemplate(source, special_token_strings(ours))
+    messages = CONVERSATIONS[conv]
+    kwargs = {}
+    for gen in (False, True):
+        try:
+            want = theirs.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                              add_generation_prompt=gen, **kwargs)
+        except Exception as err:  # the template refuses this conversation: qkv refuses it too, in one line
+            with pytest.raises(TemplateError) as ours_err:
+                template.render(messages, add_generation_prompt=gen)
+            assert str(err).splitlines()[0] in str(ours_err.value) and "\n" not in str(ours_err.value)
+            return
+        assert template.render(messages, add_generation_prompt=gen) == want
+        want_ids = theirs.apply_chat_template(messages, chat_template=source, tokenize=True, return_dict=True,
+                                              add_generation_prompt=gen)["input_ids"]
+        assert encode_rendered(ours, want)[0] == list(want_ids)
+    if template.has_generation:
+        got = theirs.apply_chat_template(messages, chat_template=source, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        text, spans = template.assistant_spans(messages)
+        ids, offsets = encode_rendered(ours, text)
+        assert ids == list(got["input_ids"]) and span_mask(offsets, spans) == list(got["assistant_masks"])
+        assert 1 in got["assistant_masks"] or not any(m["role"] == "assistant" for m in messages)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-instruct", "qwen3"])
+def test_tool_calls_render_as_transformers_does(tokenizers_by_template, name):
+    ours, theirs = tokenizers_by_template[name]
+    source = (FIXTURES / f"{name}.jinja").read_text()
+    template = ChatTemplate(source, special_token_strings(ours))
+    messages = [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1]
+    for gen in (False, True):
+        want = theirs.apply_chat_template(messages, tools=TOOLS, chat_template=source, tokenize=False,
+                                          add_generation_prompt=gen)
+        assert template.render(messages, add_generation_prompt=gen, tools=TOOLS) == want
+        assert "<tool_call>" in want and '"a": 2' in want
+
+
+def test_prefix_spans_equal_generation_spans_and_qwen3_multi_turn_is_refused(tokenizers_by_template):
+    ours, _ = tokenizers_by_template["chatml-generation"]
+    source = (FIXTURES / "chatml-generation.jinja").read_text()
+    with_blocks = ChatTemplate(source, special_token_strings(ours))
+    without = ChatTemplate(source.replace("{%- generation %}", "").replace("{%- endgeneration %}", ""),
+                           special_token_strings(ours))
+    assert with_blocks.has_generation and not without.has_generation
+    for messages in CONVERSATIONS.values():
+        assert with_blocks.assistant_spans(messages) == without.assistant_spans(messages)
+    text, spans = without.assistant_spans([SYSTEM, U1, A1, U2, A2])
+    assert [text[a:b] for a, b in spans] == ["4.<|im_end|>", "Vier. ✓<|im_end|>"]
+
+    ours3, _ = tokenizers_by_template["qwen3"]
+    qwen3 = ChatTemplate((FIXTURES / "qwen3.jinja").read_text(), special_token_strings(ours3))
+    text, spans = qwen3.assistant_spans([U1, A1])  # single-turn: fine, the empty think block is trained
+    assert [text[a:b] for a, b in spans] == ["<think>\n\n</think>\n\n4.<|im_end|>"]
+    with pytest.raises(TemplateError, match=r"renders earlier turns differently.*Qwen 3.*single-turn"):
+        qwen3.assistant_spans([U1, A1, U2, A2])
+    assert stop_ids(qwen3, ours3) == sorted({ours3.eos_id, ours3.piece_to_id("<|im_end|>")})
+    llama, _ = tokenizers_by_template["llama-3.2-instruct"]
+    t = ChatTemplate((FIXTURES / "llama-3.2-instruct.jinja").read_text(), special_token_strings(llama))
+    assert llama.piece_to_id("<|eot_id|>") in stop_ids(t, llama)
+
+
+def test_templates_are_read_from_hf_files(tmp_path):
+    source = (FIXTURES / "qwen3.jinja").read_text()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps({"chat_template": source}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": source}]}))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "chat_template.jinja").write_text(source)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "chat_template.json").write_text(json.dumps({"chat_template": source}))
+    for d in "abcd":
+        assert read_template(tmp_path / d) == source
+    assert read_template(tmp_path) is None
+
+
+def _hf_tokenizer_dir(tmp_path: Path, template: str) -> HFTokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello there", "how are you", "fine thanks"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return HFTokenizer(tok.to_str(), {"bos": 0, "eos": 1})
+
+
+def test_packed_sft_batch_trains_exactly_the_assistant_contents_and_end_of_turn(tmp_path):
+    tok = _hf_tokenizer_dir(tmp_path, "")
+    source = (FIXTURES / "qwen2.5-instruct.jinja").read_text()
+    template = ChatTemplate(source, special_token_strings(tok))
+    records = [{"messages": [SYSTEM, {"role": "user", "content": f"hello {i}"},
+                             {"role": "assistant", "content": f"fine {i}"},
+                             {"role": "user", "content": "how are you"},
+                             {"role": "assistant", "content": f"thanks {i}"}]} for i in range(6)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = load_sft(str(path), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=160, template=template,
+                    tokenizer=tok)
+    batch = next(PackedSFTIterator(data.items, seq_len=160, batch_size=2, seed=0, shuffle=False))
+    for r in range(2):
+        for s in sorted(set(batch["segment_ids"][r].tolist()) - {0}):
+            cols = batch["segment_ids"][r] == s
+            targets, mask = batch["targets"][r][cols], batch["loss_mask"][r][cols]
+            runs, current = [], []
+            for t, m in zip(targets.tolist(), mask.tolist()):
+                if m:
+                    current.append(t)
+                elif current:
+                    runs.append(current)
+                    current = []
+            runs += [current] if current else []
+            pieces = [tok._tok_specials.decode(run, skip_special_tokens=False) for run in runs]
+            i = int(pieces[0].split()[1].split("<")[0])
+            assert pieces == [f"fine {i}<|im_end|>", f"thanks {i}<|im_end|>"], pieces
+
+
+BAD = [
+    ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}',
+     "gemma-it.jinja", "System role not supported"),
+    ('{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}, '
+     '{"role": "assistant", "content": "a"}]}', "llama-3.2-instruct.jinja", "roles must alternate"),
+    ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}',
+     "chatml-generation.jinja", "Unknown role: robot"),
+]
+
+
+@pytest.mark.parametrize("line,fixture,message", BAD, ids=[m for _, _, m in BAD])
+def test_a_template_that_raises_names_file_and_line(tmp_path, line, fixture, message):
+    tok = _hf_tokenizer_dir(tmp_path, "")
+    template = ChatTemplate((FIXTURES / fixture).read_text(), special_token_strings(tok), f"chat template {fixture}")
+    path = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}'
+    path.write_text(good + "\n\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        load_sft(str(path), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=200, template=template,
+                 tokenizer=tok)
+    text = str(err.value)
+    assert text.startswith(f"{path}:3: ") and message in text and fixture in text and "\n" not in text, text
+
+
+def test_the_plain_template_keeps_the_old_layout():
+    from qkv.data import Tokenizer, train_tokenizer
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tok = Tokenizer.load(train_tokenizer(["System: User: Assistant: hi ok be brief again\n"] * 5,
+                                             Path(d) / "t", vocab_size=300, model_type="char"))
+    plain = ChatTemplate(PLAIN_TEMPLATE, special_token_strings(tok))
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "ok ok"}]
+    assert plain.render(messages) == "<s>System: be brief\nUser: hi\nAssistant: ok</s>\nUser: again\nAssistant: ok ok</s>"
+    assert plain.render(messages[:2], add_generation_prompt=True) == "<s>System: be brief\nUser: hi\nAssistant: "
+    text, spans = plain.assistant_spans(messages)
+    ids, offsets = encode_rendered(tok, text, [e for s in spans for e in s])
+    old = ([tok.bos_id] + tok.encode("System: be brief\nUser: hi\nAssistant: ") + tok.encode("ok") + [tok.eos_id]
+           + tok.encode("\nUser: again\nAssistant: ") + tok.encode("ok ok") + [tok.eos_id])
+    assert ids == old
+    trained = [i for i, m in zip(ids, span_mask(offsets, spans)) if m]
+    assert trained == tok.encode("ok") + [tok.eos_id] + tok.encode("ok ok") + [tok.eos_id]
+
+
+def test_dpo_with_messages_scores_only_the_next_assistant_turn(tmp_path):
+    from qkv.data.sft import load_dpo
+
+    tok = _hf_tokenizer_dir(tmp_path, "")
+    template = ChatTemplate((FIXTURES / "chatml-generation.jinja").read_text(), special_token_strings(tok))
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"},
+                                             {"role": "assistant", "content": "there"},
+                                             {"role": "user", "content": "how are you"}],
+                                "chosen": "fine thanks", "rejected": "how"}) + "\n")
+    data = load_dpo(str(path), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=100, template=template,
+                    tokenizer=tok)
+    (chosen, rejected), = data.items
+    for ex, reply in ((chosen, "fine thanks"), (rejected, "how")):
+        trained = tok._tok_specials.decode(ex.targets[ex.loss_mask == 1].tolist(), skip_special_tokens=False)
+        assert trained == reply + "<|im_end|>"  # the earlier assistant turn ("there") is prompt, not scored
+    assert chosen.inputs[:10].tolist() == rejected.inputs[:10].tolist()
