@@ -21,6 +21,7 @@ DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
 AttentionImpl = Literal["auto", "xla", "splash", "cudnn", "reference"]
 Pooling = Literal["first", "mean"]
+Router = Literal["softmax", "softmax_normalized", "sigmoid_normalized"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "kind": ("decoder", "encoder", "encoder_decoder"),
@@ -34,6 +35,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "remat": ("none", "full", "dots"),
     "attention_impl": ("auto", "xla", "splash", "cudnn", "reference"),
     "pooling": ("first", "mean"),
+    "router": ("softmax", "softmax_normalized", "sigmoid_normalized"),
 }
 
 
@@ -83,6 +85,17 @@ class ModelConfig:
     n_encoder_layers: int | None = None  # encoder_decoder: depth of the encoder (None: n_layers)
     n_classes: int = 0  # encoder: > 0 adds a classification head over the pooled sequence
     pooling: Pooling = "first"  # encoder classification: first token ([bos], BERT's [CLS]) or mean of tokens
+    # --- mixture of experts (model/moe.py, docs/moe.md): n_experts > 0 replaces every block's MLP by a routed MoE
+    n_experts: int = 0  # routed experts per layer (0: the dense MLP)
+    n_experts_per_token: int = 2  # k: experts each token is sent to
+    n_shared_experts: int = 0  # experts every token passes through as well (one MLP of n_shared x moe_d_ff)
+    moe_d_ff: int = 0  # hidden width of one expert (0: model.d_ff)
+    # softmax: the top-k softmax probabilities weigh the experts (OLMoE); softmax_normalized: ... renormalised to
+    # sum to one (Mixtral, Qwen 3 MoE); sigmoid_normalized: top-k sigmoid scores, renormalised (DeepSeek-V3 style)
+    router: Router = "softmax_normalized"
+    router_aux_loss_weight: float = 0.01  # load-balancing loss weight (Hugging Face's router_aux_loss_coef)
+    router_z_loss_weight: float = 0.0  # weight of mean logsumexp(router logits)^2 (ST-MoE's router z-loss)
+    expert_capacity_factor: float = 0.0  # 0: dropless; c > 0: an expert takes at most c * tokens * k / n_experts
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -121,6 +134,25 @@ class ModelConfig:
             raise UserError(f"model.loss_chunk={self.loss_chunk}: use -1 (auto), 0 (no chunking) or a chunk length")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """The mixture-of-experts fields (each error names its key)."""
+        if self.n_experts < 0:
+            raise UserError(f"model.n_experts={self.n_experts} must be >= 0 (0: a dense MLP)")
+        for key in ("n_shared_experts", "moe_d_ff"):
+            if getattr(self, key) < 0:
+                raise UserError(f"model.{key}={getattr(self, key)} must be >= 0")
+        for key in ("router_aux_loss_weight", "router_z_loss_weight", "expert_capacity_factor"):
+            value = getattr(self, key)
+            if not value >= 0 or value == float("inf"):
+                raise UserError(f"model.{key}={value} must be a finite number >= 0")
+        if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
+            raise UserError(f"model.n_experts_per_token={self.n_experts_per_token} must be in [1, model.n_experts="
+                            f"{self.n_experts}]")
+        if self.n_experts == 0 and self.n_shared_experts:
+            raise UserError(f"model.n_shared_experts={self.n_shared_experts} needs routed experts: set "
+                            "model.n_experts > 0 (or n_shared_experts=0)")
 
     @property
     def num_kv_heads(self) -> int:
@@ -129,6 +161,10 @@ class ModelConfig:
     @property
     def encoder_layers(self) -> int:
         return self.n_encoder_layers or self.n_layers
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
 
     @property
     def head_size(self) -> int:

@@ -24,6 +24,7 @@ from .attention import Attention, Mask
 from .config import ModelConfig
 from .constrain import constrain
 from .loss import project
+from .moe import MoeMlp
 from .layers import Mlp, Norm, dropout, param, rope_angles, rope_frequencies, sinusoidal_embedding
 
 Cache = dict[str, jax.Array]
@@ -44,7 +45,7 @@ class Block(nnx.Module):
             self.cross_norm = Norm(cfg, rngs)
             self.cross_attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = Mlp(cfg, rngs)
+        self.mlp = MoeMlp(cfg, rngs) if cfg.n_experts else Mlp(cfg, rngs)  # routed experts (model/moe.py)
 
     def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, key=None, memory=None):
         """memory: ((keys, values) of the encoder output for this layer, cross-attention mask) or None."""

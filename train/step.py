@@ -56,7 +56,7 @@ def muon_dimensions(axes: Any) -> Any:
     from optax.contrib import MuonDimensionNumbers
 
     def dims(names: tuple[str, ...]) -> Any:
-        own = [i for i, n in enumerate(names) if n != "layers"]
+        own = [i for i, n in enumerate(names) if n not in ("layers", "expert")]  # stacks of separate matrices
         if "vocab" in names or len(own) < 2 or "embed" not in names:
             return None
         if names[own[0]] == "embed":
@@ -180,8 +180,8 @@ def train_step(state: State, frozen: Any, batch: Batch, *, objective: Objective,
     if grad_accum == 1:  # no loop: a one-trip scan still zero-fills and copies every gradient buffer (CPU profile)
         loss, aux, grads = loss_and_grads(batch, jnp.int32(0))
     else:
-        zeros = (jnp.float32(0.0), {k: jnp.float32(0.0) for k in objective.metrics},
-                 jax.tree.map(jnp.zeros_like, state["params"]))
+        first = jax.tree.map(lambda x: x[0], micro)  # the metrics' names and shapes (the model's MoE statistics too)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_and_grads, first, jnp.int32(0)))
         (loss, aux, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(grad_accum)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
