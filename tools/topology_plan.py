@@ -194,11 +194,13 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
 
 
 def model_flops_per_step(cfg: Config, n_params: int) -> float:
-    """Training FLOPs of one step: 6 · (matmul parameters) · tokens + 12 · layers · heads · head · T · tokens.
+    """Training FLOPs of one step: 6 · (active matmul parameters) · tokens + 12 · layers · heads · head · T · tokens.
     The embedding lookup is no matmul: an untied input table is left out."""
     m = cfg.model
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    matmul_params = n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+    from qkv.model import inactive_params
+    # active parameters: a mixture of experts' routed experts count only k of E per token (model/moe.py)
+    matmul_params = n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model) - inactive_params(m)
     attention = 12 * m.n_layers * m.n_heads * m.head_size * cfg.data.seq_len * tokens
     return 6.0 * matmul_params * tokens + attention
 

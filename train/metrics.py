@@ -11,10 +11,14 @@ from typing import Any
 import jax
 
 from qkv.model import ModelConfig
+from qkv.model.moe import expert_params_per_layer
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, source_len: int | None = None) -> float:
     """Training FLOPs per (target) token: 6 × (matmul parameters) + attention scores and values.
+
+    A mixture-of-experts MLP counts its ACTIVE weights: the router, the k routed experts and the shared
+    experts each token passes through (model/moe.py), not the experts it skips.
 
     Forward is 2 FLOPs per multiply-add, backward twice that, hence 6·N. N counts every weight used in
     a matmul, including the output projection even when it is tied to the embedding (the lookup is
@@ -30,6 +34,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, source_len: int | None = Non
     d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size, cfg.d_ff
     attn_weights = d * h * e * 2 + d * k * e * 2  # q, o and k, v projections
     mlp_weights = d * f * (3 if cfg.activation == "swiglu" else 2)
+    if cfg.n_experts:  # active parameters only: the router, the k experts a token is sent to, the shared experts
+        mlp_weights = d * cfg.n_experts + (cfg.n_experts_per_token + cfg.n_shared_experts) * expert_params_per_layer(cfg)
     layer_weights = attn_weights + mlp_weights
     head = d * cfg.vocab_size
     if cfg.kind == "decoder":
