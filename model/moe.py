@@ -27,8 +27,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from qkv.errors import UserError
 
 from .config import ModelConfig
+from .constrain import layout_sharding
 from .layers import Mlp, param
 
 
@@ -78,51 +82,106 @@ class MoeMlp(nnx.Module):
                        if cfg.n_shared_experts else None)
 
     def capacity(self, n_tokens: int) -> int:
-        """Assignments one expert takes per batch (0: no limit)."""
+        """Assignments one expert takes from a group of ``n_tokens`` tokens (0: no limit)."""
         if not self.capacity_factor:
             return 0
         return max(1, math.ceil(self.capacity_factor * n_tokens * self.k / self.n_experts))
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        b, t, d = x_btd.shape
-        x_nd = x_btd.reshape(b * t, d)
-        logits_ne = jnp.dot(x_nd.astype(jnp.float32), self.router[...].astype(jnp.float32))
-        weights_nk, experts_nk, probs_ne = route(logits_ne, self.k, self.kind)
-        order, sizes_e, kept = dispatch_order(experts_nk, self.n_experts, self.capacity(b * t))
-        weights_nk = weights_nk * kept.reshape(weights_nk.shape)
-        y_nd = self.experts(x_nd, order, sizes_e, experts_nk, weights_nk)
-        if self.shared is not None:
-            y_nd = y_nd + self.shared(x_nd)
-        self._record(logits_ne, probs_ne, sizes_e, kept)
-        return y_nd.reshape(b, t, d)
-
-    def experts(self, x_nd, order, sizes_e, experts_nk, weights_nk) -> jax.Array:
-        """The grouped matmuls: sorted assignments through their experts, back to token order, weighed."""
-        n, k = experts_nk.shape
         dt = self.dtype
+        weights = {"router": self.router[...].astype(jnp.float32),
+                   **{name: getattr(self, name)[...].astype(dt) for name in ("wi", "wg", "wo", "bi", "bo")
+                      if getattr(self, name, None) is not None}}
+        tokens = layout_sharding(("batch", None, None), x_btd.shape)
+        if tokens is None:  # no mesh (decoding, plain calls): one group of all tokens
+            y_btd, stats = self.dispatch(x_btd, weights, (), None)
+        else:  # on the train step's mesh: per batch shard, experts split over their mesh axis (docs/moe.md)
+            y_btd, stats = self.sharded_dispatch(x_btd, weights, tokens)
+        if self.shared is not None:
+            y_btd = y_btd + self.shared(x_btd)
+        for name, value in stats.items():
+            setattr(self, name, nnx.Intermediate(value))
+        return y_btd
+
+    def sharded_dispatch(self, x_btd, weights, tokens):
+        """``dispatch`` inside ``shard_map``: each device routes its batch shard; with the experts split over a
+        mesh axis (expert parallelism) the token shards along that axis are all-gathered, each device runs its
+        own experts' assignments, and the partial outputs are reduce-scattered back (exact and dropless)."""
+        mesh = tokens.mesh
+        tok_axes = _names(tokens.spec[0])
+        ep = _names(layout_sharding(("expert", None, None), weights["wi"].shape).spec[0])
+        if len(ep) > 1:
+            raise UserError(f"mesh.rules.expert={list(ep)}: experts split over one mesh axis only (e.g. expert)")
+        ep_axis = ep[0] if ep else None
+        spec = {name: P(ep_axis) if name != "router" else P() for name in weights}
+        body = lambda x, w: self.dispatch(x, w, tok_axes, ep_axis)  # noqa: E731
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(tok_axes or None), spec),
+                             out_specs=(P(tok_axes or None), P()))(x_btd, weights)
+
+    def dispatch(self, x_btd, w, tok_axes: tuple[str, ...], ep_axis: str | None):
+        """(outputs [b, t, d], statistics over the whole batch) for this device's tokens and experts."""
+        b, t, d = x_btd.shape
+        k, n_experts = self.k, self.n_experts
+        x_nd = x_btd.reshape(b * t, d)
+        logits_ne = jnp.dot(x_nd.astype(jnp.float32), w["router"])
+        weights_nk, experts_nk, probs_ne = route(logits_ne, k, self.kind)
+        totals = {"counts_e": jnp.bincount(experts_nk.reshape(-1), length=n_experts).astype(jnp.float32),
+                  "probs_e": jnp.sum(probs_ne, axis=0), "lse2": jnp.sum(jnp.square(jax.nn.logsumexp(logits_ne, -1))),
+                  "tokens": jnp.float32(b * t)}
+        if tok_axes:
+            totals = jax.lax.psum(totals, tok_axes)
+        gather = ep_axis is not None and ep_axis in tok_axes
+        if gather:  # the assignments of every token shard along the expert axis
+            x_nd, weights_nk, experts_nk = (jax.lax.all_gather(a, ep_axis, tiled=True)
+                                            for a in (x_nd, weights_nk, experts_nk))
+        e_local = w["wi"].shape[0]
+        first = jax.lax.axis_index(ep_axis) * e_local if ep_axis else 0
+        local_nk = experts_nk - first
+        mine_nk = (local_nk >= 0) & (local_nk < e_local)  # assignments to this device's experts
+        order, sizes, kept = dispatch_order(jnp.where(mine_nk, local_nk, e_local), e_local + 1,
+                                            self.capacity(x_nd.shape[0]))
+        kept_nk = kept.reshape(mine_nk.shape) & mine_nk
+        dropped = jnp.sum((mine_nk & ~kept_nk).astype(jnp.float32))
+        dropped_axes = tuple(dict.fromkeys(tok_axes + ((ep_axis,) if ep_axis else ())))
+        if dropped_axes:
+            dropped = jax.lax.psum(dropped, dropped_axes)
+        y_nd = self.experts(x_nd, w, order, sizes[:e_local], jnp.where(mine_nk, local_nk, 0),
+                            jnp.where(kept_nk, weights_nk, 0.0))
+        if gather:
+            y_nd = jax.lax.psum_scatter(y_nd, ep_axis, scatter_dimension=0, tiled=True)
+        elif ep_axis is not None:
+            y_nd = jax.lax.psum(y_nd, ep_axis)
+        n_assign = totals["tokens"] * k
+        share_e = totals["counts_e"] / n_assign
+        stats = {"aux_loss": n_experts * k * jnp.sum(share_e * totals["probs_e"] / totals["tokens"]),
+                 "z_loss": totals["lse2"] / totals["tokens"], "expert_share": share_e, "dropped": dropped / n_assign}
+        return y_nd.reshape(b, t, d), stats
+
+    def experts(self, x_nd, w, order, sizes_e, experts_nk, weights_nk) -> jax.Array:
+        """The grouped matmuls: sorted assignments through their experts, back to token order, weighed.
+        Rows past the groups (assignments of other devices' experts) come out zero and carry weight 0."""
+        n, k = experts_nk.shape
+        sorted_experts = experts_nk.reshape(-1)[order]
         x_md = x_nd[order // k]  # m = n·k assignments, grouped by expert
-        h_mf = jax.lax.ragged_dot(x_md, self.wi[...].astype(dt), sizes_e)
-        if self.bi is not None:
-            h_mf = h_mf + self.bi[...].astype(dt)[experts_nk.reshape(-1)[order]]
+        h_mf = jax.lax.ragged_dot(x_md, w["wi"], sizes_e)
+        if "bi" in w:
+            h_mf = h_mf + w["bi"][sorted_experts]
         if self.activation == "swiglu":
-            h_mf = jax.nn.silu(jax.lax.ragged_dot(x_md, self.wg[...].astype(dt), sizes_e)) * h_mf
+            h_mf = jax.nn.silu(jax.lax.ragged_dot(x_md, w["wg"], sizes_e)) * h_mf
         elif self.activation == "gelu":
             h_mf = jax.nn.gelu(h_mf, approximate=True)
         else:
             h_mf = jax.nn.relu(h_mf)
-        y_md = jax.lax.ragged_dot(h_mf, self.wo[...].astype(dt), sizes_e)
-        if self.bo is not None:
-            y_md = y_md + self.bo[...].astype(dt)[experts_nk.reshape(-1)[order]]
+        y_md = jax.lax.ragged_dot(h_mf, w["wo"], sizes_e)
+        if "bo" in w:
+            y_md = y_md + w["bo"][sorted_experts]
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y_nkd = y_md[inverse].reshape(n, k, -1)
-        return jnp.einsum("nk,nkd->nd", weights_nk.astype(dt), y_nkd)
+        return jnp.einsum("nk,nkd->nd", weights_nk.astype(y_nkd.dtype), y_nkd)
 
-    def _record(self, logits_ne, probs_ne, sizes_e, kept) -> None:
-        share_e = sizes_e.astype(jnp.float32) / kept.shape[0]  # each expert's share of the n·k assignments
-        self.aux_loss = nnx.Intermediate(self.n_experts * self.k * jnp.sum(share_e * jnp.mean(probs_ne, axis=0)))
-        self.z_loss = nnx.Intermediate(jnp.mean(jnp.square(jax.nn.logsumexp(logits_ne, axis=-1))))
-        self.expert_share = nnx.Intermediate(share_e)
-        self.dropped = nnx.Intermediate(1.0 - jnp.mean(kept.astype(jnp.float32)))
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 STATS = ("aux_loss", "z_loss", "expert_share", "dropped")

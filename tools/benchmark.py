@@ -161,7 +161,8 @@ class TrainPoint:
         record = {
             "benchmark": "train",
             "config": {"model": dataclasses.asdict(m), "batch_size": cfg.train.batch_size, "seq_len": seq,
-                       "grad_accum": cfg.optim.grad_accum, "mesh": dict(self.mesh.shape), "rules": cfg.mesh.rules},
+                       "grad_accum": cfg.optim.grad_accum, "rules": cfg.mesh.rules,
+                       "mesh": {k: v for k, v in self.mesh.shape.items() if k != "expert" or v > 1}},
             "params": self.n_params, "active_params": self.n_params - inactive_params(m), "devices": n_dev, "steps": len(self.times), "warmup": self.warmup,
             "compile_s": self.compile_s, "step_s": step_s,
             "tokens_per_step": tokens,

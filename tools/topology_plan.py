@@ -284,7 +284,7 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
     from qkv.model.attention import select_impl
     from qkv.model.flash import cudnn_takes
     from qkv.model.loss import chunk_length
-    from qkv.train.sharding import activation_layout, check_batch, make_mesh, mesh_shape, resolve_rules
+    from qkv.train.sharding import MESH_AXES, activation_layout, check_batch, make_mesh, mesh_shape, resolve_rules
     from qkv.train.step import Trainer
 
     from .benchmark import synthetic_batch_for
@@ -300,7 +300,7 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
     mesh_cfg = replace(cfg.mesh, **mesh) if mesh else cfg.mesh
     n = len(devices)
     shape = mesh_shape(mesh_cfg, n)
-    cfg = replace(cfg, mesh=replace(mesh_cfg, data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    cfg = replace(cfg, mesh=replace(mesh_cfg, **dict(zip(MESH_AXES, shape))))
     jmesh = make_mesh(cfg.mesh, devices)
     rules = resolve_rules(cfg.mesh.rules)
     check_batch(cfg.train.batch_size, jmesh, rules)
@@ -316,9 +316,9 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
         attention = "pallas-gpu"
     plan: dict[str, Any] = {
         "topology": topology, "chip": chip, "chips": n, "hbm_per_chip": int(hbm_gib * GIB) if hbm_gib == hbm_gib else None,
-        "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(MESH_AXES, shape)),
         "model_parameters": n_params, "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
-        "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1]), "remat": cfg.model.remat,
+        "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1] * shape[2]), "remat": cfg.model.remat,
         "attention": attention, "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
         "compiler": "XLA GPU (deviceless)" if gpu else "TPU",
     }
@@ -366,7 +366,7 @@ def format_topology_plan(plan: dict[str, Any]) -> str:
              f"compiled by the {plan['compiler']} compiler on this machine"
              + (f"; HBM counted as JAX's preallocated {plan['memory_fraction']:.0%} (XLA_PYTHON_CLIENT_MEM_FRACTION)"
                 if "memory_fraction" in plan else ""),
-             f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; {plan['rows_per_chip']:g} rows x "
+             f"mesh {' '.join(f'{k}={v}' for k, v in m.items() if k != 'expert' or v > 1)}; {plan['rows_per_chip']:g} rows x "
              f"{plan['seq_len']} tokens per chip; attention {plan['attention']}, remat {plan['remat']}, loss "
              + (f"in chunks of {plan['loss_chunk']} positions" if plan["loss_chunk"] else "over full logits"),
              f"compile time {plan['compile_seconds']:.0f} s", "", "HBM per chip (compiled memory analysis):"]

@@ -88,6 +88,7 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1  # expert parallelism: a mixture of experts' experts split this many ways (model/moe.py)
     rules: dict[str, Any] = field(default_factory=dict)  # overrides of the logical-axis rules table
 
     def __post_init__(self) -> None:

@@ -145,6 +145,7 @@ RULES: dict[str, list[Rule]] = {
         ("data", mesh_axis, "-1 or a positive integer", "use -1 (all devices left) or a device count"),
         ("fsdp", mesh_axis, "-1 or a positive integer", "use 1 or a device count"),
         ("tensor", mesh_axis, "-1 or a positive integer", "use 1 or a device count"),
+        ("expert", mesh_axis, "-1 or a positive integer", "use 1 or a divisor of model.n_experts"),
         ("rules", rule_map, "a mapping of logical axis names to a mesh axis, a list of them, or null",
          "use e.g. {batch: [data, fsdp]}"),
     ],
