@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analytic", action="store_true", help="skip the compile: analytic estimate only")
     p.add_argument("--topology", default=None, help="compile for a TPU slice (e.g. v5p:4x4x8) or NVIDIA GPUs (e.g. h100:8) "
                    "without one: needs the tpu-compile or cuda extra")
+    p.add_argument("--slices", type=int, default=1, help="with --topology (TPU): this many such slices joined over the "
+                   "data-center network (default mesh.dcn_data = the slice count); reports the cross-slice traffic")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser

@@ -186,10 +186,13 @@ def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
 
 def main(ns) -> int:
     """The ``qkv plan`` command (argparse namespace from qkv/cli.py)."""
+    if getattr(ns, "slices", 1) != 1 and not getattr(ns, "topology", None):
+        raise UserError(f"--slices {ns.slices} needs --topology (the slice type), e.g. --topology v5p:4x4x4 --slices 2")
     if getattr(ns, "topology", None):  # the TPU compiler's answer (tools/topology_plan.py), in this process
         from .topology_plan import format_topology_plan, topology_plan
         source, overrides = split_config_args(ns.args)
-        plan = topology_plan(load_config(source, overrides), ns.topology, parse_mesh(ns.mesh) if ns.mesh else None)
+        plan = topology_plan(load_config(source, overrides), ns.topology, parse_mesh(ns.mesh) if ns.mesh else None,
+                             slices=ns.slices)
         print(json.dumps(plan) if ns.json else format_topology_plan(plan))
         return 0 if plan["fits"] else 1
     if ns.device is not None and ns.device not in DEVICES:

@@ -69,10 +69,26 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh over all devices (topology-aware order) or the given ones."""
+    """A (data, fsdp, expert, tensor) mesh over all devices (topology-aware order) or the given ones.
+
+    Several slices (``mesh.dcn_data`` x ``mesh.dcn_fsdp`` > 1): a hybrid mesh in which the data (fsdp) axis is
+    ``dcn_data`` (``dcn_fsdp``) slices joined over the data-center network times ``mesh.data`` (``mesh.fsdp``)
+    chips inside each slice; the other axes stay inside a slice (their collectives never cross the DCN)."""
     auto = (AxisType.Auto,) * len(MESH_AXES)
-    if devices is None:
+    dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1, 1)
+    slices = math.prod(dcn)
+    if devices is None and slices == 1:
         return jax.make_mesh(mesh_shape(cfg, jax.device_count()), MESH_AXES, axis_types=auto)
+    devices = jax.devices() if devices is None else list(devices)
+    if slices > 1:
+        found = len({getattr(d, "slice_index", 0) for d in devices})
+        if found != slices or len(devices) % slices:
+            raise UserError(f"mesh.dcn_data={cfg.dcn_data} x mesh.dcn_fsdp={cfg.dcn_fsdp} = {slices} slices, but the "
+                            f"{len(devices)} devices come from {found}: set them to multiply to the slice count")
+        from jax.experimental import mesh_utils
+        per_slice = mesh_shape(cfg, len(devices) // slices)
+        array = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices, allow_split_physical_axes=True)
+        return Mesh(array, MESH_AXES, axis_types=auto)
     return Mesh(np.array(devices).reshape(mesh_shape(cfg, len(devices))), MESH_AXES, axis_types=auto)
 
 

@@ -146,6 +146,8 @@ RULES: dict[str, list[Rule]] = {
         ("fsdp", mesh_axis, "-1 or a positive integer", "use 1 or a device count"),
         ("tensor", mesh_axis, "-1 or a positive integer", "use 1 or a device count"),
         ("expert", mesh_axis, "-1 or a positive integer", "use 1 or a divisor of model.n_experts"),
+        ("dcn_data", positive(10**4), "a positive integer", "use 1 (one slice) or the number of slices"),
+        ("dcn_fsdp", positive(10**4), "a positive integer", "use 1 (parameters split inside each slice)"),
         ("rules", rule_map, "a mapping of logical axis names to a mesh axis, a list of them, or null",
          "use e.g. {batch: [data, fsdp]}"),
     ],
