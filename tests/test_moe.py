@@ -246,3 +246,38 @@ def test_expert_sharded_steps_equal_one_device(mesh_cfg, one_device_moe):
     # parameter whose gradient is near zero (as in the dense test, tests/test_train.py): one in 8192 is 7e-5 off
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, atol=2e-4)
+
+
+HF_PRESETS = {  # the published shapes, as transformers configs
+    "mixtral-8x7b": ("MixtralConfig", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                           num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(vocab_size=151936, hidden_size=2048, moe_intermediate_size=768,
+                                             num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                             head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                             tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                                        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+                                        tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_PRESETS))
+def test_moe_presets_count_the_parameters_transformers_counts(name):
+    """Built on the meta device (no memory); the only difference is the learned QK-norm scales qkv's scale-free
+    per-head QK-norm does not have (named in the preset's comment)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from qkv.model import abstract_model, count_params, split_params
+    kind, fields = HF_PRESETS[name]
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, kind)(**fields))
+    named = dict(hf.named_parameters())
+    qk_scales = sum(p.numel() for k, p in named.items() if k.endswith(("q_norm.weight", "k_norm.weight")))
+    cfg = load_config(name).model
+    ours = count_params(split_params(abstract_model(cfg))[1])
+    assert ours == sum(p.numel() for p in named.values()) - qk_scales
+    # active: the router, k of the experts, attention, norms, embeddings and head
+    expert = sum(p.numel() for k, p in named.items() if ".mlp.experts." in k) // cfg.n_experts
+    assert ours - inactive_params(cfg) == ours - (cfg.n_experts - cfg.n_experts_per_token) * expert
