@@ -281,3 +281,21 @@ def test_moe_presets_count_the_parameters_transformers_counts(name):
     # active: the router, k of the experts, attention, norms, embeddings and head
     expert = sum(p.numel() for k, p in named.items() if ".mlp.experts." in k) // cfg.n_experts
     assert ours - inactive_params(cfg) == ours - (cfg.n_experts - cfg.n_experts_per_token) * expert
+
+
+def test_train_benchmark_reports_mfu_from_active_parameters(tmp_path, capsys):
+    from qkv.cli import main
+    from qkv.train.metrics import flops_per_token
+    out = tmp_path / "bench.json"
+    moe = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+           "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "model.n_experts=8", "model.moe_d_ff=32"]
+    assert main(["benchmark", "train", "tiny", *moe, "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    assert "MFU" in capsys.readouterr().out
+    (r,) = json.loads(out.read_text())["records"]
+    cfg = load_config("tiny", moe).model
+    assert r["active_params"] == r["params"] - inactive_params(cfg) < r["params"]
+    assert r["flops_per_token"] == flops_per_token(cfg, 32)  # 6 x active weights + attention
+    dense_all = flops_per_token(cfg.replace(n_experts=0, n_experts_per_token=1, d_ff=8 * 32), 32)
+    assert r["flops_per_token"] < dense_all  # not 6 x every expert's weights
+    assert r["tflops_per_device"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s_per_device"] / 1e12)
+    assert 0 < r["mfu"] < 1.5
