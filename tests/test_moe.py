@@ -299,3 +299,19 @@ def test_train_benchmark_reports_mfu_from_active_parameters(tmp_path, capsys):
     assert r["flops_per_token"] < dense_all  # not 6 x every expert's weights
     assert r["tflops_per_device"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s_per_device"] / 1e12)
     assert 0 < r["mfu"] < 1.5
+
+
+def test_cached_decoding_of_a_moe_equals_the_full_forward():
+    from qkv.model import init_cache, split_params
+    cfg = ModelConfig(**{**LAYER, "n_layers": 2})
+    model = create_model(cfg)
+    toks = jnp.asarray(np.random.default_rng(0).integers(1, 32, (2, 8)), jnp.int32)
+    full = model(toks)[0]
+    graphdef, params = split_params(model)
+    step = jax.jit(lambda p, t, cache: nnx.merge(graphdef, p)(t, cache=cache))
+    logits, cache = step(params, toks[:, :5], init_cache(cfg, 2, 8))
+    out = [logits]
+    for i in range(5, 8):
+        logits, cache = step(params, toks[:, i:i + 1], cache)
+        out.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(out, 1)), np.asarray(full), atol=1e-5)
