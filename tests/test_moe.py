@@ -207,6 +207,7 @@ def test_bad_moe_settings_are_refused_by_name(override, key):
         load_config("tiny", MOE + [override])
 
 
+@pytest.mark.slow
 def test_tiny_moe_pretrains_and_logs_its_router_metrics(corpus, tmp_path):
     from qkv.train.loop import pretrain
     run_dir = tmp_path / "moe"
@@ -283,6 +284,7 @@ def test_moe_presets_count_the_parameters_transformers_counts(name):
     assert ours - inactive_params(cfg) == ours - (cfg.n_experts - cfg.n_experts_per_token) * expert
 
 
+@pytest.mark.slow
 def test_train_benchmark_reports_mfu_from_active_parameters(tmp_path, capsys):
     from qkv.cli import main
     from qkv.train.metrics import flops_per_token
