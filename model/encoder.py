@@ -7,7 +7,6 @@ pooled vector (the first token, BERT's [CLS] position, or the mean of the tokens
 Encoder-decoder (the original Transformer): the encoder reads the source once; the decoder is the
 decoder-only model's causal stack with a cross-attention sub-layer in every block, whose queries come
 from the decoder and whose keys/values come from the encoder's output. Source and target share one
-from qkv.errors import UserError
 embedding (a joint vocabulary). For decoding, :meth:`EncoderDecoder.memory_kv` projects the encoder
 output into every layer's keys/values once; each step then reuses them (inference/decode.py).
 """
@@ -16,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from qkv.errors import UserError
 
 from .attention import Mask
 from .config import ModelConfig

@@ -60,7 +60,7 @@ def _sharded(kernel, q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs):
                          out_specs=q_sh.spec, check_vma=False)(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs)
 
 
-def _splash_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool):
+def _splash_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool, scale: float | None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -72,7 +72,7 @@ def _splash_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, inte
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([head_mask] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
-    scale = jnp.asarray(1 / math.sqrt(e), q_bthe.dtype)  # splash does not scale the scores itself
+    scale = jnp.asarray(1 / math.sqrt(e) if scale is None else scale, q_bthe.dtype)  # splash does not scale itself
 
     def one_row(q_hte, k_kse, v_kse, q_seg_t, k_seg_s):
         return kernel(q_hte * scale, k_kse, v_kse, segment_ids=sk.SegmentIds(q_seg_t, k_seg_s))
@@ -82,13 +82,13 @@ def _splash_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, inte
     return out_bhte.swapaxes(1, 2)
 
 
-def splash_attention(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool) -> jax.Array:
+def splash_attention(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, scale: float | None = None) -> jax.Array:
     """Self-attention through the TPU splash kernel (interpret mode off TPU)."""
-    kernel = functools.partial(_splash_local, causal=causal, interpret=target_platform() != "tpu")
+    kernel = functools.partial(_splash_local, causal=causal, interpret=target_platform() != "tpu", scale=scale)
     return _sharded(kernel, q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs)
 
 
-def _triton_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool):
+def _triton_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool, scale: float | None):
     from jax.experimental.pallas.ops.gpu import attention as ga
 
     h, t = q_bthe.shape[2], q_bthe.shape[1]
@@ -97,7 +97,8 @@ def _triton_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, inte
     back = min(32, t)
     sizes = ga.BlockSizes(block_q=block, block_k=block, block_q_dkv=back, block_kv_dkv=back, block_q_dq=back,
                           block_kv_dq=back)
-    return ga.mha(q_bthe, k_bske, v_bske, q_seg_bt, sm_scale=1 / math.sqrt(q_bthe.shape[-1]), causal=causal,
+    return ga.mha(q_bthe, k_bske, v_bske, q_seg_bt, sm_scale=1 / math.sqrt(q_bthe.shape[-1]) if scale is None else scale,
+                  causal=causal,
                   block_sizes=sizes, interpret=interpret)
 
 
@@ -115,22 +116,22 @@ def cudnn_takes(dtype: jnp.dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-def _gpu_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool):
-    triton = functools.partial(_triton_local, causal=causal, interpret=interpret)
+def _gpu_local(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, interpret: bool, scale: float | None):
+    triton = functools.partial(_triton_local, causal=causal, interpret=interpret, scale=scale)
     if interpret or not cudnn_takes(q_bthe.dtype):  # no cuDNN off a GPU: the CPU tests check the Triton kernel
         return triton(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs)
     single, lengths_b = single_document_rows(q_seg_bt)
 
     def cudnn(q, k, v, q_seg, k_seg):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, query_seq_lengths=lengths_b,
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=scale, query_seq_lengths=lengths_b,
                                             key_value_seq_lengths=lengths_b, implementation="cudnn")
 
     return jax.lax.cond(single, cudnn, triton, q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs)
 
 
-def gpu_attention(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool) -> jax.Array:
+def gpu_attention(q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs, causal: bool, scale: float | None = None) -> jax.Array:
     """Self-attention through cuDNN (one document per row) or the Pallas GPU flash kernel (packed rows)."""
-    kernel = functools.partial(_gpu_local, causal=causal, interpret=target_platform() != "gpu")
+    kernel = functools.partial(_gpu_local, causal=causal, interpret=target_platform() != "gpu", scale=scale)
     return _sharded(kernel, q_bthe, k_bske, v_bske, q_seg_bt, k_seg_bs)
 
 

@@ -4,7 +4,7 @@
     weights_nk, experts_nk = top-k of the router scores   (model.router)
     y_nd = sum_k weights_nk * expert[experts_nk](x_nd)    (+ shared experts: one dense MLP every token uses)
 
-Each expert is the block's MLP kind (ReLU / GELU / SwiGLU) of width ``moe_d_ff``; the experts' weights are
+Each expert is the block's MLP kind (ReLU / GELU / SwiGLU / GeGLU) of width ``moe_d_ff``; the experts' weights are
 stacked on a leading ``expert`` logical axis (``[E, d, f]``), which the rules table maps to the ``expert``
 mesh axis. Dispatch is a grouped matmul, never a dense all-experts einsum: the N·k (token, expert)
 assignments are sorted by expert, ``jax.lax.ragged_dot`` multiplies each contiguous group by its expert's
@@ -73,7 +73,7 @@ class MoeMlp(nnx.Module):
         self.activation, self.dtype, self.capacity_factor = cfg.activation, cfg.compute_dtype, cfg.expert_capacity_factor
         self.router = param(rngs, (d, e), ("embed", None), std, wd)
         self.wi = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, wd)
-        if cfg.activation == "swiglu":
+        if cfg.activation in ("swiglu", "geglu"):
             self.wg = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, wd)
         self.wo = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std / math.sqrt(2 * cfg.n_layers), wd)
         self.bi = param(rngs, (e, f), ("expert", "mlp"), None, wd) if cfg.use_bias else None
@@ -166,8 +166,10 @@ class MoeMlp(nnx.Module):
         h_mf = jax.lax.ragged_dot(x_md, w["wi"], sizes_e)
         if "bi" in w:
             h_mf = h_mf + w["bi"][sorted_experts]
-        if self.activation == "swiglu":
-            h_mf = jax.nn.silu(jax.lax.ragged_dot(x_md, w["wg"], sizes_e)) * h_mf
+        if self.activation in ("swiglu", "geglu"):
+            gate_mf = jax.lax.ragged_dot(x_md, w["wg"], sizes_e)
+            gate_mf = jax.nn.silu(gate_mf) if self.activation == "swiglu" else jax.nn.gelu(gate_mf, approximate=True)
+            h_mf = gate_mf * h_mf
         elif self.activation == "gelu":
             h_mf = jax.nn.gelu(h_mf, approximate=True)
         else:
@@ -209,7 +211,7 @@ def moe_stats(model: nnx.Module) -> dict[str, jax.Array] | None:
 
 def expert_params_per_layer(cfg: ModelConfig) -> int:
     """Weights of one routed expert (its matmuls; biases left out)."""
-    return cfg.d_model * cfg.expert_d_ff * (3 if cfg.activation == "swiglu" else 2)
+    return cfg.d_model * cfg.expert_d_ff * (3 if cfg.activation in ("swiglu", "geglu") else 2)
 
 
 def inactive_params(cfg: ModelConfig) -> int:

@@ -266,8 +266,7 @@ HF_PRESETS = {  # the published shapes, as transformers configs
 
 @pytest.mark.parametrize("name", sorted(HF_PRESETS))
 def test_moe_presets_count_the_parameters_transformers_counts(name):
-    """Built on the meta device (no memory); the only difference is the learned QK-norm scales qkv's scale-free
-    per-head QK-norm does not have (named in the preset's comment)."""
+    """Built on the meta device (no memory): the same count, and the same active count."""
     torch = pytest.importorskip("torch")
     import transformers
     from qkv.model import abstract_model, count_params, split_params
@@ -275,10 +274,9 @@ def test_moe_presets_count_the_parameters_transformers_counts(name):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, kind)(**fields))
     named = dict(hf.named_parameters())
-    qk_scales = sum(p.numel() for k, p in named.items() if k.endswith(("q_norm.weight", "k_norm.weight")))
     cfg = load_config(name).model
     ours = count_params(split_params(abstract_model(cfg))[1])
-    assert ours == sum(p.numel() for p in named.values()) - qk_scales
+    assert ours == sum(p.numel() for p in named.values())
     # active: the router, k of the experts, attention, norms, embeddings and head
     expert = sum(p.numel() for k, p in named.items() if ".mlp.experts." in k) // cfg.n_experts
     assert ours - inactive_params(cfg) == ours - (cfg.n_experts - cfg.n_experts_per_token) * expert

@@ -85,7 +85,7 @@ def analytic_activation_bytes(cfg: Config, mesh: dict[str, int]) -> dict[str, in
     rows = max(cfg.train.batch_size // cfg.optim.grad_accum // (mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)), 1)
     bt, a = rows * cfg.data.seq_len, np.dtype(m.dtype).itemsize
     heads, kv, hd, ff = m.n_heads / t, m.num_kv_heads / t, m.head_size, m.d_ff / t
-    n_ff = 2 if m.activation == "swiglu" else 1
+    n_ff = 2 if m.activation in ("swiglu", "geglu") else 1
     dots = bt * a * ((heads + 2 * kv) * hd + m.d_model + (n_ff + 1) * ff + m.d_model)
     working = dots + bt * a * (2 * m.d_model + heads * hd + ff) + rows * heads * cfg.data.seq_len ** 2 * 4 * 2
     block_input = bt * a * m.d_model / t
