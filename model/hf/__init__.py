@@ -15,10 +15,10 @@ from typing import Any
 
 from qkv.errors import UserError
 
-from . import gemma2, gemma3, gpt2, llama, mistral, olmo2, qwen2, qwen3
+from . import gemma2, gemma3, gpt2, llama, mistral, mixtral, olmo2, olmoe, qwen2, qwen3, qwen3_moe
 from .fields import INERT_FIELDS, Architecture, Tensors, check_holds, rope_fields, rope_fields_to_hf
 
-_FAMILIES = (llama, gpt2, qwen2, qwen3, mistral, gemma2, gemma3, olmo2)
+_FAMILIES = (llama, gpt2, qwen2, qwen3, mistral, gemma2, gemma3, olmo2, mixtral, qwen3_moe, olmoe)
 
 ARCHITECTURES: dict[str, Architecture] = {f.ARCH.name: f.ARCH for f in _FAMILIES}  # short name -> family
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}

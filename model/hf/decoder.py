@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
+from . import experts
 from .fields import Tensors, rope_fields, rope_fields_to_hf, stack, unstack
 
 LAYER = "model.layers.{i}."
@@ -27,7 +28,9 @@ def _qk_norm_shape(cfg: ModelConfig, heads: int) -> tuple[int, ...]:
     return (heads, cfg.head_size) if cfg.qk_norm == "projection" else (cfg.head_size,)
 
 
-def params_from_hf(t: Tensors, cfg: ModelConfig, norms: dict[str, str]) -> dict[str, Any]:
+def params_from_hf(t: Tensors, cfg: ModelConfig, norms: dict[str, str],
+                   experts_names: "experts.ExpertNames | None" = None) -> dict[str, Any]:
+    """``experts_names``: the tensor names of a mixture of experts' routed experts (model/hf/experts.py)."""
     d, h, k, e, n = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size, cfg.n_layers
     attn: dict[str, Any] = {
         "wq": stack(t, n, LAYER + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, e)),
@@ -44,9 +47,10 @@ def params_from_hf(t: Tensors, cfg: ModelConfig, norms: dict[str, str]) -> dict[
             attn[f"{c}_norm"] = {"scale": stack(t, n, LAYER + f"self_attn.{c}_norm.weight", lambda w: w.reshape(shape))}
     blocks: dict[str, Any] = {
         "attn": attn,
-        "mlp": {"wg": stack(t, n, LAYER + "mlp.gate_proj.weight", lambda w: w.T),
-                "wi": stack(t, n, LAYER + "mlp.up_proj.weight", lambda w: w.T),
-                "wo": stack(t, n, LAYER + "mlp.down_proj.weight", lambda w: w.T)},
+        "mlp": experts.params_from_hf(t, cfg, experts_names) if cfg.n_experts else
+        {"wg": stack(t, n, LAYER + "mlp.gate_proj.weight", lambda w: w.T),
+         "wi": stack(t, n, LAYER + "mlp.up_proj.weight", lambda w: w.T),
+         "wo": stack(t, n, LAYER + "mlp.down_proj.weight", lambda w: w.T)},
     }
     for module, hf_name in norms.items():
         blocks[module] = {"scale": stack(t, n, LAYER + hf_name + ".weight", lambda w: w)}
@@ -57,7 +61,7 @@ def params_from_hf(t: Tensors, cfg: ModelConfig, norms: dict[str, str]) -> dict[
 
 
 def params_to_hf(p: dict[str, Any], cfg: ModelConfig, norms: dict[str, str], qk_norm_tensors: bool,
-                 unit: float = 1.0) -> Tensors:
+                 unit: float = 1.0, experts_names: "experts.ExpertNames | None" = None) -> Tensors:
     """``qk_norm_tensors``: the family has q/k norms; a scale-free ("rms") qkv QK-norm is written with scales
     equal to ``unit`` (1, or 0 where the family scales by 1 + w)."""
     d, h, k, e = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
@@ -77,9 +81,12 @@ def params_to_hf(p: dict[str, Any], cfg: ModelConfig, norms: dict[str, str], qk_
             else:
                 scale = attn[f"{c}_norm"]["scale"]
             unstack(out, scale, LAYER + f"self_attn.{c}_norm.weight", lambda w: w.reshape(-1))
-    unstack(out, mlp["wg"], LAYER + "mlp.gate_proj.weight", lambda w: w.T)
-    unstack(out, mlp["wi"], LAYER + "mlp.up_proj.weight", lambda w: w.T)
-    unstack(out, mlp["wo"], LAYER + "mlp.down_proj.weight", lambda w: w.T)
+    if cfg.n_experts:
+        experts.params_to_hf(out, mlp, cfg, experts_names)
+    else:
+        unstack(out, mlp["wg"], LAYER + "mlp.gate_proj.weight", lambda w: w.T)
+        unstack(out, mlp["wi"], LAYER + "mlp.up_proj.weight", lambda w: w.T)
+        unstack(out, mlp["wo"], LAYER + "mlp.down_proj.weight", lambda w: w.T)
     for module, hf_name in norms.items():
         unstack(out, p["blocks"][module]["scale"], LAYER + hf_name + ".weight", lambda w: w)
     if not cfg.tie_embeddings:

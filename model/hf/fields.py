@@ -171,7 +171,8 @@ class Architecture:
 _NOT_COMPARED = {"dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "loss_chunk", "init_std", "dropout",
                  "n_encoder_layers", "n_classes", "pooling", "kind", "head_dim", "n_kv_heads", "sliding_window",
                  "layer_types", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor",
-                 "rope_high_freq_factor", "rope_original_max_len", "rope_local_theta"}
+                 "rope_high_freq_factor", "rope_original_max_len", "rope_local_theta",
+                 "router_aux_loss_weight", "router_z_loss_weight"}  # training-only: no forward pass changes
 
 
 def _meaning(cfg: ModelConfig) -> dict[str, Any]:
