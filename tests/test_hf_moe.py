@@ -117,5 +117,5 @@ def test_export_refuses_what_the_family_cannot_hold(tmp_path):
     with pytest.raises(UserError, match="expert_capacity_factor"):
         find_architecture("mixtral").check(cfg)
     with pytest.raises(UserError, match="model.router"):
-        find_architecture("qwen3_moe").check(cfg.replace(expert_capacity_factor=0.0, router="sigmoid_normalized", moe_d_ff=16,
-                                                         qk_norm="head"))
+        find_architecture("qwen3_moe").check(cfg.replace(expert_capacity_factor=0.0, router="sigmoid_normalized",
+                                                         moe_d_ff=16, qk_norm="head"))
