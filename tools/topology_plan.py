@@ -337,7 +337,7 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
         attention = "pallas-gpu"
     plan: dict[str, Any] = {
         "topology": topology, "chip": chip, "chips": n, "hbm_per_chip": int(hbm_gib * GIB) if hbm_gib == hbm_gib else None,
-        "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(MESH_AXES, shape)),
+        "peak_tflops_per_chip": peak_tflops, "mesh": {k: v for k, v in zip(MESH_AXES, shape) if k != "expert" or v > 1},
         "slices": slices, "dcn": {"data": cfg.mesh.dcn_data, "fsdp": cfg.mesh.dcn_fsdp},
         "model_parameters": n_params, "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
         "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1] * shape[2] * dcn), "remat": cfg.model.remat,
