@@ -315,3 +315,14 @@ def test_cached_decoding_of_a_moe_equals_the_full_forward():
         logits, cache = step(params, toks[:, i:i + 1], cache)
         out.append(logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(out, 1)), np.asarray(full), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mixtral_8x7b_compiles_for_a_v5p_128_slice_with_expert_parallelism():
+    """The preset's train step (expert=8 x fsdp=16) compiled by the TPU compiler: about 6 min of CPU."""
+    pytest.importorskip("libtpu")
+    from qkv.tools.topology_plan import topology_plan
+    plan = topology_plan(load_config("mixtral-8x7b"), "v5p:4x4x8", None, with_estimate=False)
+    assert plan["mesh"] == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1} and plan["fits"]
+    assert plan["model_parameters"] == 46_702_792_704
+    assert plan["collectives"]["all-gather"]["count"] > 0  # the expert axis' token gathers, fsdp's weight gathers
