@@ -12,6 +12,9 @@
 #   RUNTIME_VERSION   TPU software version (default: v2-alpha-tpuv5-lite; v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e)
 #   SPOT=1            request spot capacity (cheaper, preemptible)
 #   QUEUED=1          create through a queued resource (waits for capacity instead of failing)
+#   SLICES=N          N slices of ACCELERATOR_TYPE joined over the data-center network (a queued resource of N
+#                     nodes NAME-0..NAME-N-1; implies QUEUED=1); adds mesh.dcn_data=N unless an override sets
+#                     mesh.dcn_data or mesh.dcn_fsdp (python -m qkv.launch.multislice prints the same commands)
 #   MAX_RESTARTS      how many times a preempted or failed run is started again (default 20)
 #   QKV_SOURCE        what to install (default: this checkout, copied as a tarball of HEAD)
 #   DELETE_AT_END=1   delete the slice (and queued resource) when training finishes
@@ -30,6 +33,11 @@ CONFIG=${1:-llama-8b}
 OVERRIDES=("$@")
 
 RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
+SLICES=${SLICES:-1}
+if [[ $SLICES -gt 1 ]]; then
+  QUEUED=1
+  [[ " ${OVERRIDES[*]-} " == *" mesh.dcn_"* ]] || OVERRIDES+=("mesh.dcn_data=$SLICES")
+fi
 MAX_RESTARTS=${MAX_RESTARTS:-20}
 MOUNT=/gcs/${BUCKET}
 GCLOUD=(gcloud ${PROJECT:+--project="$PROJECT"})
@@ -38,14 +46,27 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { printf '[tpu_vm %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
-slice_state() { "${TPU[@]}" describe "$NAME" --zone="$ZONE" --format='value(state)' 2>/dev/null || echo MISSING; }
+slice_state() {
+  if [[ $SLICES -gt 1 ]]; then  # the queued resource's state stands for all its slices
+    local state
+    state=$("${GCLOUD[@]}" compute tpus queued-resources describe "$NAME-qr" --zone="$ZONE" \
+              --format='value(state.state)' 2>/dev/null) || { echo MISSING; return; }
+    case $state in ACTIVE) echo READY ;; WAITING_FOR_RESOURCES | PROVISIONING) echo CREATING ;; *) echo "$state" ;; esac
+    return
+  fi
+  "${TPU[@]}" describe "$NAME" --zone="$ZONE" --format='value(state)' 2>/dev/null || echo MISSING
+}
+NODES=("$NAME")
+[[ $SLICES -gt 1 ]] && NODES=($(for i in $(seq 0 $((SLICES - 1))); do echo "$NAME-$i"; done))
 
 create_slice() {
   local spot=()
   [[ ${SPOT:-0} == 1 ]] && spot=(--spot)
   if [[ ${QUEUED:-0} == 1 ]]; then
-    log "queueing $ACCELERATOR_TYPE as $NAME (queued resource $NAME-qr)"
-    "${GCLOUD[@]}" compute tpus queued-resources create "$NAME-qr" --node-id="$NAME" --zone="$ZONE" \
+    local nodes=(--node-id="$NAME")
+    [[ $SLICES -gt 1 ]] && nodes=(--node-count="$SLICES" --node-prefix="$NAME")
+    log "queueing $SLICES x $ACCELERATOR_TYPE as $NAME (queued resource $NAME-qr)"
+    "${GCLOUD[@]}" compute tpus queued-resources create "$NAME-qr" "${nodes[@]}" --zone="$ZONE" \
       --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" "${spot[@]}"
     until [[ $("${GCLOUD[@]}" compute tpus queued-resources describe "$NAME-qr" --zone="$ZONE" \
                --format='value(state.state)') == ACTIVE ]]; do
@@ -76,7 +97,13 @@ ensure_slice() {
   esac
 }
 
-on_all() { "${TPU[@]}" ssh "$NAME" --zone="$ZONE" --worker=all --command="$1"; }
+on_all() {
+  if [[ $SLICES -gt 1 ]]; then
+    "${GCLOUD[@]}" compute tpus queued-resources ssh "$NAME-qr" --zone="$ZONE" --node=all --worker=all --command="$1"
+  else
+    "${TPU[@]}" ssh "$NAME" --zone="$ZONE" --worker=all --command="$1"
+  fi
+}
 
 install_qkv() {
   local spec=${QKV_SOURCE:-}
@@ -84,7 +111,9 @@ install_qkv() {
     local tarball
     tarball=$(mktemp -d)/qkv.tar.gz
     git -C "$REPO_ROOT" archive --format=tar.gz --prefix=qkv/ -o "$tarball" HEAD
-    "${TPU[@]}" scp "$tarball" "$NAME:~/qkv.tar.gz" --zone="$ZONE" --worker=all
+    for node in "${NODES[@]}"; do
+      "${TPU[@]}" scp "$tarball" "$node:~/qkv.tar.gz" --zone="$ZONE" --worker=all
+    done
     spec="./qkv[tpu]"
     on_all "rm -rf ~/qkv && tar xzf ~/qkv.tar.gz -C ~"
   fi

@@ -14,6 +14,7 @@ from flax import nnx
 from .attention import attention_mask, dot_product_attention, reference_attention
 from .config import ModelConfig
 from .encoder import Encoder, EncoderDecoder
+from .moe import MoeMlp, inactive_params, moe_stats
 from .transformer import Cache, Transformer, init_cache
 
 # The one place that maps ``model.kind`` to a family; everything else asks the model (forward_batch).
@@ -55,6 +56,6 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
-    "MODEL_REGISTRY", "Cache", "Encoder", "EncoderDecoder", "ModelConfig", "Transformer", "abstract_model", "attention_mask", "count_params",
+    "MODEL_REGISTRY", "Cache", "Encoder", "EncoderDecoder", "ModelConfig", "MoeMlp", "inactive_params", "moe_stats", "Transformer", "abstract_model", "attention_mask", "count_params",
     "create_model", "dot_product_attention", "init_cache", "logical_axes", "param_metadata", "reference_attention", "split_params",
 ]

@@ -188,24 +188,63 @@ def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: 
                                         implementation="xla")
 
 
+class QkNorm(nnx.Module):
+    """RMS-normalised queries or keys before RoPE (``model.qk_norm``), in float32.
+
+    rms: over each head's features, no scale (modded-nanogpt); head: the same with a learned scale over
+    head_dim shared by the heads (Qwen 3, Gemma 3); projection: over all heads' features together with a
+    learned scale per feature (OLMo 2 normalises the whole q / k projection). ``model.norm_scale_offset``
+    makes the scale (1 + w) as in Gemma's norms.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_heads: int, heads_axis: str):
+        self.kind, self.eps, self.offset = cfg.qk_norm, cfg.norm_eps, cfg.norm_scale_offset
+        e, wd = cfg.head_size, cfg.weight_dtype
+        shape, axes = {"head": ((e,), ("head_dim",)), "projection": ((n_heads, e), (heads_axis, "head_dim"))}.get(
+            self.kind, ((), ()))
+        self.scale = (nnx.Param((jnp.zeros if self.offset else jnp.ones)(shape, wd), axes=axes, weight_decay=False)
+                      if shape else None)
+
+    def __call__(self, x_bthe: jax.Array) -> jax.Array:
+        if self.kind == "projection":  # normalise over heads and features together
+            b, t, h, e = x_bthe.shape
+            y = rms_normalize(x_bthe.reshape(b, t, h * e).astype(jnp.float32), self.eps).reshape(b, t, h, e)
+        else:
+            y = rms_normalize(x_bthe.astype(jnp.float32), self.eps)
+        if self.scale is not None:
+            scale = self.scale[...].astype(jnp.float32)
+            y = y * (1.0 + scale if self.offset else scale)
+        return y.astype(x_bthe.dtype)
+
+
 class Attention(nnx.Module):
+    """Projections, QK-norm, rotary positions, the cache write and ``dot_product_attention`` for one layer.
+
+    ``sliding`` (static, per layer) selects the sliding window (``model.sliding_window``) for this layer's
+    self-attention; ``model.query_scale`` and ``model.attn_softcap`` change the scores' scale and cap.
+    """
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, e = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         std, wd = cfg.init_std, cfg.weight_dtype
         self.dtype, self.impl, self.use_rope = cfg.compute_dtype, cfg.attention_impl, cfg.positions == "rope"
-        self.qk_eps = cfg.norm_eps if cfg.qk_norm else None  # QK-norm: queries and keys RMS-normalised per head
+        self.scale, self.softcap, self.window = cfg.query_scale or None, cfg.attn_softcap, cfg.sliding_window
+        if cfg.qk_norm != "none":
+            self.q_norm, self.k_norm = QkNorm(cfg, h, "heads"), QkNorm(cfg, k, "kv_heads")
+        else:
+            self.q_norm = self.k_norm = None
         self.sow_weights = False  # qkv explain sets it (model.set_attributes): keep the softmax weights
         self.wq = param(rngs, (d, h, e), ("embed", "heads", "head_dim"), std, wd)
         self.wk = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
         self.wv = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), std, wd)
         self.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers), wd)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:  # qkv_bias: q/k/v only (Qwen 2)
             self.bq = param(rngs, (h, e), ("heads", "head_dim"), None, wd)
             self.bk = param(rngs, (k, e), ("kv_heads", "head_dim"), None, wd)
             self.bv = param(rngs, (k, e), ("kv_heads", "head_dim"), None, wd)
-            self.bo = param(rngs, (d,), ("embed",), None, wd)
         else:
-            self.bq = self.bk = self.bv = self.bo = None
+            self.bq = self.bk = self.bv = None
+        self.bo = param(rngs, (d,), ("embed",), None, wd) if cfg.use_bias else None
 
     def _project(self, x_btd, w, b):
         y = dense(x_btd, w[...].astype(self.dtype))  # btd,dhe->bthe as a 2-D matmul (see layers.dense)
@@ -213,21 +252,22 @@ class Attention(nnx.Module):
 
     def _keys(self, x_btd):
         k_bske = self._project(x_btd, self.wk, self.bk)
-        return k_bske if self.qk_eps is None else rms_normalize(k_bske, self.qk_eps)
+        return k_bske if self.k_norm is None else self.k_norm(k_bske)
 
     def memory_kv(self, memory_bsd: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of another sequence for cross-attention (no rotary positions)."""
         return self._keys(memory_bsd), self._project(memory_bsd, self.wv, self.bv)
 
-    def __call__(self, x_btd, mask_bts, rope=None, kv_cache=None, cache_index=None, memory_kv=None):
+    def __call__(self, x_btd, mask_bts, rope=None, kv_cache=None, cache_index=None, memory_kv=None, sliding=False):
         """Returns the attention output and, when decoding, the updated (k, v) cache buffers.
 
         With ``memory_kv`` (from :meth:`memory_kv`) this is cross-attention: queries from ``x_btd``,
         keys and values given; no cache is written.
         """
+        window = self.window if sliding and memory_kv is None else 0
         q_bthe = self._project(x_btd, self.wq, self.bq)
-        if self.qk_eps is not None:
-            q_bthe = rms_normalize(q_bthe, self.qk_eps)
+        if self.q_norm is not None:
+            q_bthe = self.q_norm(q_bthe)
         if memory_kv is not None:
             k_bske, v_bske = memory_kv
         else:
@@ -235,7 +275,7 @@ class Attention(nnx.Module):
         if self.use_rope and memory_kv is None:
             q_bthe, k_bske = apply_rope(q_bthe, rope), apply_rope(k_bske, rope)
         if kv_cache is not None or memory_kv is not None:  # decoding, cross-attention: the dense mask, XLA
-            mask_bts = mask_bts.dense() if isinstance(mask_bts, Mask) else mask_bts
+            mask_bts = mask_bts.dense(window) if isinstance(mask_bts, Mask) else mask_bts
         if kv_cache is not None:  # write this step's keys/values at cache_index, attend over the buffer
             cache_k, cache_v = kv_cache
             start = (0, cache_index, 0, 0)
@@ -244,11 +284,13 @@ class Attention(nnx.Module):
             kv_cache = (k_bske, v_bske)
         k_bske, v_bske = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
         if self.sow_weights:  # the reference path, its weights [b, h, t, s] sown as an nnx.Intermediate
-            dense_bts = mask_bts.dense() if isinstance(mask_bts, Mask) else mask_bts
-            out_bthe, weights_bhts = reference_attention(q_bthe, k_bske, v_bske, dense_bts, with_weights=True)
+            dense_bts = mask_bts.dense(window) if isinstance(mask_bts, Mask) else mask_bts
+            out_bthe, weights_bhts = reference_attention(q_bthe, k_bske, v_bske, dense_bts, with_weights=True,
+                                                         scale=self.scale, softcap=self.softcap)
             self.sow(nnx.Intermediate, "weights", weights_bhts)
         else:
-            out_bthe = dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, self.impl)
+            out_bthe = dot_product_attention(q_bthe, k_bske, v_bske, mask_bts, self.impl, scale=self.scale,
+                                             window=window, softcap=self.softcap)
         out_btd = jnp.einsum("bthe,hed->btd", out_bthe, self.wo[...].astype(self.dtype))
         if self.bo is not None:
             out_btd = out_btd + self.bo[...].astype(self.dtype)

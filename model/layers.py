@@ -73,19 +73,26 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class Norm(nnx.Module):
-    """LayerNorm (mean-centred, with bias) or RMSNorm, computed in float32 for stability."""
+    """LayerNorm (mean-centred, with bias) or RMSNorm, computed in float32 for stability.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.scale = ones_param((cfg.d_model,), ("embed",), cfg.weight_dtype)
+    ``size`` / ``axes``: what is normalised (default the model width; QK-norm passes a head or a whole
+    projection). With ``model.norm_scale_offset`` (Gemma) RMSNorm multiplies by (1 + w), w stored from 0.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, size: int | None = None,
+                 axes: tuple[str, ...] = ("embed",)):
+        self.kind, self.eps, self.offset = cfg.norm, cfg.norm_eps, cfg.norm_scale_offset
+        shape = (size or cfg.d_model,)
+        self.scale = (nnx.Param(jnp.zeros(shape, cfg.weight_dtype), axes=axes, weight_decay=False) if self.offset
+                      else ones_param(shape, axes, cfg.weight_dtype))
         if cfg.norm == "layernorm":
-            self.bias = param(rngs, (cfg.d_model,), ("embed",), None, cfg.weight_dtype)
+            self.bias = param(rngs, shape, axes, None, cfg.weight_dtype)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         x, scale = x_btd.astype(jnp.float32), self.scale[...].astype(jnp.float32)
         if self.kind == "layernorm":
             return layer_norm(x, scale, self.bias[...].astype(jnp.float32), self.eps).astype(x_btd.dtype)
-        return (rms_normalize(x, self.eps) * scale).astype(x_btd.dtype)
+        return (rms_normalize(x, self.eps) * (1.0 + scale if self.offset else scale)).astype(x_btd.dtype)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -101,13 +108,13 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
 
 
 class Mlp(nnx.Module):
-    """Position-wise feed-forward: widen to d_ff, apply ReLU/GELU (or gate with SwiGLU), narrow back."""
+    """Position-wise feed-forward: widen to d_ff, apply ReLU/GELU (or gate with SwiGLU / GeGLU), narrow back."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std, wd = cfg.d_model, cfg.d_ff, cfg.init_std, cfg.weight_dtype
         self.activation, self.dtype = cfg.activation, cfg.compute_dtype
         self.wi = param(rngs, (d, f), ("embed", "mlp"), std, wd)
-        if cfg.activation == "swiglu":
+        if cfg.activation in ("swiglu", "geglu"):
             self.wg = param(rngs, (d, f), ("embed", "mlp"), std, wd)
         self.wo = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers), wd)
         self.bi = param(rngs, (f,), ("mlp",), None, wd) if cfg.use_bias else None
@@ -117,9 +124,10 @@ class Mlp(nnx.Module):
         h_btf = dense(x_btd, self.wi[...].astype(self.dtype))
         if self.bi is not None:
             h_btf = h_btf + self.bi[...].astype(self.dtype)
-        if self.activation == "swiglu":
+        if self.activation in ("swiglu", "geglu"):
             gate_btf = dense(x_btd, self.wg[...].astype(self.dtype))
-            h_btf = jax.nn.silu(gate_btf) * h_btf
+            gate_btf = jax.nn.silu(gate_btf) if self.activation == "swiglu" else jax.nn.gelu(gate_btf, approximate=True)
+            h_btf = gate_btf * h_btf
         elif self.activation == "gelu":
             h_btf = jax.nn.gelu(h_btf, approximate=True)  # GPT-2's tanh approximation
         else:

@@ -14,6 +14,8 @@ Decoding uses an explicit cache of arrays, passed in and returned: ``{"k", "v": 
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -24,6 +26,7 @@ from .attention import Attention, Mask
 from .config import ModelConfig
 from .constrain import constrain
 from .loss import project
+from .moe import MoeMlp
 from .layers import Mlp, Norm, dropout, param, rope_angles, rope_frequencies, sinusoidal_embedding
 
 Cache = dict[str, jax.Array]
@@ -37,33 +40,43 @@ _REMAT_POLICIES = {
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross: bool = False):
-        self.pre_norm, self.rate = cfg.norm_position == "pre", cfg.dropout
+        self.position, self.rate = cfg.norm_position, cfg.dropout
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
         if cross:
             self.cross_norm = Norm(cfg, rngs)
             self.cross_attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = Mlp(cfg, rngs)
+        self.mlp = MoeMlp(cfg, rngs) if cfg.n_experts else Mlp(cfg, rngs)  # routed experts (model/moe.py)
+        if cfg.sandwich_norm:  # Gemma 2 / 3: each sub-layer's output normalised too, before the residual add
+            self.attn_post_norm, self.mlp_post_norm = Norm(cfg, rngs), Norm(cfg, rngs)
+        else:
+            self.attn_post_norm = self.mlp_post_norm = None
 
-    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, key=None, memory=None):
-        """memory: ((keys, values) of the encoder output for this layer, cross-attention mask) or None."""
+    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, key=None, memory=None, sliding=False):
+        """memory: ((keys, values) of the encoder output for this layer, cross-attention mask) or None.
+        sliding: this layer attends over the sliding window (static; ``rope`` is then the local table)."""
         k_attn, k_cross, k_mlp = jax.random.split(key, 3) if key is not None else (None, None, None)
-        h, kv_cache = self.attn(self._in(x, self.attn_norm), mask, rope, kv_cache, cache_index)
-        x = self._add(x, h, self.attn_norm, k_attn)
+        h, kv_cache = self.attn(self._in(x, self.attn_norm), mask, rope, kv_cache, cache_index, sliding=sliding)
+        x = self._add(x, h, self.attn_norm, self.attn_post_norm, k_attn)
         if memory is not None:
             memory_kv, memory_mask = memory
             h, _ = self.cross_attn(self._in(x, self.cross_norm), memory_mask, memory_kv=memory_kv)
-            x = self._add(x, h, self.cross_norm, k_cross)
-        x = self._add(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, k_mlp)
+            x = self._add(x, h, self.cross_norm, None, k_cross)
+        x = self._add(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, self.mlp_post_norm, k_mlp)
         return x, kv_cache
 
     def _in(self, x, norm):  # pre-norm: a sub-layer reads norm(x)
-        return norm(x) if self.pre_norm else x
+        return norm(x) if self.position == "pre" else x
 
-    def _add(self, x, h, norm, key):  # the residual; post-norm normalises the sum
+    def _add(self, x, h, norm, post_norm, key):
+        """The residual: pre x + h (x + post_norm(h) with sandwich norms), output x + norm(h), post norm(x + h)."""
+        if self.position == "output":
+            h = norm(h)
+        elif post_norm is not None:
+            h = post_norm(h)
         x = x + dropout(h, self.rate, key)
-        return x if self.pre_norm else norm(x)
+        return norm(x) if self.position == "post" else x
 
 
 def stacked_blocks(cfg: ModelConfig, n_layers: int, rngs: nnx.Rngs, cross: bool = False) -> Block:
@@ -76,10 +89,14 @@ def stacked_blocks(cfg: ModelConfig, n_layers: int, rngs: nnx.Rngs, cross: bool 
     return make(rngs)
 
 
-def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=None, keys=None, memory=None):
+def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=None, keys=None, memory=None,
+               rope_local=None):
     """Apply stacked blocks in order (scanned or unrolled, rematerialised as configured).
 
     memory: None, or (encoder output [b, s, d] or per-layer (k, v) stacked [L, b, s, K, E], mask).
+    rope_local: the rotary tables of sliding layers when they have their own base (``model.rope_local_theta``).
+    A model with both sliding and full layers (``model.layer_types``) runs each layer through ``lax.cond``
+    between the two static variants, so each keeps a static window (what the flash kernels need).
     Returns the output and the updated per-layer self-attention caches (None when not decoding).
     """
     graphdef, stacked = nnx.split(blocks)
@@ -87,24 +104,35 @@ def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=No
     if memory is not None:
         source, memory_mask = memory
         memory_bsd, memory_kv = (None, source) if isinstance(source, tuple) else (source, None)
+    sliding_l = cfg.layer_is_sliding() if cfg.kind == "decoder" else (False,) * len(jax.tree.leaves(stacked)[0])
+    mixed = len(set(sliding_l)) > 1
 
-    def layer(x, xs):
-        params, layer_kv, key, layer_memory_kv = xs
+    def apply(sliding, x, params, layer_kv, key, layer_memory_kv):
         block = nnx.merge(graphdef, params)
         if memory_bsd is not None:  # training: project this layer's cross-attention keys/values here
             layer_memory_kv = block.cross_attn.memory_kv(memory_bsd)
         layer_memory = None if memory_mask is None else (layer_memory_kv, memory_mask)
-        x, layer_kv = block(x, mask, rope, layer_kv, index, key, layer_memory)
+        layer_rope = rope_local if sliding and rope_local is not None else rope
+        x, layer_kv = block(x, mask, layer_rope, layer_kv, index, key, layer_memory, sliding=sliding)
         sown = nnx.pop(block, nnx.Intermediate)  # attention weights when asked for (qkv explain), else empty
+        return x, layer_kv, sown
+
+    def layer(x, xs):
+        params, layer_kv, key, layer_memory_kv, sliding = xs
+        if mixed:
+            x, layer_kv, sown = jax.lax.cond(sliding, functools.partial(apply, True), functools.partial(apply, False),
+                                             x, params, layer_kv, key, layer_memory_kv)
+        else:
+            x, layer_kv, sown = apply(sliding_l[0], x, params, layer_kv, key, layer_memory_kv)
         return constrain(x, RESIDUAL), (layer_kv, sown)
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_layers is False)
-    xs = (stacked, kv, keys, memory_kv)
+    xs = (stacked, kv, keys, memory_kv, jnp.asarray(sliding_l))
     if cfg.scan_layers is not False:  # None (the platform's choice, unresolved) scans
         x, (kv, sown) = jax.lax.scan(layer, x, xs)
     else:
-        outputs = [None] * jax.tree.leaves(stacked)[0].shape[0]
+        outputs = [None] * len(sliding_l)
         for i in range(len(outputs)):
             x, outputs[i] = layer(x, jax.tree.map(lambda a: a[i], xs))
         kv, sown = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
@@ -130,7 +158,7 @@ class EmbedAndHead(nnx.Module):
         if cfg.positions == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("position", "embed"), cfg.init_std,
                                    cfg.weight_dtype)
-        if cfg.norm_position == "pre":  # post-norm blocks already end normalised
+        if cfg.norm_position != "post":  # post-norm blocks already end normalised
             self.final_norm = Norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
@@ -140,6 +168,8 @@ class EmbedAndHead(nnx.Module):
         """(token + position embeddings [B, T, D] in the compute dtype, rotary tables or None)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(d_model), the factor rounded to the compute dtype
+            x_btd = x_btd * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.positions == "learned":
             x_btd = x_btd + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dtype)
         elif cfg.positions == "sinusoidal":
@@ -147,8 +177,16 @@ class EmbedAndHead(nnx.Module):
         rope = rope_angles(positions_bt, rope_frequencies(cfg)) if cfg.positions == "rope" else None
         return constrain(dropout(x_btd, cfg.dropout, key), RESIDUAL), rope
 
+    def local_rope(self, positions_bt):
+        """Rotary tables of sliding layers with their own base (``model.rope_local_theta``), else None."""
+        cfg = self.cfg
+        if cfg.positions != "rope" or not cfg.rope_local_theta:
+            return None
+        local = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling="none", rope_factor=1.0)
+        return rope_angles(positions_bt, rope_frequencies(local))
+
     def final(self, x_btd):
-        return self.final_norm(x_btd) if self.cfg.norm_position == "pre" else x_btd
+        return self.final_norm(x_btd) if self.cfg.norm_position != "post" else x_btd
 
     def output_weights(self) -> tuple[jax.Array, bool]:
         """(the output projection's weights, tied): the embedding [V, D] when tied, else lm_head [D, V]."""
@@ -199,7 +237,8 @@ class Transformer(EmbedAndHead):
         mask_bts = Mask(q_slots_bt, segment_ids_bt, k_segments_bs)  # attention_mask's parts (flash kernels)
         if memory is not None:
             memory = (memory[0], Mask(None, segment_ids_bt, memory[1]))
-        x_btd, kv = run_blocks(self.cfg, self.blocks, x_btd, mask_bts, rope, kv, index, keys, memory)
+        x_btd, kv = run_blocks(self.cfg, self.blocks, x_btd, mask_bts, rope, kv, index, keys, memory,
+                               rope_local=self.local_rope(positions_bt))
         x_btd = self.final(x_btd)
         t = tokens_bt.shape[1]
         new_cache = None if cache is None else {"k": kv[0], "v": kv[1], "segments": k_segments_bs, "index": index + t}

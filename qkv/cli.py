@@ -9,7 +9,7 @@
     qkv tokenizer train|encode|decode ...
     qkv config [CONFIG] [key=value ...]           print the resolved configuration
     qkv finetune [CONFIG] finetune.init_from=RUN finetune.train_path=F.jsonl [key=value ...]   SFT/DPO, LoRA
-    qkv convert import HF_DIR RUN_DIR | export RUN_DIR OUT_DIR --arch llama|gpt2
+    qkv convert import HF_DIR RUN_DIR | export RUN_DIR OUT_DIR --arch FAMILY
     qkv benchmark train|decode [CONFIG] [key=value ...]   throughput, MFU and roofline on synthetic tokens
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
@@ -524,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = csub.add_parser("export", help="qkv run directory -> HF model directory (config.json + safetensors)")
     t.add_argument("run_dir")
     t.add_argument("out_dir")
-    t.add_argument("--arch", required=True, choices=["llama", "gpt2"])
+    t.add_argument("--arch", required=True, help="the HF family: a short name (llama, gpt2, qwen2, qwen3, mistral, "
+                   "gemma2, gemma3, olmo2) or its transformers class (e.g. Qwen3ForCausalLM)")
     t.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     t = csub.add_parser("merge-lora", help="LoRA fine-tuning run -> plain checkpoint (base + adapters merged)")
     t.add_argument("run_dir")
@@ -549,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analytic", action="store_true", help="skip the compile: analytic estimate only")
     p.add_argument("--topology", default=None, help="compile for a TPU slice (e.g. v5p:4x4x8) or NVIDIA GPUs (e.g. h100:8) "
                    "without one: needs the tpu-compile or cuda extra")
+    p.add_argument("--slices", type=int, default=1, help="with --topology (TPU): this many such slices joined over the "
+                   "data-center network (default mesh.dcn_data = the slice count); reports the cross-slice traffic")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser

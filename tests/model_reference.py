@@ -127,7 +127,7 @@ def np_attention_block(cfg, x, p, positions, mask):
         return y + p[b] if cfg.use_bias else y
 
     q, k, v = proj("wq", "bq"), proj("wk", "bk"), proj("wv", "bv")
-    if cfg.qk_norm:
+    if cfg.qk_norm != "none":
         q, k = np_rms(q, cfg.norm_eps), np_rms(k, cfg.norm_eps)
     if cfg.positions == "rope":
         q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)

@@ -59,7 +59,7 @@ def np_attention(cfg, x, p, positions, mask, memory=None):
 
     source = x if memory is None else memory
     q, k, v = proj(x, "wq", "bq"), proj(source, "wk", "bk"), proj(source, "wv", "bv")
-    if cfg.qk_norm:
+    if cfg.qk_norm != "none":
         q, k = np_rms(q, cfg.norm_eps), np_rms(k, cfg.norm_eps)
     if cfg.positions == "rope" and memory is None:
         q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)

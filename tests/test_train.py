@@ -202,7 +202,12 @@ def test_every_preset_parses_and_builds_its_shapes(name):
                 "bert-tiny": 4096 * 128 + 128 * 128 + 2 * (4 * 128**2 + 4 * 128 + 2 * 128 * 512 + 512 + 128 + 4 * 128),
                 # encoder layers: attention 4d², ReLU MLP 2·d·4d, 2 LayerNorms; decoder layers add cross-attention
                 "translate-tiny": 512 * 128 + 2 * (4 * 128**2 + 2 * 128 * 512 + 4 * 128)
-                + 2 * (8 * 128**2 + 2 * 128 * 512 + 6 * 128)}
+                + 2 * (8 * 128**2 + 2 * 128 * 512 + 6 * 128),
+                # the Hugging Face family presets: transformers' counts (tests/test_family_presets.py)
+                "qwen2.5-0.5b": 494032768, "qwen2.5-7b": 7615616512, "qwen3-0.6b": 596049920, "qwen3-8b": 8190735360,
+                "mistral-7b": 7241732096, "gemma2-2b": 2614341888, "gemma3-1b": 999885952, "olmo2-1b": 1484916736,
+                # mixtures of experts: exact against transformers in tests/test_moe.py
+                "mixtral-8x7b": 46.70e9, "qwen3-30b-a3b": 30.53e9, "olmoe-1b-7b": 6.919e9}
     assert abs(n - expected[name]) / expected[name] < 0.01, (name, n)
     # The whole train state (parameters + optimizer moments) also builds abstractly on one device.
     trainer = Trainer(cfg.model, cfg.optim, make_mesh(MeshConfig(data=1), jax.devices()[:1]), resolve_rules({}), 10)

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from qkv.model import ModelConfig, count_params, create_model, split_params
+from qkv.model import ModelConfig, count_params, create_model, inactive_params, split_params
 
 from . import roofline
 from qkv.train.config import Config, load_config, parse_override, split_config_args
@@ -161,8 +161,9 @@ class TrainPoint:
         record = {
             "benchmark": "train",
             "config": {"model": dataclasses.asdict(m), "batch_size": cfg.train.batch_size, "seq_len": seq,
-                       "grad_accum": cfg.optim.grad_accum, "mesh": dict(self.mesh.shape), "rules": cfg.mesh.rules},
-            "params": self.n_params, "devices": n_dev, "steps": len(self.times), "warmup": self.warmup,
+                       "grad_accum": cfg.optim.grad_accum, "rules": cfg.mesh.rules,
+                       "mesh": {k: v for k, v in self.mesh.shape.items() if k != "expert" or v > 1}},
+            "params": self.n_params, "active_params": self.n_params - inactive_params(m), "devices": n_dev, "steps": len(self.times), "warmup": self.warmup,
             "compile_s": self.compile_s, "step_s": step_s,
             "tokens_per_step": tokens,
             "tokens_per_s": tokens / step_s["median"], "tokens_per_s_per_device": tokens / step_s["median"] / n_dev,

@@ -26,7 +26,7 @@ from qkv.data import Tokenizer
 from qkv.data.tokenizer import check_vocab
 from qkv.inference.run import load_run
 from qkv.model import abstract_model, split_params
-from qkv.model.hf import ARCHITECTURES, architecture_of
+from qkv.model.hf import architecture_of, find_architecture
 
 from qkv.train import checkpoint
 from qkv.train.config import Config, DataConfig, config_from_dict
@@ -107,7 +107,7 @@ def _first_mismatch(expected: Any, got: Any) -> str | None:
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | None = None) -> dict[str, Any]:
-    """Convert a Llama/GPT-2 HF directory into a qkv run directory; returns a short summary."""
+    """Convert a Hugging Face directory of a family qkv converts into a qkv run directory; returns a summary."""
     hf_dir, run_dir = Path(hf_dir).expanduser(), Path(run_dir).expanduser()
     hf_config = read_config(hf_dir)
     if checkpoint.latest_step(run_dir) is not None:
@@ -239,12 +239,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
     """Write ``config.json`` + ``generation_config.json`` + float32 safetensors (sharded past ``shard_bytes``)
     that ``transformers`` loads, and the run's tokenizer (``tokenizer.model`` or ``tokenizer.json``). Holds the
     run's parameters plus one shard in memory."""
-    if arch_name not in ARCHITECTURES:
-        raise UserError(f"--arch {arch_name!r} is not supported: choose {', '.join(ARCHITECTURES)}")
+    arch = find_architecture(arch_name)
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty: choose a new output directory")
-    arch = ARCHITECTURES[arch_name]
     cfg, params, meta = load_params(run_dir, step)
     arch.check(cfg.model)
     tensors = arch.params_to_hf(params, cfg.model)

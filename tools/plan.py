@@ -52,13 +52,17 @@ USABLE = 0.9  # allow ~10% for the runtime, fragmentation and buffers XLA does n
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``data=1,fsdp=8,tensor=1`` (missing axes are 1) -> {"data": 1, "fsdp": 8, "tensor": 1}."""
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    """``data=1,fsdp=8,tensor=1`` (missing axes are 1) -> {"data": 1, "fsdp": 8, "tensor": 1} (``expert=N``
+    too, for a mixture of experts; it is left out when 1)."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
         if key not in sizes or not value.isdigit() or int(value) < 1:
-            raise UserError(f"--mesh {text!r}: use positive sizes for data, fsdp, tensor, e.g. data=1,fsdp=8,tensor=1")
+            raise UserError(f"--mesh {text!r}: use positive sizes for data, fsdp, tensor (expert), e.g. "
+                            "data=1,fsdp=8,tensor=1")
         sizes[key] = int(value)
+    if sizes["expert"] == 1:
+        del sizes["expert"]
     return sizes
 
 
@@ -78,10 +82,10 @@ def analytic_activation_bytes(cfg: Config, mesh: dict[str, int]) -> dict[str, in
     the saved block inputs (the residual stream, ``activation_embed``) divide over ``tensor``.
     """
     m, t = cfg.model, mesh["tensor"]
-    rows = max(cfg.train.batch_size // cfg.optim.grad_accum // (mesh["data"] * mesh["fsdp"]), 1)
+    rows = max(cfg.train.batch_size // cfg.optim.grad_accum // (mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)), 1)
     bt, a = rows * cfg.data.seq_len, np.dtype(m.dtype).itemsize
     heads, kv, hd, ff = m.n_heads / t, m.num_kv_heads / t, m.head_size, m.d_ff / t
-    n_ff = 2 if m.activation == "swiglu" else 1
+    n_ff = 2 if m.activation in ("swiglu", "geglu") else 1
     dots = bt * a * ((heads + 2 * kv) * hd + m.d_model + (n_ff + 1) * ff + m.d_model)
     working = dots + bt * a * (2 * m.d_model + heads * hd + ff) + rows * heads * cfg.data.seq_len ** 2 * 4 * 2
     block_input = bt * a * m.d_model / t
@@ -96,7 +100,7 @@ def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[
     from qkv.train.sharding import activation_layout, check_batch, make_mesh, resolve_rules
     from qkv.train.step import Trainer
 
-    n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    n = math.prod(mesh.values())
     devices = jax.devices()
     if len(devices) < n:
         raise UserError(f"planning a {n}-device mesh needs {n} devices, this process has {len(devices)}")
@@ -110,7 +114,7 @@ def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[
     params = _shard_bytes(state["params"])
     plan: dict[str, Any] = {
         "model_parameters": n_params, "mesh": mesh, "devices": n,
-        "batch_per_device": cfg.train.batch_size // (mesh["data"] * mesh["fsdp"]), "seq_len": cfg.data.seq_len,
+        "batch_per_device": cfg.train.batch_size // (mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)), "seq_len": cfg.data.seq_len,
         "param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.dtype, "remat": cfg.model.remat,
         "params": params, "optimizer": _shard_bytes(state["opt_state"]), "gradients": params,
         **analytic_activation_bytes(cfg, mesh),
@@ -139,7 +143,7 @@ def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[
 
 def plan_in_subprocess(source: str | None, overrides: list[str], mesh: dict[str, int], compile: bool) -> dict[str, Any]:
     """``build_plan`` in a child process that has exactly data*fsdp*tensor virtual CPU devices."""
-    n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    n = math.prod(mesh.values())
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(n), "QKV_PLAN_CHILD": "1"}
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     mesh_arg = ",".join(f"{k}={v}" for k, v in mesh.items())
@@ -159,9 +163,10 @@ def _gib(n: float) -> str:
 
 def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
     m = plan["mesh"]
+    expert = f" expert={m['expert']}" if m.get("expert", 1) > 1 else ""
     lines = [f"model {plan['model_parameters'] / 1e9:.2f}B parameters ({plan['param_dtype']} storage, "
              f"{plan['compute_dtype']} compute, remat={plan['remat']}) on mesh data={m['data']} fsdp={m['fsdp']} "
-             f"tensor={m['tensor']} ({plan['devices']} devices); {plan['batch_per_device']} rows x "
+             f"tensor={m['tensor']}{expert} ({plan['devices']} devices); {plan['batch_per_device']} rows x "
              f"{plan['seq_len']} tokens per device; attention {plan['attention']}"
              + (f" ({plan['attention_reason']})" if plan["attention_reason"] else ""), "", "per device:",
              f"  parameters        {_gib(plan['params'])}   (exact: shard shapes from the rules table)",
@@ -185,10 +190,13 @@ def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
 
 def main(ns) -> int:
     """The ``qkv plan`` command (argparse namespace from qkv/cli.py)."""
+    if getattr(ns, "slices", 1) != 1 and not getattr(ns, "topology", None):
+        raise UserError(f"--slices {ns.slices} needs --topology (the slice type), e.g. --topology v5p:4x4x4 --slices 2")
     if getattr(ns, "topology", None):  # the TPU compiler's answer (tools/topology_plan.py), in this process
         from .topology_plan import format_topology_plan, topology_plan
         source, overrides = split_config_args(ns.args)
-        plan = topology_plan(load_config(source, overrides), ns.topology, parse_mesh(ns.mesh) if ns.mesh else None)
+        plan = topology_plan(load_config(source, overrides), ns.topology, parse_mesh(ns.mesh) if ns.mesh else None,
+                             slices=ns.slices)
         print(json.dumps(plan) if ns.json else format_topology_plan(plan))
         return 0 if plan["fits"] else 1
     if ns.device is not None and ns.device not in DEVICES:
@@ -196,7 +204,8 @@ def main(ns) -> int:
     source, overrides = split_config_args(ns.args)
     cfg = load_config(source, overrides)
     mesh = parse_mesh(ns.mesh) if ns.mesh else {"data": max(cfg.mesh.data, 1), "fsdp": max(cfg.mesh.fsdp, 1),
-                                                "tensor": max(cfg.mesh.tensor, 1)}
+                                                "tensor": max(cfg.mesh.tensor, 1),
+                                                **({"expert": cfg.mesh.expert} if cfg.mesh.expert > 1 else {})}
     if os.environ.get("QKV_PLAN_CHILD"):
         plan = build_plan(cfg, mesh, compile=not ns.analytic)
     else:

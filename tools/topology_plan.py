@@ -119,10 +119,14 @@ def _gpu_devices(name: str) -> list:
                         ) from None
 
 
-def topology_devices(name: str) -> list:
+def topology_devices(name: str, slices: int = 1) -> list:
     """The devices of a TPU slice such as ``v5p:4x4x8`` (TPU generation: topology) or of NVIDIA GPUs such as
     ``h100:8`` / ``h100:2x8`` (GPUs per node, or nodes x GPUs per node), compile-only."""
+    if slices < 1:
+        raise UserError(f"--slices {slices}: use a positive slice count")
     if re.fullmatch(rf"({'|'.join(GPU_SPECS)}):[0-9]+(x[0-9]+)?", name):
+        if slices != 1:
+            raise UserError(f"--slices {slices} is for TPU slices: describe GPUs as NODESxGPUS, e.g. h100:2x8")
         return _gpu_devices(name)
     if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+)*", name):
         raise UserError(f"--topology {name!r}: use GENERATION:SHAPE, e.g. v5p:2x2x1, v5e:16x16, v6e:8x8, v4:4x4x4, "
@@ -132,7 +136,8 @@ def topology_devices(name: str) -> list:
     try:
         from jax.experimental import topologies
         with quiet_native_stderr():
-            return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+            extra = {"num_slices": slices} if slices > 1 else {}  # devices carry their slice_index
+            return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **extra).devices)
     except Exception as err:  # noqa: BLE001 (no libtpu, or a shape it does not know)
         raise UserError(f"--topology {name!r}: the TPU compiler cannot describe it ({str(err).splitlines()[0][:160]}); "
                         'install it with pip install -e ".[tpu-compile]"') from None
@@ -146,7 +151,12 @@ def _shape_bytes(text: str) -> int:
 def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
     """{collective: {"count", "bytes"}} per step from compiled HLO text: each op's output bytes,
     computations reached through a while loop counted once per trip (the loop's known trip count, or
-    the loop condition's bound)."""
+    the loop condition's bound).
+
+    A multi-slice TPU program is compiled per slice (``num_partitions`` = chips per slice): the ICI
+    collectives stay ops of the module, and what crosses the data-center network becomes ``send`` /
+    ``recv`` pairs to the Megascale runtime, tagged ``_xla_megascale_transfer_type`` (ALL_REDUCE,
+    ALL_GATHER...). Those sends are counted as ``dcn all-reduce`` etc. with the bytes each chip sends."""
     comps: dict[str, list[str]] = {}
     name = None
     for line in hlo.splitlines():
@@ -179,6 +189,13 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
                     size //= 2
                 totals[base]["count"] += times
                 totals[base]["bytes"] += times * size
+            dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', ln) if opname == "send" else None
+            if dcn:  # a transfer over the data-center network: its payload is the send's first operand
+                key = "dcn " + dcn.group(1).lower().replace("_", "-")
+                payload = ln.split(" = ", 1)[1].split(" send(", 1)[0]
+                entry = totals.setdefault(key, {"count": 0, "bytes": 0})
+                entry["count"] += times
+                entry["bytes"] += times * _shape_bytes(payload.split(", u32[]", 1)[0])
             body = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", ln)
             if body:  # the GPU compiler states the trip count (its loop condition compares inside a fusion)
                 known = re.search(r'known_trip_count":\{"n":"(\d+)"', ln)
@@ -194,11 +211,13 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
 
 
 def model_flops_per_step(cfg: Config, n_params: int) -> float:
-    """Training FLOPs of one step: 6 · (matmul parameters) · tokens + 12 · layers · heads · head · T · tokens.
+    """Training FLOPs of one step: 6 · (active matmul parameters) · tokens + 12 · layers · heads · head · T · tokens.
     The embedding lookup is no matmul: an untied input table is left out."""
     m = cfg.model
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    matmul_params = n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+    from qkv.model import inactive_params
+    # active parameters: a mixture of experts' routed experts count only k of E per token (model/moe.py)
+    matmul_params = n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model) - inactive_params(m)
     attention = 12 * m.n_layers * m.n_heads * m.head_size * cfg.data.seq_len * tokens
     return 6.0 * matmul_params * tokens + attention
 
@@ -261,7 +280,7 @@ def estimate(cfg: Config, mesh, rules, n_params: int, attention: str, peak_tflop
     except Exception as err:  # noqa: BLE001 (e.g. the full logits of the small variants do not fit)
         return {"unavailable": str(err).splitlines()[0][:200]}
     m, chips = cfg.model, math.prod(mesh.shape.values())
-    if t2 <= t1:  # seen for llama-8b on v6e:8x8: the cost model priced 2 layers below 1, so no extrapolation holds
+    if t1 <= 0 or t2 <= t1:  # seen for llama-8b on v6e:8x8: the cost model priced 2 layers below 1, so no extrapolation holds
         return {"unavailable": f"the cost model gave {t2:.3g} s for 2 layers and {t1:.3g} s for 1: no per-layer "
                                "cost to extrapolate"}
     step = cfg.optim.grad_accum * (t1 + (m.n_layers - 1) * (t2 - t1))
@@ -296,16 +315,19 @@ def attention_choice(model, seq_len: int, platform: str | None = None) -> tuple[
     return kernels, "; ".join(reasons)
 
 
-def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_estimate: bool = True) -> dict[str, Any]:
+def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_estimate: bool = True,
+                  slices: int = 1) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` with the TPU compiler; the plan as a dict
     (``with_estimate``: also the step-time estimate, two more small compiles)."""
     from qkv.model.loss import chunk_length
-    from qkv.train.sharding import activation_layout, check_batch, make_mesh, mesh_shape, resolve_rules
+    from qkv.train.sharding import MESH_AXES, activation_layout, check_batch, make_mesh, mesh_shape, resolve_rules
     from qkv.train.step import Trainer
 
     from .benchmark import synthetic_batch_for
 
-    devices = topology_devices(topology)
+    devices = topology_devices(topology, slices)
+    if slices > 1 and cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp == 1:  # data parallelism across the slices by default
+        cfg = replace(cfg, mesh=replace(cfg.mesh, dcn_data=slices))
     kind = devices[0].device_kind
     gpu = devices[0].platform == "gpu"
     if gpu:
@@ -315,8 +337,9 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
         chip, hbm_gib, peak_tflops = CHIPS.get(kind, (kind, float("nan"), float("nan")))
     mesh_cfg = replace(cfg.mesh, **mesh) if mesh else cfg.mesh
     n = len(devices)
-    shape = mesh_shape(mesh_cfg, n)
-    cfg = replace(cfg, mesh=replace(mesh_cfg, data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    dcn = mesh_cfg.dcn_data * mesh_cfg.dcn_fsdp
+    shape = mesh_shape(mesh_cfg, n // dcn)  # per slice
+    cfg = replace(cfg, mesh=replace(mesh_cfg, **dict(zip(MESH_AXES, shape))))
     jmesh = make_mesh(cfg.mesh, devices)
     rules = resolve_rules(cfg.mesh.rules)
     check_batch(cfg.train.batch_size, jmesh, rules)
@@ -330,10 +353,12 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
         attention, attention_reason = attention_choice(cfg.model, cfg.data.seq_len)
     plan: dict[str, Any] = {
         "topology": topology, "chip": chip, "chips": n, "hbm_per_chip": int(hbm_gib * GIB) if hbm_gib == hbm_gib else None,
-        "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "peak_tflops_per_chip": peak_tflops, "mesh": {k: v for k, v in zip(MESH_AXES, shape) if k != "expert" or v > 1},
+        "slices": slices, "dcn": {"data": cfg.mesh.dcn_data, "fsdp": cfg.mesh.dcn_fsdp},
         "model_parameters": n_params, "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
-        "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1]), "remat": cfg.model.remat,
-        "attention": attention, "attention_reason": attention_reason, "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
+        "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1] * shape[2] * dcn), "remat": cfg.model.remat,
+        "attention": attention, "attention_reason": attention_reason,
+        "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
         "compiler": "XLA GPU (deviceless)" if gpu else "TPU",
     }
     if gpu:
@@ -375,12 +400,15 @@ def format_topology_plan(plan: dict[str, Any]) -> str:
     m, c = plan["mesh"], plan["compiled"]
     n = plan["model_parameters"]
     lines = [f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"]
-    lines = [f"{lines[0]} parameters on {plan['topology']}: {plan['chips']} x {plan['chip']} "
+    where = plan["topology"] if plan.get("slices", 1) == 1 else f"{plan['slices']} slices of {plan['topology']}"
+    lines = [f"{lines[0]} parameters on {where}: {plan['chips']} x {plan['chip']} "
              f"({_gib(plan['hbm_per_chip'] or 0)} HBM, {plan['peak_tflops_per_chip']:g} TFLOP/s bf16 each), "
              f"compiled by the {plan['compiler']} compiler on this machine"
              + (f"; HBM counted as JAX's preallocated {plan['memory_fraction']:.0%} (XLA_PYTHON_CLIENT_MEM_FRACTION)"
                 if "memory_fraction" in plan else ""),
-             f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; {plan['rows_per_chip']:g} rows x "
+             f"mesh {' '.join(f'{k}={v}' for k, v in m.items() if k != 'expert' or v > 1)}"
+             + ("".join(f", x {v} slices over DCN on {k}" for k, v in plan.get("dcn", {}).items() if v > 1))
+             + f"; {plan['rows_per_chip']:g} rows x "
              f"{plan['seq_len']} tokens per chip; attention {plan['attention']}"
              + (f" ({plan['attention_reason']})" if plan.get("attention_reason") else "") + f", remat {plan['remat']}, loss "
              + (f"in chunks of {plan['loss_chunk']} positions" if plan["loss_chunk"] else "over full logits"),
@@ -403,6 +431,9 @@ def format_topology_plan(plan: dict[str, Any]) -> str:
         lines += ["", "collectives per step (compiled HLO, loop bodies x trips):"]
         lines += [f"  {name:18s} {v['count']:6d}  {_gib(v['bytes']):>12}" for name, v in plan["collectives"].items()
                   if v["count"]]
+        if plan.get("slices", 1) > 1:
+            lines.append("  (dcn ...: sent over the data-center network between slices, per chip; the rest stays "
+                         "inside a slice)")
     e = plan.get("estimate", {})
     if "unavailable" in e:
         lines += ["", f"no step-time estimate: {e['unavailable']}"]

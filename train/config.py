@@ -91,6 +91,11 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1  # expert parallelism: a mixture of experts' experts split this many ways (model/moe.py)
+    # several TPU slices joined over the data-center network (DCN): the data / fsdp axes span this many slices
+    # (times mesh.data / mesh.fsdp chips inside each); docs/moe.md "Multi-slice"
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
     rules: dict[str, Any] = field(default_factory=dict)  # overrides of the logical-axis rules table
 
     def __post_init__(self) -> None:

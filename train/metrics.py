@@ -11,16 +11,21 @@ from typing import Any
 import jax
 
 from qkv.model import ModelConfig
+from qkv.model.moe import expert_params_per_layer
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, source_len: int | None = None) -> float:
     """Training FLOPs per (target) token: 6 × (matmul parameters) + attention scores and values.
 
+    A mixture-of-experts MLP counts its ACTIVE weights: the router, the k routed experts and the shared
+    experts each token passes through (model/moe.py), not the experts it skips.
+
     Forward is 2 FLOPs per multiply-add, backward twice that, hence 6·N. N counts every weight used in
     a matmul, including the output projection even when it is tied to the embedding (the lookup is
     free, the projection is not), but not position or embedding lookups. Attention adds QKᵀ and P·V:
     per token and head each costs 2·T·E FLOPs forward over T keys, and backward doubles the forward:
-    12·T·E per head and layer, halved to 6·T·E by a causal mask (decoders).
+    12·T·E per head and layer, halved to 6·T·E by a causal mask (decoders); a sliding-window layer
+    (``model.sliding_window`` W) sees about W keys per query instead of T/2.
 
     Encoder-decoder rows hold ``source_len`` (default ``seq_len``) source tokens per ``seq_len`` target
     tokens: the encoder's work on the source (bidirectional), the decoder's causal self-attention, and
@@ -29,11 +34,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, source_len: int | None = Non
     """
     d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size, cfg.d_ff
     attn_weights = d * h * e * 2 + d * k * e * 2  # q, o and k, v projections
-    mlp_weights = d * f * (3 if cfg.activation == "swiglu" else 2)
+    mlp_weights = d * f * (3 if cfg.activation in ("swiglu", "geglu") else 2)
+    if cfg.n_experts:  # active parameters only: the router, the k experts a token is sent to, the shared experts
+        mlp_weights = d * cfg.n_experts + (cfg.n_experts_per_token + cfg.n_shared_experts) * expert_params_per_layer(cfg)
     layer_weights = attn_weights + mlp_weights
     head = d * cfg.vocab_size
-    if cfg.kind == "decoder":
-        return 6.0 * (cfg.n_layers * layer_weights + head) + 6 * cfg.n_layers * h * e * seq_len
+    if cfg.kind == "decoder":  # keys per query: T/2 under a causal mask, about W on a sliding layer of window W
+        keys = sum(_sliding_keys(cfg.sliding_window, seq_len) if sliding else seq_len / 2
+                   for sliding in cfg.layer_is_sliding())
+        return 6.0 * (cfg.n_layers * layer_weights + head) + 12 * h * e * keys
     if cfg.kind == "encoder":
         head = d * cfg.n_classes / seq_len if cfg.n_classes else head  # a class head reads one pooled vector
         return 6.0 * (cfg.n_layers * layer_weights + head) + 12 * cfg.n_layers * h * e * seq_len
@@ -42,6 +51,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, source_len: int | None = Non
     cross_kv = s * 6.0 * ld * d * k * e * 2
     decoder = t * (6.0 * (ld * (layer_weights + d * h * e * 2) + head) + 6 * ld * h * e * t + 12 * ld * h * e * s)
     return (encoder + cross_kv + decoder) / t
+
+
+def _sliding_keys(window: int, seq_len: int) -> float:
+    """Mean keys a query sees over T positions with a causal sliding window W: min(i + 1, W) averaged."""
+    w = min(window, seq_len)
+    return w - w * (w - 1) / (2 * seq_len)
 
 
 class MetricsWriter:

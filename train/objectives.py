@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qkv.data.tokenizer import MASK_ID
+from qkv.model import moe_stats
 from qkv.model.loss import batch_token_losses, target_is_top, token_losses
 
 from .mlm import mlm_corrupt
@@ -46,7 +47,13 @@ Batch = dict[str, jax.Array]
 def forward_loss_sum(graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None,
                      z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sum of masked token losses, number of target tokens, number whose target is the top logit) for one batch."""
-    losses, hits = batch_token_losses(nnx.merge(graphdef, params), batch, dropout_key, z_loss, label_smoothing)
+    return model_loss_sum(nnx.merge(graphdef, params), batch, dropout_key, z_loss, label_smoothing)
+
+
+def model_loss_sum(model: nnx.Module, batch: Batch, dropout_key: jax.Array | None, z_loss: float = 0.0,
+                   label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``forward_loss_sum`` of a merged model (its MoE layers keep their router statistics: ``router_losses``)."""
+    losses, hits = batch_token_losses(model, batch, dropout_key, z_loss, label_smoothing)
     mask = batch["loss_mask"].astype(jnp.float32)  # (the loss is chunked over the sequence: model/loss.py)
     return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(hits * mask)
 
@@ -55,10 +62,30 @@ def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch,
                    dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(summed log-probability of each row's loss-masked targets [B], their count [B], how many of them
     are the top logit [B]); targets are response tokens (SFT, DPO) or the row's class (classify)."""
-    logits = nnx.merge(graphdef, params).forward_batch(batch, dropout_key)
+    return model_sequence_logps(nnx.merge(graphdef, params), batch, dropout_key)
+
+
+def model_sequence_logps(model: nnx.Module, batch: Batch, dropout_key: jax.Array | None):
+    logits = model.forward_batch(batch, dropout_key)
     mask = batch["loss_mask"].astype(jnp.float32)
     correct = jnp.sum(target_is_top(logits, batch["targets"]) * mask, axis=-1)
     return -jnp.sum(token_losses(logits, batch["targets"]) * mask, axis=-1), jnp.sum(mask, axis=-1), correct
+
+
+def router_losses(model: nnx.Module, count: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the weighted router losses times ``count``, metric sums) of the forward pass ``model`` just ran; (0, {})
+    for a model without experts (model/moe.py). Times ``count`` (the micro-batch's loss tokens) because the
+    train step divides every sum by the batch's tokens: the losses then enter as token-weighted means, and
+    micro-batches add up. Metrics: the unweighted load-balancing and z-losses, each expert's share of the
+    (token, expert) assignments (``moe_share_e<i>``) and the share dropped by capacity."""
+    stats = moe_stats(model)
+    if stats is None:
+        return jnp.float32(0.0), {}
+    cfg = model.cfg
+    extra = cfg.router_aux_loss_weight * stats["aux_loss"] + cfg.router_z_loss_weight * stats["z_loss"]
+    sums = {"moe_aux_loss": stats["aux_loss"], "moe_z_loss": stats["z_loss"], "moe_dropped": stats["dropped"],
+            **{f"moe_share_e{i}": share for i, share in enumerate(stats["expert_share"])}}
+    return count * extra, {k: count * v for k, v in sums.items()}
 
 
 def dpo_terms(policy_logps: jax.Array, reference_logps: jax.Array, beta: float) -> dict[str, jax.Array]:
@@ -93,7 +120,10 @@ def loss_tokens(batch: Batch) -> jax.Array:
 
 def _token_loss(graphdef, params, reference, batch, key, *, z_loss: float, label_smoothing: float):
     del reference
-    return forward_loss_sum(graphdef, params, batch, key, z_loss, label_smoothing)[0], {}
+    model = nnx.merge(graphdef, params)
+    loss_sum, count, _ = model_loss_sum(model, batch, key, z_loss, label_smoothing)
+    extra, sums = router_losses(model, count)
+    return loss_sum + extra, sums
 
 
 def _token_eval(graphdef, params, reference, batch):
@@ -138,7 +168,10 @@ def seq2seq(z_loss: float = 0.0, label_smoothing: float = 0.0) -> Objective:
 
 def _sequence_loss(graphdef, params, reference, batch, key):
     del reference
-    return -jnp.sum(sequence_logps(graphdef, params, batch, key)[0]), {}
+    model = nnx.merge(graphdef, params)
+    logps, counts, _ = model_sequence_logps(model, batch, key)
+    extra, sums = router_losses(model, jnp.sum(counts))
+    return -jnp.sum(logps) + extra, sums
 
 
 def _sequence_eval(graphdef, params, reference, batch):
@@ -161,12 +194,14 @@ def classify() -> Objective:
 
 
 def _dpo_loss(graphdef, params, reference, batch, key, *, beta: float):
-    policy = sequence_logps(graphdef, params, batch, key)[0]
+    model = nnx.merge(graphdef, params)
+    policy = model_sequence_logps(model, batch, key)[0]
     ref = jax.lax.stop_gradient(sequence_logps(graphdef, reference, batch, None)[0])
     terms = dpo_terms(policy, ref, beta)
     valid = (jnp.sum(batch["loss_mask"][0::2], axis=-1) > 0).astype(jnp.float32)
     sums = {k: jnp.sum(v * valid) for k, v in terms.items()}
-    return sums.pop("loss"), sums
+    extra, moe_sums = router_losses(model, jnp.sum(valid))  # DPO's sums are per pair
+    return sums.pop("loss") + extra, {**sums, **moe_sums}
 
 
 def _dpo_eval(graphdef, params, reference, batch, *, beta: float):

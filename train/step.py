@@ -50,7 +50,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 # Axes that mark an embedding table or an output head (token and position embeddings, the untied LM head, a
 # classifier): Muon's authors keep these on AdamW with the norms and biases, and orthogonalise hidden matrices only.
 TABLE_AXES = frozenset({"vocab", "position", "classes"})
-STACK_AXES = frozenset({"layers", "experts"})  # separate matrices stacked along one array axis
+STACK_AXES = frozenset({"layers", "expert"})  # separate matrices stacked along one array axis
 
 
 def muon_dimensions(axes: Any) -> Any:
@@ -207,8 +207,8 @@ def train_step(state: State, frozen: Any, batch: Batch, *, objective: Objective,
     if grad_accum == 1:  # no loop: a one-trip scan still zero-fills and copies every gradient buffer (CPU profile)
         loss, aux, grads = loss_and_grads(batch, jnp.int32(0))
     else:
-        zeros = (jnp.float32(0.0), {k: jnp.float32(0.0) for k in objective.metrics},
-                 jax.tree.map(jnp.zeros_like, state["params"]))
+        first = jax.tree.map(lambda x: x[0], micro)  # the metrics' names and shapes (the model's MoE statistics too)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_and_grads, first, jnp.int32(0)))
         (loss, aux, grads), _ = jax.lax.scan(micro_grads, zeros, (micro, jnp.arange(grad_accum)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
