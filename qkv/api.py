@@ -40,12 +40,17 @@ class LanguageModel:
     graphdef: nnx.GraphDef
     params: Any
     step: int
+    # Every id that ends generation: the tokenizer's EOS and, for an imported checkpoint, the eos_token_id list
+    # of its generation_config.json (Llama 3, Qwen stop at several)
+    stop_ids: tuple[int, ...] = ()
 
     @classmethod
     def load(cls, run_dir: str | Path, step: int | None = None) -> "LanguageModel":
         """Parameters (no optimizer state), config and tokenizer of a checkpoint in ``run_dir``."""
         run = load_run(run_dir, step)
-        return cls(run.config, run.tokenizer, run.graphdef, run.params, run.step)
+        stops = [run.tokenizer.eos_id] if run.tokenizer is not None and run.tokenizer.eos_id is not None else []
+        stops += [i for i in run.meta.get("source", {}).get("eos_ids", []) if i not in stops]
+        return cls(run.config, run.tokenizer, run.graphdef, run.params, run.step, tuple(stops))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Float32 logits [B, T, vocab] for equal-length rows of token ids: next-token (decoder) or masked-token
@@ -124,7 +129,7 @@ class LanguageModel:
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                              batch_size=len(prompts))
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty)
-        rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
+        rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.stop_ids)
         return [self.tokenizer.decode(r) for r in rows]
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.8,
@@ -141,7 +146,7 @@ class LanguageModel:
             if min(row) < 0 or max(row) >= vocab:
                 raise UserError(f"prompt token id {min(row) if min(row) < 0 else max(row)} is outside the model's "
                                 f"vocabulary of {vocab} ids (0..{vocab - 1})")
-        pad, eos = (self.tokenizer.pad_id, self.tokenizer.eos_id) if self.tokenizer else (0, None)
+        pad, eos = (self.tokenizer.pad_id, self.stop_ids) if self.tokenizer else (0, self.stop_ids)
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty, text=False)
         return [[int(t) for t in r] for r in decoder.generate(self.params, rows, pad, eos)]
 
@@ -156,10 +161,9 @@ class LanguageModel:
         decoder = self._decoder(self._fitted([prompt], max_new_tokens), temperature, top_k, top_p, seed)
         ids: list[int] = []
         shown = ""
-        for tokens in decoder.stream(self.params, self.prompt_ids([prompt]), self.tokenizer.pad_id,
-                                     self.tokenizer.eos_id):
+        for tokens in decoder.stream(self.params, self.prompt_ids([prompt]), self.tokenizer.pad_id, self.stop_ids):
             token = int(tokens[0])
-            if token in (self.tokenizer.eos_id, self.tokenizer.pad_id):
+            if token in self.stop_ids or token == self.tokenizer.pad_id:
                 break
             ids.append(token)
             text = self.tokenizer.decode(ids)
