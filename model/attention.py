@@ -1,22 +1,36 @@
 """Multi-head (and grouped-query) attention: causal or bidirectional self-attention, and cross-attention.
 
-softmax(Q Kᵀ / √d_k) · V per head, heads concatenated and projected back. One module serves all
-three uses: self-attention projects queries, keys and values from the same sequence (causal in a
+softmax(mask(cap(scale · Q Kᵀ))) · V per head, heads concatenated and projected back. One module serves
+all three uses: self-attention projects queries, keys and values from the same sequence (causal in a
 decoder, bidirectional in an encoder, the mask decides); cross-attention takes its keys and values
 from another sequence (the encoder's output), projected once with ``memory_kv`` and reused at every
-decoding step. The explicit einsum ``reference_attention`` is the readable definition and what
-tests compare against; ``model.attention_impl`` chooses what runs:
+decoding step. The explicit einsum ``reference_attention`` is the readable definition and what tests
+compare against::
+
+    scores_bkgts = einsum("btkge,bske->bkgts", q, k) * scale          # scale: 1/√e unless given
+    scores_bkgts = c * tanh(scores_bkgts / c)                          # soft-cap c > 0 (Gemma 2)
+    probs_bkgts = softmax(where(mask_bts, scores_bkgts, -inf), axis=s)
+    out_btkge = einsum("bkgts,bske->btkge", probs_bkgts, v)
+
+One mask rule (``attention_mask``): query at slot i sees key slot j iff both lie in the same segment,
+j <= i when causal, and i - W < j with a sliding window W > 0 (transformers' sliding_window rule; the
+rule mirrored, |i - j| < W, when not causal). ``model.attention_impl`` chooses what runs:
 
 - ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, which materialises the
-  ``[b, h, t, s]`` scores (quadratic memory in T).
-- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory.
-- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document, else the Pallas GPU flash
-  kernel with segment ids (model/flash.py), O(T) memory.
+  ``[b, h, t, s]`` scores (quadratic memory in T); with a soft-cap, which jax's function lacks, the
+  einsum definition above (the same math, compiled by XLA).
+- ``splash``: the Pallas TPU splash flash-attention kernel (model/flash.py), O(T) memory; it takes
+  windows and soft-caps.
+- ``cudnn``: on GPUs, cuDNN's fused attention for rows of one document (it takes a causal window, no
+  soft-cap), else the Pallas GPU flash kernel with segment ids (neither) or, where that cannot run,
+  XLA for those rows (model/flash.py ``gpu_plan``).
 - ``auto`` (default): splash when compiling for TPU, cudnn on GPU, xla on CPU.
 
-The flash kernels serve training-time self-attention (causal or bidirectional, packed segments,
-padding, grouped-query heads); decoding over a cache and cross-attention always run on ``xla``,
-and so do shapes the kernel cannot tile (``flash.splash_supported``).
+``choose_impl`` decides, and says why it fell back (``qkv plan`` prints it): a shape or feature the
+kernel cannot take runs on ``xla``; mesh rules that split ``length`` or ``head_dim`` are refused for a
+named kernel (it runs per shard) and run ``xla`` under ``auto``. The flash kernels serve training-time
+self-attention (causal or bidirectional, packed segments, padding, grouped-query heads); decoding over
+a cache and cross-attention always run on ``xla`` with the dense mask, which holds the window.
 
 Shape suffixes: b batch, t query length, s key length, d model width, h query heads, k kv heads,
 g query heads per kv head, e head size.
@@ -30,6 +44,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from typing import NamedTuple
+
+from qkv.errors import UserError
 
 from . import flash
 from .config import ModelConfig
@@ -77,14 +93,52 @@ class Mask(NamedTuple):
         return attention_mask(self.q_slots_bt, self.q_segments_bt, self.k_segments_bs, window)
 
 
-def select_impl(impl: str, t: int, s: int, e: int) -> str:
-    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e."""
-    platform = flash.target_platform()
+class Choice(NamedTuple):
+    """What runs for one attention call: ``impl`` (what ``dot_product_attention`` dispatches on: xla,
+    reference, splash, cudnn), ``kernels`` (in words, as ``qkv plan`` reports it: xla, reference, splash,
+    cudnn+pallas-gpu, cudnn+xla, pallas-gpu) and ``reason`` ('' when what was asked runs)."""
+
+    impl: str
+    kernels: str
+    reason: str
+
+
+def choose_impl(impl: str, t: int, s: int, e: int, *, causal: bool = True, window: int = 0, softcap: float = 0.0,
+                dtype=jnp.float32, platform: str | None = None) -> Choice:
+    """What ``model.attention_impl`` runs for self-attention of t queries over s keys of head size e with
+    these features, compiled for ``platform`` (None: the active layout's devices, else the default backend).
+
+    ``auto`` picks the platform's kernel (splash on TPU, cudnn on GPU, xla elsewhere); a kernel that cannot
+    take the shape or the features falls back to xla with the reason. Under mesh rules that split
+    ``length`` or ``head_dim`` no kernel is right (each shard would attend on its own): ``auto`` runs xla,
+    an explicitly named kernel is refused.
+    """
+    platform = platform or flash.target_platform()
+    asked = impl
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
-    if impl == "splash" and platform == "tpu" and not flash.splash_supported(t, s, e):
-        return "xla"
-    return impl
+        if impl == "xla":
+            return Choice("xla", "xla", f"auto: no flash kernel for {platform}")
+    if impl in ("xla", "reference"):
+        return Choice(impl, impl, "")
+    split = flash.sharded_dims(t, e)
+    if split:
+        dims = " and ".join(split)
+        if asked != "auto":
+            raise UserError(f"model.attention_impl={impl}: mesh.rules split {dims}, and the {impl} kernel runs per "
+                            f"shard, so it would attend from its shard of {dims} alone; set model.attention_impl=xla "
+                            f"(or auto), or mesh.rules that leave length and head_dim unsplit")
+        return Choice("xla", "xla", f"mesh.rules split {dims}: no kernel runs per shard of it")
+    if impl == "splash":
+        why = flash.splash_unsupported(t, s, e)
+        return Choice("xla", "xla", f"splash: {why}") if why else Choice("splash", "splash", "")
+    kernels, why = flash.gpu_plan(t, s, e, dtype, causal, window, softcap)
+    return Choice("xla" if kernels == "xla" else "cudnn", kernels, why)
+
+
+def select_impl(impl: str, t: int, s: int, e: int, **features) -> str:
+    """``choose_impl(...).impl``: what ``dot_product_attention`` runs."""
+    return choose_impl(impl, t, s, e, **features).impl
 
 
 def _scores_scale(e: int, scale: float | None) -> float:
@@ -121,11 +175,12 @@ def dot_product_attention(q_bthe, k_bske, v_bske, mask: Mask | jax.Array, impl: 
     On XLA, jax's attention has no soft-cap: with one, the einsum definition runs (the same math).
     """
     if isinstance(mask, Mask):
-        if not window and not softcap:  # the kernels take neither yet
-            impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3])
-            if impl in flash.KERNELS:
-                return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs,
-                                           causal=mask.q_slots_bt is not None, scale=scale)
+        causal = mask.q_slots_bt is not None
+        impl = select_impl(impl, q_bthe.shape[1], k_bske.shape[1], q_bthe.shape[3], causal=causal, window=window,
+                           softcap=softcap, dtype=q_bthe.dtype)
+        if impl in flash.KERNELS:
+            return flash.KERNELS[impl](q_bthe, k_bske, v_bske, mask.q_segments_bt, mask.k_segments_bs, causal=causal,
+                                       scale=scale, window=window, softcap=softcap)
         mask = mask.dense(window)
     if impl == "reference" or softcap:
         return reference_attention(q_bthe, k_bske, v_bske, mask, scale=scale, softcap=softcap)

@@ -139,7 +139,7 @@ def test_gpu_topology_without_the_cuda_plugin_is_one_line_error():
 def test_llama_1b_shaped_step_compiles_for_eight_h100_without_a_gpu():
     cfg = load_config("llama-1b", ["model.n_layers=2", "train.batch_size=8"])
     plan = topology_plan(cfg, "h100:8", {"data": 1, "fsdp": 8, "tensor": 1})
-    assert plan["chips"] == 8 and plan["chip"] == "NVIDIA H100 80GB HBM3" and plan["attention"] == "cudnn"
+    assert plan["chips"] == 8 and plan["chip"] == "NVIDIA H100 80GB HBM3" and plan["attention"] == "cudnn+pallas-gpu"
     c = plan["compiled"]
     assert c["arguments"] > plan["model_parameters"] * 12 / 8 and c["aliased"] > 0.99 * c["arguments"] * 0.9
     assert plan["fits"] and plan["hbm_per_chip"] == int(0.75 * 81559 * 2 ** 20 / 2 ** 30 * 2 ** 30)

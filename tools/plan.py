@@ -93,7 +93,7 @@ def analytic_activation_bytes(cfg: Config, mesh: dict[str, int]) -> dict[str, in
 
 def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[str, Any]:
     """The memory plan for ``cfg`` on ``mesh``; needs data*fsdp*tensor JAX (CPU) devices in this process."""
-    from qkv.train.sharding import check_batch, make_mesh, resolve_rules
+    from qkv.train.sharding import activation_layout, check_batch, make_mesh, resolve_rules
     from qkv.train.step import Trainer
 
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
@@ -115,6 +115,9 @@ def build_plan(cfg: Config, mesh: dict[str, int], compile: bool = True) -> dict[
         "params": params, "optimizer": _shard_bytes(state["opt_state"]), "gradients": params,
         **analytic_activation_bytes(cfg, mesh),
     }
+    from .topology_plan import attention_choice
+    with activation_layout(jmesh, rules):  # what the model's attention selects when compiled for these devices
+        plan["attention"], plan["attention_reason"] = attention_choice(cfg.model, cfg.data.seq_len)
     plan["analytic_total"] = plan["params"] + plan["optimizer"] + plan["gradients"] + plan["activations"]
     if compile:
         from .benchmark import synthetic_batch_for
@@ -159,7 +162,8 @@ def format_plan(plan: dict[str, Any], device: str | None = None) -> str:
     lines = [f"model {plan['model_parameters'] / 1e9:.2f}B parameters ({plan['param_dtype']} storage, "
              f"{plan['compute_dtype']} compute, remat={plan['remat']}) on mesh data={m['data']} fsdp={m['fsdp']} "
              f"tensor={m['tensor']} ({plan['devices']} devices); {plan['batch_per_device']} rows x "
-             f"{plan['seq_len']} tokens per device", "", "per device:",
+             f"{plan['seq_len']} tokens per device; attention {plan['attention']}"
+             + (f" ({plan['attention_reason']})" if plan["attention_reason"] else ""), "", "per device:",
              f"  parameters        {_gib(plan['params'])}   (exact: shard shapes from the rules table)",
              f"  optimizer (AdamW) {_gib(plan['optimizer'])}   (exact: two moments + step counters)",
              f"  gradients         {_gib(plan['gradients'])}   (exact: one tree like the parameters)",

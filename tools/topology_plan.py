@@ -276,11 +276,29 @@ def estimate(cfg: Config, mesh, rules, n_params: int, attention: str, peak_tflop
             "mfu": flops / chips / (step * peak_tflops * 1e12)}
 
 
+def attention_choice(model, seq_len: int, platform: str | None = None) -> tuple[str, str]:
+    """(what runs, why) for the training-time self-attention of ``model`` at ``seq_len``, per layer kind
+    where full and sliding-window layers differ ("full: splash; sliding: xla"), under the active layout."""
+    from qkv.model.attention import choose_impl
+
+    window = getattr(model, "sliding_window", 0)  # the model's window / soft-cap options (0: none)
+    softcap = getattr(model, "attn_softcap", 0.0)
+    kinds = sorted(set(getattr(model, "layer_types", ()) or ()) or {"sliding" if window else "full"})
+    choices = {kind: choose_impl(model.attention_impl, seq_len, seq_len, model.head_size,
+                                 causal=model.kind != "encoder", window=window if kind == "sliding" else 0,
+                                 softcap=softcap, dtype=model.compute_dtype, platform=platform)
+               for kind in kinds}
+    if len({c.kernels for c in choices.values()}) == 1:
+        kernels = next(iter(choices.values())).kernels
+    else:
+        kernels = "; ".join(f"{kind}: {c.kernels}" for kind, c in choices.items())
+    reasons = dict.fromkeys(c.reason for c in choices.values() if c.reason)
+    return kernels, "; ".join(reasons)
+
+
 def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_estimate: bool = True) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` with the TPU compiler; the plan as a dict
     (``with_estimate``: also the step-time estimate, two more small compiles)."""
-    from qkv.model.attention import select_impl
-    from qkv.model.flash import cudnn_takes
     from qkv.model.loss import chunk_length
     from qkv.train.sharding import activation_layout, check_batch, make_mesh, mesh_shape, resolve_rules
     from qkv.train.step import Trainer
@@ -309,15 +327,13 @@ def topology_plan(cfg: Config, topology: str, mesh: dict[str, int] | None, with_
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), np.int32, sharding=trainer.batch_sharding)
              for k, v in example.items()}
     with activation_layout(jmesh, rules):  # what the model's attention selects when compiled for these devices
-        attention = select_impl(cfg.model.attention_impl, cfg.data.seq_len, cfg.data.seq_len, cfg.model.head_size)
-    if attention == "cudnn" and not cudnn_takes(cfg.model.compute_dtype):
-        attention = "pallas-gpu"
+        attention, attention_reason = attention_choice(cfg.model, cfg.data.seq_len)
     plan: dict[str, Any] = {
         "topology": topology, "chip": chip, "chips": n, "hbm_per_chip": int(hbm_gib * GIB) if hbm_gib == hbm_gib else None,
         "peak_tflops_per_chip": peak_tflops, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
         "model_parameters": n_params, "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
         "rows_per_chip": cfg.train.batch_size / (shape[0] * shape[1]), "remat": cfg.model.remat,
-        "attention": attention, "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
+        "attention": attention, "attention_reason": attention_reason, "loss_chunk": chunk_length(cfg.model.loss_chunk, cfg.data.seq_len, cfg.model.vocab_size),
         "compiler": "XLA GPU (deviceless)" if gpu else "TPU",
     }
     if gpu:
@@ -365,7 +381,8 @@ def format_topology_plan(plan: dict[str, Any]) -> str:
              + (f"; HBM counted as JAX's preallocated {plan['memory_fraction']:.0%} (XLA_PYTHON_CLIENT_MEM_FRACTION)"
                 if "memory_fraction" in plan else ""),
              f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; {plan['rows_per_chip']:g} rows x "
-             f"{plan['seq_len']} tokens per chip; attention {plan['attention']}, remat {plan['remat']}, loss "
+             f"{plan['seq_len']} tokens per chip; attention {plan['attention']}"
+             + (f" ({plan['attention_reason']})" if plan.get("attention_reason") else "") + f", remat {plan['remat']}, loss "
              + (f"in chunks of {plan['loss_chunk']} positions" if plan["loss_chunk"] else "over full logits"),
              f"compile time {plan['compile_seconds']:.0f} s", "", "HBM per chip (compiled memory analysis):"]
     if "arguments" in c:
