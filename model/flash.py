@@ -86,8 +86,8 @@ def pallas_gpu_unsupported(t: int, s: int, window: int, softcap: float) -> str:
         return "the Pallas GPU kernel has no soft-cap"
     if window:
         return "the Pallas GPU kernel has no sliding window"
-    if t != s or t % 128:
-        return f"the Pallas GPU kernel tiles lengths in multiples of 128, not {t}" + (f" by {s}" if t != s else "")
+    if t % 128:
+        return f"the Pallas GPU kernel tiles lengths in multiples of 128, not {t}"
     return ""
 
 
@@ -206,6 +206,8 @@ def gpu_plan(t: int, s: int, e: int, dtype: jnp.dtype, causal: bool, window: int
     """What the GPU path runs, as (kernels, reason): ``cudnn+pallas-gpu`` (cuDNN for rows of one document,
     the Pallas GPU kernel for packed rows, chosen per batch at run time), ``cudnn+xla`` (packed rows on
     jax's XLA attention), ``pallas-gpu`` (every row), or ``xla`` (no kernel can; the reason says why)."""
+    if t != s:  # both kernels read one row's lengths / segment ids for queries and keys alike
+        return "xla", f"query length {t} differs from key length {s}"
     no_cudnn = cudnn_unsupported(dtype, e, causal, window, softcap)
     no_pallas = pallas_gpu_unsupported(t, s, window, softcap)
     if no_cudnn and no_pallas:

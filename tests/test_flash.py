@@ -146,6 +146,7 @@ def test_gpu_selection_by_dtype_shape_and_features():
     assert choose_impl("auto", 256, 256, 128, platform="tpu", window=64, softcap=50.0).impl == "splash"
     assert choose_impl("auto", 256, 256, 128, platform="cpu") == ("xla", "xla", "auto: no flash kernel for cpu")
     assert select_impl("xla", 256, 256, 128, platform="tpu") == "xla"
+    assert choose_impl("auto", 256, 512, 128, dtype=bf16, platform="gpu").impl == "xla"  # one length only
 
 
 def test_gpu_path_at_a_length_its_kernel_cannot_tile():
