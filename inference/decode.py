@@ -128,16 +128,24 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return tokens, segments
 
 
-def trim_at_eos(row: Sequence[int], eos_id: int | None) -> list[int]:
-    """The tokens of ``row`` before its first ``eos_id``."""
-    row = [int(t) for t in row]
-    return row[:row.index(eos_id)] if eos_id in row else row
+# One EOS id, several (generation_config.json's eos_token_id list: Llama 3, Qwen), or None (never stop early)
+Eos = int | Sequence[int] | None
 
 
-def stop_list(eos_id: int | Sequence[int]) -> list[int]:
-    """The ids sampling stops at: one eos id, or several (a chat model's eos and end-of-turn ids; beam
-    search uses the first)."""
-    return [int(i) for i in eos_id] if isinstance(eos_id, (list, tuple)) else [int(eos_id)]
+def eos_ids(eos: Eos) -> tuple[int, ...]:
+    """The ids that end a row, as a tuple (empty: none)."""
+    if eos is None:
+        return ()
+    if isinstance(eos, (int, np.integer)):
+        return (int(eos),)
+    return tuple(int(e) for e in eos)
+
+
+def trim_at_eos(row: Sequence[int], eos_id: Eos) -> list[int]:
+    """The tokens of ``row`` before its first EOS (any of ``eos_id``'s ids)."""
+    row, stops = [int(t) for t in row], eos_ids(eos_id)
+    end = next((i for i, t in enumerate(row) if t in stops), len(row))
+    return row[:end]
 
 
 class Decoder:
@@ -168,8 +176,8 @@ class Decoder:
         return self._sample(logits[:, -1], key), position_b + 1, cache
 
     def stream(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
-               eos_id: int | None) -> Iterator[np.ndarray]:
-        """Yields the next token of every row, [B] int32, until all rows hit EOS or the budget ends.
+               eos_id: Eos) -> Iterator[np.ndarray]:
+        """Yields the next token of every row, [B] int32, until all rows hit an EOS id or the budget ends.
 
         Rows that already finished keep yielding ``pad_id``.
         """
@@ -178,13 +186,12 @@ class Decoder:
         tokens, segments, budget = self._padded(prompts, pad_id)
         cache = init_cache(self.cfg, tokens.shape[0], tokens.shape[1] + budget)
         key = jax.random.key(self.sampling.seed)
-        done = np.zeros(tokens.shape[0], bool)
+        done, stops = np.zeros(tokens.shape[0], bool), np.asarray(eos_ids(eos_id), np.int64)
         token, position, cache = self._prefill(params, tokens, segments, cache, jax.random.fold_in(key, 0))
         for step in range(budget):
             token_np = np.asarray(token)
             out = np.where(done, pad_id, token_np)
-            if eos_id is not None:
-                done |= np.isin(token_np, stop_list(eos_id))
+            done |= np.isin(token_np, stops)
             yield out
             if done.all() or step == budget - 1:
                 return
@@ -202,15 +209,16 @@ class Decoder:
         return tokens, segments, budget
 
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
-                 eos_id: int | None) -> list[list[int]]:
-        """New tokens per prompt (without the prompt), stopping after EOS (EOS itself excluded); the
-        best beam's when ``beam_size`` > 1."""
+                 eos_id: Eos) -> list[list[int]]:
+        """New tokens per prompt (without the prompt), stopping after an EOS id (excluded); the best beam's
+        when ``beam_size`` > 1 (hypotheses finish at the first EOS id; the result is cut at any)."""
+        stops = eos_ids(eos_id)
         if self.beam_size > 1:
-            if eos_id is None:
+            if not stops:
                 raise UserError("beam search needs an EOS id to finish hypotheses: the tokenizer has none")
             tokens, segments, budget = self._padded(prompts, pad_id)
-            best = beam_generate(self.graphdef, self.cfg, params, (tokens, segments), eos_id, budget, self.beam_size,
-                                 self.length_penalty, self.sampling.vocab_limit)
+            best = beam_generate(self.graphdef, self.cfg, params, (tokens, segments), stops[0], budget,
+                                 self.beam_size, self.length_penalty, self.sampling.vocab_limit)
             return [trim_at_eos(row, eos_id) for row in np.asarray(best)]
         rows: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
@@ -218,7 +226,7 @@ class Decoder:
             for row, tok in enumerate(tokens.tolist()):
                 if finished[row]:
                     continue
-                if eos_id is not None and tok in stop_list(eos_id):
+                if tok in stops:
                     finished[row] = True
                 else:
                     rows[row].append(tok)

@@ -126,7 +126,7 @@ class LanguageModel:
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                              batch_size=len(prompts))
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty)
-        rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.tokenizer.eos_id)
+        rows = decoder.generate(self.params, self.prompt_ids(prompts), self.tokenizer.pad_id, self.stop_ids)
         return [self.tokenizer.decode(r) for r in rows]
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.8,
@@ -143,7 +143,7 @@ class LanguageModel:
             if min(row) < 0 or max(row) >= vocab:
                 raise UserError(f"prompt token id {min(row) if min(row) < 0 else max(row)} is outside the model's "
                                 f"vocabulary of {vocab} ids (0..{vocab - 1})")
-        pad, eos = (self.tokenizer.pad_id, self.tokenizer.eos_id) if self.tokenizer else (0, None)
+        pad, eos = (self.tokenizer.pad_id, self.stop_ids) if self.tokenizer else (0, self.stop_ids)
         decoder = self._decoder(max_new_tokens, temperature, top_k, top_p, seed, beam_size, length_penalty, text=False)
         return [[int(t) for t in r] for r in decoder.generate(self.params, rows, pad, eos)]
 

@@ -41,13 +41,14 @@ def test_left_pad():
     np.testing.assert_array_equal(segments, [[1, 1, 1], [0, 0, 1], [0, 1, 1]])
 
 
-@pytest.mark.parametrize("name", ["learned", "rope"])
+@pytest.mark.parametrize("name", ["learned", "rope", "windowed"])
 def test_batched_greedy_decoding_matches_each_prompt_alone(name):
     """Left-padded batch + KV cache == argmax of an uncached full forward for each prompt on its own.
 
-    Learned positions make this sensitive to positions counting padding; rope to the padding mask.
+    Learned positions make this sensitive to positions counting padding; rope to the padding mask;
+    windowed (WINDOWED below) to the sliding window over a padded cache.
     """
-    cfg = CONFIGS[name]
+    cfg = {**CONFIGS, "windowed": WINDOWED}[name]
     graphdef, params, forward = build(cfg)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (3, 7, 1, 5)]
@@ -74,14 +75,21 @@ def test_batched_greedy_decoding_matches_each_prompt_alone(name):
     assert np.stack(streamed, 1).tolist() == want
 
 
-@pytest.mark.parametrize("name", ["learned", "rope"])
+# Gemma-style features: a sliding window of 3 on one of two layers (prompts + 5 steps run past it), its own RoPE
+# base, the attention soft-cap, query scale, sandwich (1 + w) norms, GeGLU, embedding scale, per-head QK-norm
+WINDOWED = ROPE.replace(sliding_window=3, layer_types=("sliding", "full"), rope_local_theta=100.0, attn_softcap=2.0,
+                        query_scale=0.3, sandwich_norm=True, norm_scale_offset=True, activation="geglu",
+                        embed_scale=True, qk_norm="head")
+
+
+@pytest.mark.parametrize("name", ["learned", "rope", "windowed"])
 def test_decoder_beam_search_matches_numpy_beam_over_the_full_forward(name):
     """Decoder-only beam search (left-padded batch, prefill, KV cache reordered between beams) returns
     the same best hypothesis as a float64 NumPy beam search whose log-probs come from the uncached
     full forward pass of each prompt alone; beam size 1 is greedy decoding."""
     from test_beam_bleu import EOS, beam_np, log_softmax64
 
-    cfg = CONFIGS[name].replace(vocab_size=7)  # a small vocabulary: EOS ends some beams, beams differ from greedy
+    cfg = {**CONFIGS, "windowed": WINDOWED}[name].replace(vocab_size=7)  # a small vocabulary: EOS ends some beams
     graphdef, params, forward = build(cfg, seed=2)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(2, cfg.vocab_size, n).tolist() for n in (3, 6, 1, 4)]

@@ -129,3 +129,61 @@ def test_fields_that_change_the_math_are_refused_by_name(tmp_path, family, field
     with pytest.raises(ValueError, match=message):
         import_hf(tmp_path / "hf", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_sft_of_an_imported_model_exports_with_nothing_dropped(family, tmp_path, capsys):
+    """HF directory -> qkv convert import -> qkv finetune (SFT) -> export -> transformers: the same logits as the
+    fine-tuned run (every feature survives the way out), and not those of the base."""
+    from qkv.cli import main
+    from test_hf_checks import byte_bpe
+
+    tok = byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf = make_hf(family, vocab_size=tok.get_vocab_size() + 7, bos_token_id=0, eos_token_id=0)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    assert main(["convert", "import", str(tmp_path / "hf"), str(tmp_path / "base")]) == 0
+    records = [{"prompt": f"def f{i}(x):", "response": f"    return x + {i}\n"} for i in range(24)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = main(["finetune", "sft-tiny", f"finetune.init_from={tmp_path / 'base'}",
+                 f"finetune.train_path={tmp_path / 'sft.jsonl'}", f"train.run_dir={tmp_path / 'sft'}",
+                 "train.steps=3", "train.batch_size=8", "data.seq_len=32", "optim.learning_rate=1e-2",
+                 "optim.warmup_steps=1", "train.eval_every=100", "train.checkpoint_every=100", "train.sample_tokens=4"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert main(["convert", "export", str(tmp_path / "sft"), str(tmp_path / "out"), "--arch", family]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    lm = qkv.load(tmp_path / "sft")
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        tuned, base = exported(torch.tensor(ids)).logits.numpy(), hf(torch.tensor(ids)).logits.numpy()
+    ours = lm.logits(ids)
+    assert np.abs(ours - tuned).max() <= 1e-4
+    assert np.abs(ours - base).max() > 100 * max(np.abs(ours - tuned).max(), 1e-6)  # SFT changed the model
+
+
+def test_the_default_preset_exports_as_qwen3_and_llama_says_so():
+    """qkv's scale-free per-head QK-norm (the tiny preset) is Qwen 3's with unit scales; Llama cannot hold it."""
+    from qkv.model.hf import find_architecture
+    from qkv.train.config import load_config
+
+    cfg = load_config("tiny").model
+    assert cfg.qk_norm == "rms"
+    find_architecture("qwen3").check(cfg)
+    find_architecture("Qwen3ForCausalLM").check(cfg)
+    with pytest.raises(ValueError, match="qwen3 holds model.qk_norm=rms"):
+        find_architecture("llama").check(cfg)
+
+
+@pytest.mark.parametrize("kind, dropped", [("encoder", "bidirectional attention"),
+                                           ("encoder_decoder", "encoder and cross-attention")])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_export_refuses_a_model_kind_the_family_cannot_hold(kind, dropped, arch):
+    from qkv.model import ModelConfig
+    from qkv.model.hf import find_architecture
+
+    base = dict(vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=2, use_bias=False, norm="rmsnorm",
+                activation="swiglu", positions="rope")
+    with pytest.raises(ValueError, match=f"model.kind={kind}.*{dropped}"):
+        find_architecture(arch).check(ModelConfig(kind=kind, **base))

@@ -67,3 +67,38 @@ def test_preset_parameter_count_equals_transformers(name):
     expected = sum(p.numel() for p in model.parameters())  # tied weights are one parameter
     cfg = load_config(name).model
     assert count_params(split_params(abstract_model(cfg))[1]) == expected, name
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_plan_for_an_h100_runs_for_each_family_preset(name):
+    """`qkv plan PRESET --device h100`'s exact state bytes and its attention line (no compile here)."""
+    from qkv.tools.plan import build_plan, format_plan
+
+    plan = build_plan(load_config(name, ["train.batch_size=1"]), {"data": 1, "fsdp": 1, "tensor": 1}, compile=False)
+    text = format_plan(plan, "h100")
+    assert plan["model_parameters"] == count_params(split_params(abstract_model(load_config(name).model))[1])
+    assert "H100" in text and "attention " in text
+
+
+@pytest.mark.slow  # compiles the 26-layer train step for TPU (minutes on 2 cores)
+def test_gemma2_2b_compiles_for_tpu_v5p_with_splash():
+    """`qkv plan gemma2-2b --topology v5p:2x2x1`: sliding windows and the attention soft-cap run on splash."""
+    from qkv.tools.topology_plan import format_topology_plan, topology_plan
+
+    cfg = load_config("gemma2-2b", ["train.batch_size=8", "data.seq_len=1024"])
+    plan = topology_plan(cfg, "v5p:2x2x1", {"data": 1, "fsdp": 4, "tensor": 1}, with_estimate=False)
+    assert plan["attention"] == "splash" and plan["fits"], plan
+    assert "attention splash," in format_topology_plan(plan)
+
+
+@pytest.mark.slow  # three small TPU compiles
+def test_the_step_time_estimate_takes_per_layer_types():
+    """The estimate compiles 1- and 2-layer variants of the model: its layer_types are cut to match."""
+    from qkv.tools.topology_plan import topology_plan
+
+    cfg = load_config("gemma2-2b", ["model.n_layers=4", "model.layer_types=[sliding,full,sliding,full]",
+                                    "model.vocab_size=1024", "model.d_model=256", "model.n_heads=2",
+                                    "model.n_kv_heads=2", "model.head_dim=128", "model.d_ff=512",
+                                    "model.sliding_window=128", "train.batch_size=4", "data.seq_len=512"])
+    plan = topology_plan(cfg, "v5p:2x2x1", {"data": 1, "fsdp": 4, "tensor": 1})
+    assert "step_seconds" in plan["estimate"], plan["estimate"]

@@ -136,10 +136,28 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     if tok is not None:
         meta["tokenizer"] = checkpoint.encode_tokenizer(tok.to_bytes())
         meta["tokenizer_backend"] = tok.backend
-    meta.update(import_chat(hf_dir, tokenizer))
+    meta.update(import_chat(hf_dir, tokenizer), eos_ids=eos_ids_of(hf_dir, hf_config))
     checkpoint.save_params(run_dir, params, meta, step=0)
     return {"run_dir": str(run_dir.resolve()), "arch": arch.hf_name, "tokenizer": tok.backend if tok else None,
             "params": int(sum(a.size for a in jax.tree.leaves(params)))}
+
+
+def eos_ids_of(hf_dir: Path, hf_config: dict[str, Any]) -> list[int]:
+    """Every id that ends generation: generation_config.json's ``eos_token_id`` (one id or a list, as Llama 3 and
+    Qwen ship), else config.json's; generation stops at any of them (``qkv.load(...).stop_ids``)."""
+    eos = hf_config.get("eos_token_id")
+    path = hf_dir / "generation_config.json"
+    if path.is_file():
+        try:
+            generation = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not valid JSON ({_first_line(err)}): fix or download it again") from None
+        if isinstance(generation, dict) and generation.get("eos_token_id") is not None:
+            eos = generation["eos_token_id"]
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"eos_token_id={eos!r} in {hf_dir} is not a token id or a list of them: fix the file")
+    return ids
 
 
 def _import_tokenizer(hf_dir: Path, tokenizer: str | Path | None) -> Tokenizer | None:
@@ -159,18 +177,14 @@ def _import_tokenizer(hf_dir: Path, tokenizer: str | Path | None) -> Tokenizer |
 
 
 def import_chat(hf_dir: Path, tokenizer: str | Path | None) -> dict[str, Any]:
-    """Meta entries for the chat: the template HF_DIR (or the --tokenizer's directory) ships, and the list
-    of end-of-turn ids generation_config.json names (Llama 3 and Qwen list several)."""
+    """Meta entries for the chat: the template HF_DIR (or the --tokenizer's directory) ships (the ids that end
+    generation come from ``eos_ids_of``)."""
     from qkv.data.chat_template import read_template
 
     out: dict[str, Any] = {}
     source = read_template(hf_dir) or (read_template(Path(tokenizer).expanduser()) if tokenizer else None)
     if source:
         out["chat_template"] = source
-    gen = hf_dir / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    if isinstance(eos, list) and all(isinstance(i, int) for i in eos):
-        out["eos_ids"] = eos
     return out
 
 
@@ -253,7 +267,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, arch_name: str, step: in
     try:
         files = write_shards(tensors, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps({**arch.config_to_hf(cfg.model), **ids}, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2))
+        eos_list = meta.get("eos_ids", [])  # an imported list of EOS ids goes back out whole
+        generation = {**ids, "eos_token_id": eos_list} if len(eos_list) > 1 else ids
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if "tokenizer" in meta:
             tok = Tokenizer.from_bytes(checkpoint.decode_tokenizer(meta["tokenizer"]))
             tok.save_for_hf(tmp)

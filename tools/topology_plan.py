@@ -254,7 +254,8 @@ def _optimal_seconds(cfg: Config, mesh, rules, n_layers: int) -> tuple[float, fl
 
     from .benchmark import synthetic_batch_for
 
-    model = replace(cfg.model, n_layers=n_layers, scan_layers=False, loss_chunk=0)
+    model = replace(cfg.model, n_layers=n_layers, scan_layers=False, loss_chunk=0,
+                    layer_types=cfg.model.layer_types[:n_layers])  # per-layer local / global: the first layers'
     optim = replace(cfg.optim, grad_accum=1)
     rows = cfg.train.batch_size // cfg.optim.grad_accum
     trainer = Trainer(model, optim, mesh, rules, cfg.train.steps, cfg.train.seed)
