@@ -189,7 +189,11 @@ class LanguageModel:
 
     @functools.cached_property
     def stop_ids(self) -> list[int]:
-        """eos, the template's end-of-turn token and the eos ids of the imported generation_config.json."""
+        """eos, the template's end-of-turn token and the eos ids of the imported generation_config.json (those
+        alone for a checkpoint without a tokenizer, which generates ids)."""
+        if self.tokenizer is None or self.config.model.kind != "decoder":
+            eos = [self.tokenizer.eos_id] if self.tokenizer is not None and self.tokenizer.eos_id is not None else []
+            return sorted(set(eos) | {int(i) for i in self.meta.get("eos_ids", ())})
         return stop_ids(self.chat_template, self.tokenizer, self.meta.get("eos_ids", ()))
 
     def chat_prompt_ids(self, messages: Sequence[dict[str, Any]], check: bool = True,

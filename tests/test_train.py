@@ -396,7 +396,8 @@ def test_muon_trains_hidden_matrices_and_adamw_the_tables_and_heads(preset):
         jax.tree_util.tree_flatten_with_path(on_muon)[0],
         jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0])}
     for path, (muon, ax) in names.items():
-        weight = path.rsplit("['", 1)[1].startswith("w")  # wq wk wv wo wi wg; biases are b*, norms scale/bias
+        name = path.rsplit("['", 1)[1]
+        weight = name.startswith("w") or name.startswith("router")  # wq wk wv wo wi wg, an MoE router; b*: biases
         hidden = path.startswith(("['blocks']", "['encoder_blocks']")) and weight
         assert muon == hidden, (preset, path, ax, "Muon" if muon else "AdamW")
     assert any(m for m, _ in names.values())
