@@ -117,6 +117,34 @@ def test_decoder_beam_search_matches_numpy_beam_over_the_full_forward(name):
         list(beam.stream(params, prompts, pad_id=0, eos_id=EOS))
 
 
+def test_repeated_decoding_compiles_once_per_shape_bucket():
+    """A new Decoder per call (as ``qkv.load(run).generate_ids`` makes one) reuses the compiled prefill and step:
+    the same shapes, prompts of other lengths in the same bucket and other budgets trace nothing again."""
+    from jax import monitoring
+
+    cfg = ROPE.replace(max_seq_len=32)
+    graphdef, params, _ = build(cfg)
+    traced = []
+
+    def listen(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and fun_name and ("prefill" in fun_name or "step" in fun_name):
+            traced.append(fun_name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        def run(prompts, steps):
+            decoder = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=steps))
+            return decoder.generate(params, prompts, pad_id=0, eos_id=None)
+
+        first = run([[3, 4, 5], [6, 7, 8]], 6)
+        assert len(traced) == 2  # one prefill and one step program
+        assert run([[3, 4, 5], [6, 7, 8]], 6) == first and run([[3, 4, 5], [6, 7, 8]], 6) == first
+        run([[3, 4, 5, 6, 7], [9]], 5)  # another prompt length and budget in the same buckets
+        assert len(traced) == 2, traced
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
 def test_decoder_rejects_empty_and_too_long_prompts():
     graphdef, _, _ = build(ROPE)
     decoder = Decoder(ROPE, graphdef, SamplingConfig(temperature=0.0))
