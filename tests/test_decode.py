@@ -227,3 +227,20 @@ def test_sampling_config_validation():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
     SamplingConfig(temperature=0.0, top_p=1.0, top_k=0)  # the boundaries are allowed
+
+
+def test_per_row_settings_filter_like_the_static_ones():
+    """The sampler's per-row form (the server's slots) keeps the same tokens as its static form, row by row, and a
+    row at temperature 0 is greedy."""
+    from qkv.inference.decode import filter_logits
+
+    logits = jnp.asarray(np.random.default_rng(3).standard_normal((4, 11)), jnp.float32)
+    settings = [(0, 1.0), (3, 1.0), (0, 0.6), (4, 0.5)]
+    per_row = filter_logits(logits, jnp.asarray([k for k, _ in settings]), jnp.asarray([p for _, p in settings]))
+    for row, (k, p) in enumerate(settings):
+        static = filter_logits(logits[row:row + 1], k, p)
+        np.testing.assert_array_equal(np.asarray(per_row[row]), np.asarray(static[0]))
+    keys = jax.random.split(jax.random.key(0), 4)
+    temperature = jnp.asarray([0.0, 1.0, 0.0, 2.0])
+    got = np.asarray(sample_logits(logits, keys, temperature, jnp.asarray([0, 1, 0, 1]), jnp.ones(4)))
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), -1))  # greedy rows and top-1 rows
