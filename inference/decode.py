@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,39 +88,82 @@ def limit_vocab(logits_bv: jax.Array, vocab_limit: int) -> jax.Array:
     return jnp.where(ids_v < vocab_limit, logits_bv, jnp.finfo(logits_bv.dtype).min)
 
 
-def filter_logits(logits_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
+def _static(*settings: object) -> bool:
+    return all(isinstance(x, (int, float)) for x in settings)
+
+
+def filter_logits(logits_bv: jax.Array, top_k: int | jax.Array, top_p: float | jax.Array) -> jax.Array:
     """Temperature-scaled float32 logits [B, V] with the tokens that top-k and top-p drop set to the dtype's
-    minimum (the sampler's filter; ``qkv explain`` marks the survivors with it)."""
+    minimum (the sampler's filter; ``qkv explain`` marks the survivors with it). ``top_k`` and ``top_p`` are
+    numbers (one setting for the batch, compiled in) or arrays [B] (one per row, as the server's slots have)."""
     neg_inf = jnp.finfo(logits_bv.dtype).min
-    if top_k > 0:
-        kth_best = jax.lax.top_k(logits_bv, min(top_k, logits_bv.shape[-1]))[0][:, -1:]
-        logits_bv = jnp.where(logits_bv < kth_best, neg_inf, logits_bv)
-    if top_p < 1.0:
-        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the best token is always kept)
-        mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-        n_keep_b = jnp.sum(mass_before_bv < top_p, axis=-1)
-        threshold_b1 = jnp.take_along_axis(sorted_bv, n_keep_b[:, None] - 1, axis=-1)
-        logits_bv = jnp.where(logits_bv < threshold_b1, neg_inf, logits_bv)
-    return logits_bv
+    if _static(top_k, top_p):
+        if top_k > 0:
+            kth_best = jax.lax.top_k(logits_bv, min(top_k, logits_bv.shape[-1]))[0][:, -1:]
+            logits_bv = jnp.where(logits_bv < kth_best, neg_inf, logits_bv)
+        if top_p < 1.0:
+            logits_bv = _top_p(logits_bv, jnp.sort(logits_bv, axis=-1)[:, ::-1], top_p)
+        return logits_bv
+    vocab = logits_bv.shape[-1]
+    top_k_b1 = jnp.asarray(top_k, jnp.int32).reshape(-1, 1)
+    top_p_b1 = jnp.asarray(top_p, jnp.float32).reshape(-1, 1)
+    k_b1 = jnp.where(top_k_b1 > 0, jnp.minimum(top_k_b1, vocab), vocab)
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    kth_best_b1 = jnp.take_along_axis(sorted_bv, k_b1 - 1, axis=-1)
+    logits_bv = jnp.where(logits_bv < kth_best_b1, neg_inf, logits_bv)
+    sorted_bv = jnp.where(jnp.arange(vocab) < k_b1, sorted_bv, neg_inf)
+    return jnp.where(top_p_b1 < 1.0, _top_p(logits_bv, sorted_bv, top_p_b1), logits_bv)
 
 
-def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float,
-                  vocab_limit: int = 0) -> jax.Array:
-    """Next token ids [B] from float32 logits [B, V] (the sampling settings are static)."""
+def _top_p(logits_bv, sorted_bv, top_p):
+    """Keep the smallest prefix of the descending ``sorted_bv`` whose mass reaches top_p (the best token always)."""
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    n_keep_b = jnp.sum(mass_before_bv < top_p, axis=-1)
+    threshold_b1 = jnp.take_along_axis(sorted_bv, n_keep_b[:, None] - 1, axis=-1)
+    return jnp.where(logits_bv < threshold_b1, jnp.finfo(logits_bv.dtype).min, logits_bv)
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float | jax.Array, top_k: int | jax.Array,
+                  top_p: float | jax.Array, vocab_limit: int = 0) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V]. Settings are numbers (static: one for the batch, ``key`` one
+    key) or arrays [B] (one per row, ``key`` one key per row; temperature 0 in a row: that row is greedy)."""
     logits_bv = limit_vocab(logits_bv, vocab_limit)
-    if temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = filter_logits(logits_bv / temperature, top_k, top_p)
-    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+    if _static(temperature, top_k, top_p):
+        if temperature == 0.0:
+            return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        logits_bv = filter_logits(logits_bv / temperature, top_k, top_p)
+        return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+    temperature_b1 = jnp.asarray(temperature, jnp.float32).reshape(-1, 1)
+    scaled_bv = filter_logits(logits_bv / jnp.where(temperature_b1 > 0, temperature_b1, 1.0), top_k, top_p)
+    sampled_b = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled_bv)
+    return jnp.where(temperature_b1[:, 0] > 0, sampled_b, jnp.argmax(logits_bv, axis=-1)).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [B, P], segments [B, P]) with each prompt right-aligned; segment 1 = real token."""
-    length = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    segments = np.zeros((len(prompts), length), np.int32)
+def token_logprobs(logits_bv: jax.Array, token_b: jax.Array, top_n: int) -> tuple[jax.Array, ...]:
+    """(log p(token) [B], the ``top_n`` likeliest ids [B, N] and their log-probabilities [B, N]) at temperature 1."""
+    logp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    chosen_b = jnp.take_along_axis(logp_bv, token_b[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logp_bv, max(top_n, 1))
+    return chosen_b, top_ids.astype(jnp.int32), top_lp
+
+
+def bucket(n: int, least: int = 8) -> int:
+    """``n`` rounded up to the next of least·2^k and 1.5·least·2^k (8, 12, 16, 24, 32, 48, ...): shapes that
+    share a compiled program, at most 1.5x the work of the exact shape."""
+    size = least
+    while size < n:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, P], segments [B, P]) with each prompt right-aligned; segment 1 = real token. ``length`` /
+    ``rows``: at least that many columns / rows (rows past the prompts are all padding)."""
+    length = max(length or 0, max(len(p) for p in prompts))
+    tokens = np.full((max(rows or 0, len(prompts)), length), pad_id, np.int32)
+    segments = np.zeros(tokens.shape, np.int32)
     for row, prompt in enumerate(prompts):
         if len(prompt):
             tokens[row, length - len(prompt):] = prompt
@@ -148,32 +191,69 @@ def trim_at_eos(row: Sequence[int], eos_id: Eos) -> list[int]:
     return row[:end]
 
 
+class Sampler(NamedTuple):
+    """What a compiled prefill/step computes besides the next token (static: one program per value).
+
+    temperature/top_k/top_p: numbers compiled in for the whole batch (``qkv generate``), or None: per-row arrays
+    passed at call time (``rows``: the server's slots, each request its own settings and seed). top_n > 0: also
+    the chosen token's log-probability and the ``top_n`` likeliest tokens; prompt_logprobs: the same for every
+    prompt token (``echo`` with ``logprobs``, lm-eval's log-likelihoods)."""
+
+    temperature: float | None = 0.0
+    top_k: int | None = 0
+    top_p: float | None = 1.0
+    vocab_limit: int = 0
+    top_n: int = 0
+    prompt_logprobs: bool = False
+
+
+def _next(how: Sampler, logits_bv, key, rows, out):
+    """Sample the next token of every row into ``out`` (with its log-probabilities when asked)."""
+    if how.temperature is None:  # per-row settings; each row's key from its seed and its own token count
+        key = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(rows["seed"], rows["count"])
+        settings = (rows["temperature"], rows["top_k"], rows["top_p"])
+    else:
+        settings = (how.temperature, how.top_k, how.top_p)
+    out["token"] = sample_logits(logits_bv, key, *settings, how.vocab_limit)
+    if how.top_n:
+        out["logprob"], out["top_ids"], out["top_logprobs"] = token_logprobs(logits_bv, out["token"], how.top_n)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def prefill(graphdef: nnx.GraphDef, how: Sampler, params, tokens_bp, segments_bp, cache, key=None, rows=None):
+    """Left-padded prompts [B, P] into an empty per-row cache: ({"token" [B], "position" [B], ...}, cache).
+    Compiled once per (graph, sampler, shapes): callers round P and the cache length up to a ``bucket``."""
+    positions_bp = jnp.maximum(jnp.cumsum(segments_bp, axis=1) - 1, 0)
+    logits_bpv, cache = nnx.merge(graphdef, params)(tokens_bp, positions_bp, segments_bp, cache=cache)
+    out = _next(how, logits_bpv[:, -1], key, rows, {"position": positions_bp[:, -1] + 1})
+    if how.prompt_logprobs:  # log p(prompt token t+1 | tokens up to t)
+        out["prompt"] = token_logprobs(logits_bpv[:, :-1], tokens_bp[:, 1:], how.top_n)
+    return out, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def step(graphdef: nnx.GraphDef, how: Sampler, params, token_b, position_b, cache, key=None, rows=None,
+         active_b=None):
+    """One decoding step of every row: feed ``token_b`` at ``position_b``; rows not ``active_b`` (free slots)
+    write padding (segment 0) that no real token sees. Compiled once per (graph, sampler, batch, cache length)."""
+    segment_b1 = (jnp.ones_like(token_b) if active_b is None else active_b.astype(jnp.int32))[:, None]
+    logits, cache = nnx.merge(graphdef, params)(token_b[:, None], position_b[:, None], segment_b1, cache=cache)
+    return _next(how, logits[:, -1], key, rows, {"position": position_b + 1}), cache
+
+
 class Decoder:
-    """Jitted prefill and decode steps for one model graph and one sampling setting; with
-    ``beam_size`` > 1, ``generate`` runs beam search instead of sampling."""
+    """Prefill and decode steps for one model graph and one sampling setting (compiled once per shape bucket and
+    shared by every Decoder of the same graph and setting); with ``beam_size`` > 1, ``generate`` runs beam
+    search instead of sampling."""
 
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, sampling: SamplingConfig, beam_size: int = 1,
                  length_penalty: float = 0.6):
         check_beam(beam_size, length_penalty)
         self.cfg, self.graphdef, self.sampling = cfg, graphdef, sampling
         self.beam_size, self.length_penalty = beam_size, length_penalty
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
-        self._step = jax.jit(self._step_fn, donate_argnums=(3,))
-
-    def _sample(self, logits_bv, key):
-        s = self.sampling
-        return sample_logits(logits_bv, key, s.temperature, s.top_k, s.top_p, s.vocab_limit)
-
-    def _prefill_fn(self, params, tokens_bp, segments_bp, cache, key):
-        positions_bp = jnp.maximum(jnp.cumsum(segments_bp, axis=1) - 1, 0)
-        logits, cache = nnx.merge(self.graphdef, params)(tokens_bp, positions_bp, segments_bp, cache=cache)
-        return self._sample(logits[:, -1], key), positions_bp[:, -1] + 1, cache
-
-    def _step_fn(self, params, token_b, position_b, cache, key):
-        model = nnx.merge(self.graphdef, params)
-        ones_b1 = jnp.ones_like(token_b)[:, None]
-        logits, cache = model(token_b[:, None], position_b[:, None], ones_b1, cache=cache)
-        return self._sample(logits[:, -1], key), position_b + 1, cache
+        s = sampling
+        self.how = Sampler(float(s.temperature), s.top_k, float(s.top_p), s.vocab_limit)
 
     def stream(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
                eos_id: Eos) -> Iterator[np.ndarray]:
@@ -183,30 +263,34 @@ class Decoder:
         """
         if self.beam_size > 1:
             raise UserError("beam search returns whole sequences: use generate, or beam_size=1 to stream")
-        tokens, segments, budget = self._padded(prompts, pad_id)
-        cache = init_cache(self.cfg, tokens.shape[0], tokens.shape[1] + budget)
+        tokens, segments, budget = self._padded(prompts, pad_id, bucketed=True)
+        cache = init_cache(self.cfg, tokens.shape[0], bucket(tokens.shape[1] + budget), per_row=True)
         key = jax.random.key(self.sampling.seed)
-        done, stops = np.zeros(tokens.shape[0], bool), np.asarray(eos_ids(eos_id), np.int64)
-        token, position, cache = self._prefill(params, tokens, segments, cache, jax.random.fold_in(key, 0))
-        for step in range(budget):
-            token_np = np.asarray(token)
-            out = np.where(done, pad_id, token_np)
+        n = len(prompts)
+        done, stops = np.zeros(n, bool), np.asarray(eos_ids(eos_id), np.int64)
+        out, cache = prefill(self.graphdef, self.how, params, tokens, segments, cache, jax.random.fold_in(key, 0))
+        for i in range(budget):
+            token_np = np.asarray(out["token"])[:n]
+            emitted = np.where(done, pad_id, token_np)
             done |= np.isin(token_np, stops)
-            yield out
-            if done.all() or step == budget - 1:
+            yield emitted
+            if done.all() or i == budget - 1:
                 return
-            token, position, cache = self._step(params, token, position, cache, jax.random.fold_in(key, step + 1))
+            out, cache = step(self.graphdef, self.how, params, out["token"], out["position"], cache,
+                              jax.random.fold_in(key, i + 1))
 
-    def _padded(self, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Left-padded (tokens, segments) and how many new tokens fit after them."""
+    def _padded(self, prompts: Sequence[Sequence[int]], pad_id: int,
+                bucketed: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+        """Left-padded (tokens, segments), to a ``bucket`` of columns if ``bucketed``, and how many new tokens
+        fit after the longest prompt."""
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: give at least one token of text (or a BOS id)")
-        tokens, segments = left_pad(prompts, pad_id)
-        budget = min(self.sampling.max_new_tokens, self.cfg.max_seq_len - tokens.shape[1])
+        longest = max(len(p) for p in prompts)
+        budget = min(self.sampling.max_new_tokens, self.cfg.max_seq_len - longest)
         if budget < 1:
-            raise UserError(f"prompt of {tokens.shape[1]} tokens leaves no room in the model's context of "
+            raise UserError(f"prompt of {longest} tokens leaves no room in the model's context of "
                             f"{self.cfg.max_seq_len}: shorten the prompt")
-        return tokens, segments, budget
+        return (*left_pad(prompts, pad_id, bucket(longest) if bucketed else None), budget)
 
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], pad_id: int,
                  eos_id: Eos) -> list[list[int]]:

@@ -49,7 +49,7 @@ from qkv.errors import UserError
 
 from . import flash
 from .config import ModelConfig
-from .layers import apply_rope, dense, param, rms_normalize
+from .layers import apply_rope, dense, param, rms_normalize, write_rows
 
 
 def attention_mask(q_slots_bt: jax.Array | None, q_segments_bt: jax.Array, k_segments_bs: jax.Array,
@@ -277,10 +277,8 @@ class Attention(nnx.Module):
         if kv_cache is not None or memory_kv is not None:  # decoding, cross-attention: the dense mask, XLA
             mask_bts = mask_bts.dense(window) if isinstance(mask_bts, Mask) else mask_bts
         if kv_cache is not None:  # write this step's keys/values at cache_index, attend over the buffer
-            cache_k, cache_v = kv_cache
-            start = (0, cache_index, 0, 0)
-            k_bske = jax.lax.dynamic_update_slice(cache_k, k_bske.astype(cache_k.dtype), start)
-            v_bske = jax.lax.dynamic_update_slice(cache_v, v_bske.astype(cache_v.dtype), start)
+            cache_k, cache_v = kv_cache  # cache_index: [] (all rows) or [B] (each row's own position)
+            k_bske, v_bske = write_rows(cache_k, k_bske, cache_index, 1), write_rows(cache_v, v_bske, cache_index, 1)
             kv_cache = (k_bske, v_bske)
         k_bske, v_bske = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
         if self.sow_weights:  # the reference path, its weights [b, h, t, s] sown as an nnx.Intermediate

@@ -182,3 +182,17 @@ def apply_rope(x_bthk: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.A
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_bthk.dtype)
+
+
+def write_rows(buffer, update, index, axis: int):
+    """``buffer`` with ``update`` written from ``index`` on along ``axis`` (the cache's length axis, batch just
+    before it): at one position for every row (index []), or at each row's own (index [B])."""
+    if jnp.ndim(index) == 0:
+        start = [0] * buffer.ndim
+        start[axis] = index
+        return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), start)
+    def one_row(buffer_row, update_row, i):
+        start = [0] * buffer_row.ndim
+        start[axis - 1] = i
+        return jax.lax.dynamic_update_slice(buffer_row, update_row.astype(buffer_row.dtype), start)
+    return jax.vmap(one_row, in_axes=(axis - 1, axis - 1, 0), out_axes=axis - 1)(buffer, update, index)

@@ -10,7 +10,9 @@ layout serves both ``lax.scan`` over layers (fast compiles for deep models) and 
 checkpoints do not depend on that choice.
 
 Decoding uses an explicit cache of arrays, passed in and returned: ``{"k", "v": [L, B, S, K, E],
-"segments": [B, S], "index": []}``. The model holds no device or sharding logic.
+"segments": [B, S], "index": [] or [B]}``: one write position for all rows, or one per row (``init_cache(...,
+per_row=True)``: rows at different lengths, as continuous batching keeps them). The model holds no device or
+sharding logic.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .config import ModelConfig
 from .constrain import constrain
 from .loss import project
 from .moe import MoeMlp
-from .layers import Mlp, Norm, dropout, param, rope_angles, rope_frequencies, sinusoidal_embedding
+from .layers import Mlp, Norm, dropout, param, rope_angles, rope_frequencies, sinusoidal_embedding, write_rows
 
 Cache = dict[str, jax.Array]
 RESIDUAL = ("batch", "length", "activation_embed")  # logical axes of the residual stream (layout hints only)
@@ -200,7 +202,8 @@ class EmbedAndHead(nnx.Module):
 def default_slots(tokens_bt, positions_bt, segment_ids_bt, index=None):
     """(key-buffer slots of the queries, positions, segment ids) with the defaults filled in."""
     b, t = tokens_bt.shape
-    q_slots_bt = jnp.broadcast_to((0 if index is None else index) + jnp.arange(t, dtype=jnp.int32), (b, t))
+    index_b1 = jnp.reshape(0 if index is None else index, (-1, 1))  # one write position, or one per row
+    q_slots_bt = jnp.broadcast_to(index_b1 + jnp.arange(t, dtype=jnp.int32), (b, t))
     positions_bt = q_slots_bt if positions_bt is None else positions_bt
     segment_ids_bt = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
     return q_slots_bt, positions_bt, segment_ids_bt
@@ -232,7 +235,7 @@ class Transformer(EmbedAndHead):
         if cache is None:
             k_segments_bs, kv = segment_ids_bt, None
         else:
-            k_segments_bs = jax.lax.dynamic_update_slice(cache["segments"], segment_ids_bt, (0, index))
+            k_segments_bs = write_rows(cache["segments"], segment_ids_bt, index, axis=1)
             kv = (cache["k"], cache["v"])
         mask_bts = Mask(q_slots_bt, segment_ids_bt, k_segments_bs)  # attention_mask's parts (flash kernels)
         if memory is not None:
@@ -254,15 +257,17 @@ class Transformer(EmbedAndHead):
                     hidden=True)[0]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> Cache:
-    """An empty decoding cache for ``batch`` rows of up to ``max_len`` tokens."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None,
+               per_row: bool = False) -> Cache:
+    """An empty decoding cache for ``batch`` rows of up to ``max_len`` tokens; ``per_row``: each row keeps its own
+    write position (index [batch])."""
     shape = (cfg.n_layers, batch, max_len, cfg.num_kv_heads, cfg.head_size)
     dtype = dtype or cfg.compute_dtype
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
         "segments": jnp.zeros((batch, max_len), jnp.int32),
-        "index": jnp.int32(0),
+        "index": jnp.zeros((batch,), jnp.int32) if per_row else jnp.int32(0),
     }
 
 

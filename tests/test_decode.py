@@ -125,6 +125,34 @@ def test_decoder_beam_search_matches_numpy_beam_over_the_full_forward(name):
         list(beam.stream(params, prompts, pad_id=0, eos_id=EOS))
 
 
+def test_repeated_decoding_compiles_once_per_shape_bucket():
+    """A new Decoder per call (as ``qkv.load(run).generate_ids`` makes one) reuses the compiled prefill and step:
+    the same shapes, prompts of other lengths in the same bucket and other budgets trace nothing again."""
+    from jax import monitoring
+
+    cfg = ROPE.replace(max_seq_len=32)
+    graphdef, params, _ = build(cfg)
+    traced = []
+
+    def listen(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and fun_name and ("prefill" in fun_name or "step" in fun_name):
+            traced.append(fun_name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        def run(prompts, steps):
+            decoder = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=steps))
+            return decoder.generate(params, prompts, pad_id=0, eos_id=None)
+
+        first = run([[3, 4, 5], [6, 7, 8]], 6)
+        assert len(traced) == 2  # one prefill and one step program
+        assert run([[3, 4, 5], [6, 7, 8]], 6) == first and run([[3, 4, 5], [6, 7, 8]], 6) == first
+        run([[3, 4, 5, 6, 7], [9]], 5)  # another prompt length and budget in the same buckets
+        assert len(traced) == 2, traced
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
 def test_decoder_rejects_empty_and_too_long_prompts():
     graphdef, _, _ = build(ROPE)
     decoder = Decoder(ROPE, graphdef, SamplingConfig(temperature=0.0))
@@ -207,3 +235,20 @@ def test_sampling_config_validation():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
     SamplingConfig(temperature=0.0, top_p=1.0, top_k=0)  # the boundaries are allowed
+
+
+def test_per_row_settings_filter_like_the_static_ones():
+    """The sampler's per-row form (the server's slots) keeps the same tokens as its static form, row by row, and a
+    row at temperature 0 is greedy."""
+    from qkv.inference.decode import filter_logits
+
+    logits = jnp.asarray(np.random.default_rng(3).standard_normal((4, 11)), jnp.float32)
+    settings = [(0, 1.0), (3, 1.0), (0, 0.6), (4, 0.5)]
+    per_row = filter_logits(logits, jnp.asarray([k for k, _ in settings]), jnp.asarray([p for _, p in settings]))
+    for row, (k, p) in enumerate(settings):
+        static = filter_logits(logits[row:row + 1], k, p)
+        np.testing.assert_array_equal(np.asarray(per_row[row]), np.asarray(static[0]))
+    keys = jax.random.split(jax.random.key(0), 4)
+    temperature = jnp.asarray([0.0, 1.0, 0.0, 2.0])
+    got = np.asarray(sample_logits(logits, keys, temperature, jnp.asarray([0, 1, 0, 1]), jnp.ones(4)))
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), -1))  # greedy rows and top-1 rows

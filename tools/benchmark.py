@@ -323,7 +323,7 @@ def benchmark_decode(model_cfg: ModelConfig, graphdef: Any, params: Any, batch_s
                      prompt_len: int, new_tokens: int, repeats: int = 3, device: Any = None) -> list[dict[str, Any]]:
     """Prefill and per-token decode timings of the real ``Decoder`` (greedy) for each batch size."""
     from qkv.model import init_cache
-    from qkv.inference.decode import Decoder, SamplingConfig
+    from qkv.inference import decode
 
     if prompt_len < 1 or new_tokens < 2:
         raise UserError(f"--prompt-len={prompt_len} must be >= 1 and --new-tokens={new_tokens} >= 2")
@@ -334,7 +334,7 @@ def benchmark_decode(model_cfg: ModelConfig, graphdef: Any, params: Any, batch_s
     params = jax.device_put(params, device)
     host_tbps = roofline.measure_copy_tbps(device) if device.platform == "cpu" else None
     bandwidth, bw_source = roofline.bandwidth_tbps(device, host_tbps)
-    decoder = Decoder(model_cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=new_tokens))
+    greedy = decode.Sampler()
     records = []
     for b in batch_sizes:
         tokens = jax.device_put(np.random.default_rng(b).integers(0, model_cfg.vocab_size, (b, prompt_len))
@@ -343,17 +343,17 @@ def benchmark_decode(model_cfg: ModelConfig, graphdef: Any, params: Any, batch_s
         key = jax.random.key(0)
 
         def run() -> tuple[float, list[float]]:
-            cache = jax.device_put(init_cache(model_cfg, b, prompt_len + new_tokens), device)
+            cache = jax.device_put(init_cache(model_cfg, b, prompt_len + new_tokens, per_row=True), device)
             jax.block_until_ready(cache)
             start = time.perf_counter()
-            token, position, cache = decoder._prefill(params, tokens, segments, cache, key)
-            jax.block_until_ready(token)
+            out, cache = decode.prefill(graphdef, greedy, params, tokens, segments, cache, key)
+            jax.block_until_ready(out)
             prefill = time.perf_counter() - start
             steps = []
             for _ in range(new_tokens - 1):
                 start = time.perf_counter()
-                token, position, cache = decoder._step(params, token, position, cache, key)
-                jax.block_until_ready(token)
+                out, cache = decode.step(graphdef, greedy, params, out["token"], out["position"], cache, key)
+                jax.block_until_ready(out)
                 steps.append(time.perf_counter() - start)
             return prefill, steps
 
