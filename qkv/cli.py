@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # OS errors that are about the user's files or environment, not about qkv: a path that is missing, not a
-# directory, not writable; a disk that is full; a server (the user's) that cannot be reached.
+# directory, not writable (or any OSError naming a file); a full disk; a server (the user's) that cannot be reached.
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
                   ConnectionError)
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
@@ -501,7 +501,7 @@ def is_user_error(err: BaseException) -> bool:
     """A user's mistake (exit 2, one line) rather than a bug in qkv (exit 1, the traceback in a file)."""
     if isinstance(err, (UserError, *USER_OS_ERRORS)):
         return True
-    return isinstance(err, OSError) and err.errno in USER_ERRNOS
+    return isinstance(err, OSError) and (err.errno in USER_ERRNOS or err.filename is not None)
 
 
 def _run_dir_of(ns: argparse.Namespace | None) -> str | None:
