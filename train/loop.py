@@ -35,6 +35,7 @@ from . import checkpoint, rewind
 from .config import Config, config_from_dict
 from .distributed import all_processes_text, is_main_process, log, maybe_initialize, process_data_state, sync
 from .metrics import MetricsWriter, flops_per_token
+from .run_lock import RunLock
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import State, Trainer, run_eval
 from .tasks import task_for
@@ -264,14 +265,30 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
     check_run_dir(run_dir)
+    created = run_dir  # the outermost folder a first start makes (removed again if it fails)
+    while not created.parent.exists():
+        created = created.parent
     fresh_dir = not run_dir.exists()
+    # One writer per run directory (train/run_lock.py): a second run on it is refused here, before it touches
+    # anything. Only process 0 writes the run directory's files, so only it holds the lock.
+    lock = RunLock(run_dir) if is_main_process() else None
+    try:
+        return _run_locked(cfg, run_dir, make_job, report, lock, created if fresh_dir else None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, run_dir: Path, make_job: Callable[[Path], Job], report: Report | None,
+                lock: RunLock | None, created: Path | None) -> dict[str, Any]:
     try:
         job = make_job(run_dir)
         trainer, tok, state, data_iter, eval_batches, good_step = _setup(cfg, run_dir, job)
     except BaseException:
         # A failed first start leaves nothing behind: no half-made run directory to trip the next one.
-        if fresh_dir and is_main_process() and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None and is_main_process() and created.exists():
+            lock.release()
+            shutil.rmtree(created, ignore_errors=True)
         raise
     spikes = None
     try:
