@@ -121,7 +121,7 @@ def resolve_split(split: str, available: Sequence[str], train_split: str = "trai
         chosen, how = split, "asked for"
     try:
         _check_split(chosen, available)
-    except ValueError as err:
+    except UserError as err:
         key = f"{how}={chosen!r}: " if how.startswith("data.") else ""
         raise UserError(key + str(err)) from None
     return chosen, how
