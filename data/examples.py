@@ -161,7 +161,7 @@ class OrderedIterator:
 def shard(items: Sequence[Any], shard_index: int, shard_count: int) -> Sequence[Any]:
     """``items[shard_index::shard_count]``: this process's share of an evaluation set."""
     if not 0 <= shard_index < shard_count:
-        raise UserError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
+        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
                          "pass the process index and process count")
     return items[shard_index::shard_count]
 
@@ -187,7 +187,7 @@ class PackingIterator(OrderedIterator):
     def _rows(self, one_pass: bool = False) -> list[list[Any]]:
         """The next batch's rows; with ``one_pass``, fewer when this epoch ends first."""
         if not len(self.items):
-            raise UserError("there are no examples to make batches of")
+            raise RuntimeError("there are no examples to make batches of (the loaders refuse an empty set first)")
         rows: list[list[Any]] = [[]]
         used = (0,) * len(self.limits)
         epoch = self.epoch

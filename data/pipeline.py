@@ -164,8 +164,8 @@ def _check_args(n_docs: int, seq_len: int, batch_size: int, shard_index: int,
                 shard_count: int, num_epochs: int | None) -> None:
     if seq_len < 1 or batch_size < 1:
         raise UserError(f"seq_len={seq_len}, batch_size={batch_size}: both must be >= 1")
-    if not 0 <= shard_index < shard_count:
-        raise UserError(
+    if not 0 <= shard_index < shard_count:  # the caller's process index and count: a bug, not the user's input
+        raise ValueError(
             f"shard_index={shard_index} is not in [0, shard_count={shard_count}): "
             "pass the process index and process count"
         )

@@ -91,7 +91,7 @@ _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eigh
 def number_to_words(n: int) -> str:
     """English words for 0 <= n < 1,000,000: 90 -> "ninety", 4721 -> "four thousand seven hundred twenty-one"."""
     if not 0 <= n < 1_000_000:
-        raise UserError(f"number_to_words covers 0 .. 999999, not {n}")
+        raise ValueError(f"number_to_words covers 0 .. 999999, not {n}")  # its callers keep to the range
     if n < 20:
         return _ONES[n]
     if n < 100:

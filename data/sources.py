@@ -44,7 +44,8 @@ def record_text(record: Any, text_field: str = "text") -> str:
     item = getattr(record, "item", None)
     if item is not None:
         return record_text(item(), text_field)
-    raise TypeError(f"record of type {type(record).__name__} has no text: expected str or bytes")
+    raise UserError(f"a record's {text_field!r} is a {type(record).__name__}, not text (str or bytes): point "
+                    "data.text_field at a text feature")
 
 
 class TextSource(Sequence):
@@ -121,7 +122,7 @@ def resolve_split(split: str, available: Sequence[str], train_split: str = "trai
         chosen, how = split, "asked for"
     try:
         _check_split(chosen, available)
-    except ValueError as err:
+    except UserError as err:
         key = f"{how}={chosen!r}: " if how.startswith("data.") else ""
         raise UserError(key + str(err)) from None
     return chosen, how

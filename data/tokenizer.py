@@ -177,8 +177,9 @@ class Tokenizer:
             return HFTokenizer.load(path)
         try:
             return SentencePieceTokenizer(path.read_bytes())
-        except (RuntimeError, ValueError) as err:  # sentencepiece cannot parse it, or it lacks qkv's ids
-            reason = "it is not a SentencePiece model" if isinstance(err, RuntimeError) else str(err)
+        except (RuntimeError, IndexError, UserError) as err:  # sentencepiece cannot parse it (an empty file: an
+            # IndexError from its empty vocabulary), or it lacks qkv's ids
+            reason = str(err) if isinstance(err, UserError) else "it is not a SentencePiece model"
             raise UserError(f"tokenizer model '{path}' cannot be used: {reason}: pass a .model file written "
                             "by qkv tokenizer train (or by qkv pretrain, RUN_DIR/tokenizer.model) or a "
                             "tokenizer.json") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from qkv.errors import UserError
 
 MAX_ORDER = 4
 
@@ -81,8 +80,8 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> dict:
 
     Returns {"score": 0–100, "precisions": [p1..p4] in percent, "bp", "sys_len", "ref_len"}.
     """
-    if len(hypotheses) != len(references):
-        raise UserError(
+    if len(hypotheses) != len(references):  # a caller's bug: one hypothesis is made per reference
+        raise ValueError(
             f"corpus_bleu needs one reference per hypothesis: got {len(hypotheses)} hypotheses "
             f"and {len(references)} references"
         )

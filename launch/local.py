@@ -74,25 +74,28 @@ def _signal_all(procs: Sequence[subprocess.Popen], sig: int, only_alive: bool = 
                 pass
 
 
-def _stop_all(procs: Sequence[subprocess.Popen], first: int, grace_s: float) -> None:
-    """``first`` (SIGTERM or SIGINT) to every live process, SIGKILL to those alive after ``grace_s``."""
+def _stop_all(procs: Sequence[subprocess.Popen], first: int, grace_s: float, hurry=lambda: False) -> None:
+    """``first`` (SIGTERM or SIGINT) to every live process, SIGKILL to those alive after ``grace_s`` (at once
+    when ``hurry()`` turns true: a second Ctrl-C)."""
     _signal_all(procs, first)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs) and not hurry():
         time.sleep(0.05)
     _signal_all(procs, signal.SIGKILL, only_alive=False)  # also whatever a process left behind in its group
     for p in procs:
         p.wait()
 
 
-class _Stopped(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+class _Signals:
+    """SIGINT/SIGTERM received by the launcher, in order. The handler only records them: the launcher acts on
+    them at its own points (after starting a process, in its wait loop), so a signal can never cut the
+    bookkeeping of the processes short (a process started but not yet in the list would never get it)."""
 
+    def __init__(self):
+        self.received: list[int] = []
 
-def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
-    raise _Stopped(signum)
+    def __call__(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received.append(signum)
 
 
 def launch_local(command: Sequence[str], processes: int, devices_per_process: int = 1, *,
@@ -111,70 +114,69 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
     if not command:
         raise UserError("nothing to launch: give a qkv subcommand after --, e.g. -- pretrain tiny")
     port = port or free_port()
-    previous = {}
+    previous, signals = {}, _Signals()
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(command, processes, devices_per_process, port, timeout_s, all_output, grace_s, python)
+        return _run(command, processes, devices_per_process, port, timeout_s, all_output, grace_s, python, signals)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _run(command: list[str], processes: int, devices_per_process: int, port: int, timeout_s: float | None,
-         all_output: bool, grace_s: float, python: str) -> int:
+         all_output: bool, grace_s: float, python: str, signals: _Signals) -> int:
     procs: list[subprocess.Popen] = []
     tails: list[collections.deque] = []
     pumps: list[threading.Thread] = []
     deadline = None if not timeout_s else time.monotonic() + timeout_s
     code = 0
-    try:
-        for i in range(processes):
-            env = process_env(i, processes, devices_per_process, port)
-            if i == 0:
-                p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True)
-                tails.append(collections.deque())
-            else:
-                p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                tail: collections.deque = collections.deque(maxlen=None if all_output else TAIL_LINES)
-                t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", tail, sys.stderr if all_output else None),
-                                     daemon=True)
-                t.start()
-                tails.append(tail)
-                pumps.append(t)
-            procs.append(p)
+    for i in range(processes):
+        if signals.received:  # stopped while starting: start no more, stop those running (below)
+            break
+        env = process_env(i, processes, devices_per_process, port)
+        if i == 0:
+            p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True)
+            tails.append(collections.deque())
+        else:
+            p = subprocess.Popen([python, "-m", "qkv.cli", *command], env=env, start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            tail: collections.deque = collections.deque(maxlen=None if all_output else TAIL_LINES)
+            t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", tail, sys.stderr if all_output else None),
+                                 daemon=True)
+            t.start()
+            tails.append(tail)
+            pumps.append(t)
+        procs.append(p)
 
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                i, code = failed[0]
-                code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
-                print(f"qkv launch: process {i} exited with code {code}; stopping the others", file=sys.stderr)
-                _stop_all(procs, signal.SIGTERM, grace_s)
-                if i > 0 and not all_output:
-                    for t in pumps:
-                        t.join(timeout=2)
-                    for line in tails[i]:
-                        print(f"[{i}] {line}", file=sys.stderr)
-                break
-            if all(c == 0 for c in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"qkv launch: timed out after {timeout_s:g}s; stopping all processes", file=sys.stderr)
-                _stop_all(procs, signal.SIGTERM, grace_s)
-                code = 124
-                break
-            time.sleep(0.1)
-    except _Stopped as stop:
-        name = signal.Signals(stop.signum).name
-        print(f"qkv launch: {name}; forwarding it to every process", file=sys.stderr)
-        code = 128 + stop.signum
-        try:
-            _stop_all(procs, stop.signum, grace_s)
-        except _Stopped:  # a second Ctrl-C: no more grace
-            _stop_all(procs, signal.SIGKILL, 0)
+    while True:
+        if signals.received:
+            signum = signals.received[0]
+            print(f"qkv launch: {signal.Signals(signum).name}; forwarding it to every process", file=sys.stderr)
+            code = 128 + signum
+            _stop_all(procs, signum, grace_s, hurry=lambda: len(signals.received) > 1)  # 2nd: no more grace
+            break
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            i, code = failed[0]
+            code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
+            print(f"qkv launch: process {i} exited with code {code}; stopping the others", file=sys.stderr)
+            _stop_all(procs, signal.SIGTERM, grace_s, hurry=lambda: bool(signals.received))
+            if i > 0 and not all_output:
+                for t in pumps:
+                    t.join(timeout=2)
+                for line in tails[i]:
+                    print(f"[{i}] {line}", file=sys.stderr)
+            break
+        if all(c == 0 for c in codes):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"qkv launch: timed out after {timeout_s:g}s; stopping all processes", file=sys.stderr)
+            _stop_all(procs, signal.SIGTERM, grace_s, hurry=lambda: bool(signals.received))
+            code = 124
+            break
+        time.sleep(0.1)
     for t in pumps:  # the children have exited: their last lines are in the pipes, finish printing them
         t.join(timeout=10)
     return code

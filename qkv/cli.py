@@ -14,19 +14,22 @@
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
 
-Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2
-(set QKV_DEBUG=1 for the full traceback).
+Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2. Anything
+else is a bug in qkv: one ``qkv: internal error`` line naming the exception and the file that holds the
+traceback (in the run directory, or a temporary file), exit code 1. Set QKV_DEBUG=1 for the traceback itself.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 from qkv.errors import UserError
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
+EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
@@ -36,6 +39,7 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
 
     source, overrides = split_config_args(ns.args)
     cfg = load_config(source, overrides)
+    ns.error_dir = cfg.train.run_dir  # where a bug's traceback goes, once the run directory exists
     return _report_run(pretrain(cfg, report=pretrain_report(cfg)))
 
 
@@ -46,6 +50,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
     source, overrides = split_config_args(ns.args)
     cfg = load_finetune_config(source, overrides)
+    ns.error_dir = cfg.train.run_dir
     return _report_run(finetune(cfg, report=finetune_report(cfg)))
 
 
@@ -582,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line itself (not a test or script calling main): huge pages first (qkv/host.py)
         from qkv.host import reexec_with_huge_pages
         reexec_with_huge_pages()
+    ns = None
     try:
         ns = build_parser().parse_args(argv)
         code = ns.func(ns)
@@ -589,20 +595,68 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:  # before ConnectionError, its base class
         return _stdout_closed()
-    except (ValueError, FileNotFoundError, ConnectionError, OSError) as err:
-        if os.environ.get("QKV_DEBUG"):
-            raise
-        message = str(err).splitlines()[0] if str(err) else err.__class__.__name__
-        print(f"qkv: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # errors that carry their own exit code (e.g. a diverged run: 3)
-        if os.environ.get("QKV_DEBUG") or not isinstance(getattr(err, "exit_code", None), int):
+    except Exception as err:
+        if os.environ.get("QKV_DEBUG"):
             raise
-        print(f"qkv: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return err.exit_code
+        if is_user_error(err):
+            print(f"qkv: error: {_first_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(getattr(err, "exit_code", None), int):  # errors that carry their own code (a diverged run: 3)
+            print(f"qkv: error: {_first_line(err)}", file=sys.stderr)
+            return err.exit_code
+        return _internal_error(err, _run_dir_of(ns))
+
+
+# OS errors that are about the user's files or environment, not about qkv: a path that is missing, not a
+# directory, not writable (or any OSError naming a file); a full disk; a server (the user's) that cannot be reached.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+                  ConnectionError)
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A user's mistake (exit 2, one line) rather than a bug in qkv (exit 1, the traceback in a file)."""
+    if isinstance(err, (UserError, *USER_OS_ERRORS)):
+        return True
+    return isinstance(err, OSError) and (err.errno in USER_ERRNOS or err.filename is not None)
+
+
+def _run_dir_of(ns: argparse.Namespace | None) -> str | None:
+    """The run directory a command works on (train.run_dir, --checkpoint, --run, RUN_DIR), if it has one."""
+    for name in ("error_dir", "checkpoint", "run", "run_dir"):
+        if getattr(ns, name, None):
+            return str(getattr(ns, name))
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
+def _internal_error(err: BaseException, run_dir: str | Path | None) -> int:
+    """A bug in qkv: one line naming the exception and the file holding the whole traceback; exit 1."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    name = f"qkv-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path = None
+    for folder in ([Path(run_dir)] if run_dir and Path(run_dir).is_dir() else []) + [Path(tempfile.gettempdir())]:
+        try:
+            (folder / name).write_text(f"qkv {' '.join(sys.argv[1:])}\n\n{text}")
+            path = folder / name
+            break
+        except OSError:
+            continue
+    where = f"the traceback is in {path}" if path else "the traceback could not be written to a file"
+    print(f"qkv: internal error (a bug in qkv, please report it): {err.__class__.__name__}: {_first_line(err)}; "
+          f"{where}; run again with QKV_DEBUG=1 to show it here", file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

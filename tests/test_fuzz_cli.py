@@ -1,8 +1,9 @@
 """Hypothesis fuzz of the CLI surface, in-process through qkv.cli.main.
 
 Property: every command line ends with exit 0, or exit 2 and exactly one `qkv: error:` line on standard
-error (no traceback: an exception escaping main fails the test), and writes no file outside the place it
-was asked to write (a refused first `pretrain` leaves no run directory).
+error (no traceback), and writes no file outside the place it was asked to write (a refused first `pretrain`
+leaves no run directory). An internal error (exit 1, `qkv: internal error`: an exception that is not a
+UserError, e.g. a ValueError of a library, or a bug) fails the test and shows its traceback.
 
 Examples are drawn deterministically (derandomize=True). The suite runs a small budget; set
 QKV_FUZZ_EXAMPLES=N for N examples per property (docs/errors.md lists the figures of the last long run).
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import io
 import os
 import typing
@@ -24,11 +27,27 @@ from qkv.train.config import Config
 
 BUDGET = int(os.environ.get("QKV_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-TRIED: dict[str, int] = {}
+TRIED: dict[str, int] = {}  # examples run per property, counted by check_outcome
+EXPECTED: dict[str, int] = {}  # examples the properties that ran must have run
 
 
-def examples(default: int):
-    return settings(FUZZ, max_examples=BUDGET or default)
+def counted(name: str, default: int):
+    """Run a Hypothesis property with ``default`` (or QKV_FUZZ_EXAMPLES) examples, then check that it ran them
+    all: a property that stops early, or whose examples never reach check_outcome, fails."""
+    budget = BUDGET or default
+
+    def wrap(test):
+        test = settings(FUZZ, max_examples=budget)(test)
+
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            before = TRIED.get(name, 0)
+            test(*args, **kwargs)
+            EXPECTED[name] = EXPECTED.get(name, 0) + budget
+            assert TRIED.get(name, 0) - before == budget, (name, TRIED.get(name, 0) - before, budget)
+        run.__signature__ = inspect.signature(test)  # the fixtures only, as Hypothesis shows them to pytest
+        return run
+    return wrap
 
 
 def schema_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -73,8 +92,15 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def traceback_of(err: str) -> str:
+    """The traceback file an internal-error line names (qkv/cli.py writes it), for the failure message."""
+    path = Path(err.split("the traceback is in ", 1)[-1].split("; ", 1)[0])
+    return path.read_text() if path.is_file() else err
+
+
 def check_outcome(name: str, argv: list[str], code: int, err: str) -> None:
     TRIED[name] = TRIED.get(name, 0) + 1
+    assert code != 1 and "qkv: internal error" not in err, (argv, traceback_of(err))
     assert code in (0, 2), (argv, code, err)
     assert "Traceback" not in err, (argv, err)
     if code == 2:
@@ -96,7 +122,7 @@ def sandbox(tmp_path, monkeypatch) -> Path:
     return work
 
 
-@examples(60)
+@counted("config overrides", 60)
 @given(preset=st.sampled_from([[], ["tiny"], ["llama-8b"], ["translate-tiny"], ["bert-tiny"]]),
        overrides=st.lists(OVERRIDE, max_size=4))
 def test_fuzz_config_overrides(sandbox, preset, overrides):
@@ -109,7 +135,7 @@ def test_fuzz_config_overrides(sandbox, preset, overrides):
     assert files_under(sandbox.parent) == before
 
 
-@examples(25)
+@counted("config file bytes", 25)
 @given(content=st.one_of(st.binary(max_size=200),
                          st.text(max_size=200).map(str.encode),
                          st.lists(OVERRIDE, max_size=5).map(lambda xs: "\n".join(
@@ -133,7 +159,7 @@ SAMPLING_FLAG = st.one_of(
 )
 
 
-@examples(40)
+@counted("generate flags", 40)
 @given(flags=st.lists(SAMPLING_FLAG, max_size=4), prompt=st.one_of(st.none(), st.binary(max_size=80)))
 def test_fuzz_generate_flags_and_prompt_files(sandbox, flags, prompt):
     """Flags and prompt files are checked before the checkpoint is even looked for (it does not exist here)."""
@@ -150,7 +176,7 @@ def test_fuzz_generate_flags_and_prompt_files(sandbox, flags, prompt):
     assert files_under(sandbox.parent) == before
 
 
-@examples(25)
+@counted("pretrain first start", 25)
 @given(overrides=st.lists(OVERRIDE, max_size=4))
 def test_fuzz_pretrain_refused_first_start_leaves_nothing(sandbox, overrides):
     """Whatever the overrides, this start must be refused (the corpus does not exist): nothing may be left,
@@ -165,7 +191,7 @@ def test_fuzz_pretrain_refused_first_start_leaves_nothing(sandbox, overrides):
     assert files_under(sandbox.parent) == before, sorted(map(str, files_under(sandbox.parent) - before))
 
 
-@examples(3)
+@counted("corpus bytes", 3)
 @given(files=st.lists(st.binary(max_size=300), min_size=1, max_size=3))
 def test_fuzz_corpus_bytes_through_tokenizer_training(sandbox, files):
     """Random bytes as a corpus: a tokenizer is trained, or the corpus is refused in one line."""
@@ -186,5 +212,9 @@ def test_fuzz_corpus_bytes_through_tokenizer_training(sandbox, files):
 
 
 def test_zz_report_fuzz_counts():
-    """Prints how many examples each property tried (run with -s to see it)."""
+    """Every property that ran in this process ran all its examples (-s shows the counts). The tests of one
+    file share a process (--dist=loadfile), so this sees the properties above."""
     print("\nfuzz examples tried:", TRIED)
+    if not EXPECTED:
+        pytest.skip("no fuzz property ran in this process (e.g. -k selected this test alone)")
+    assert TRIED == EXPECTED

@@ -67,6 +67,55 @@ def test_skipping_iterator_discards_exactly_the_planned_batches():
     assert next(SkippingIterator(resumed, 6, plan, log=lambda m: None)) == 10
 
 
+class _Counter:
+    """A data iterator yielding 1, 2, 3, ... with a resumable position."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def __next__(self):
+        self.n += 1
+        return self.n
+
+    def get_state(self):
+        return {"n": self.n}
+
+    def set_state(self, state):
+        self.n = state["n"]
+
+
+def test_two_spikes_at_one_step_skip_both_windows_also_after_a_restart():
+    """A bad region longer than the spike window: the spike at step 5 is seen (batches 5..7 skipped), the rewind
+    meets bad data again at step 5 (batches 8..9, detected at step 6), and a second rewind to step 3 must skip
+    all five batches, not only the last two (which would replay the bad batches 5..7)."""
+    plan = []
+    for spike in (Spike(5, 7, "x"), Spike(5, 6, "x")):
+        plan.append(record(plan, spike, 3, window=20, max_rewinds=3))
+    assert [r["skipped_batches"] for r in plan] == [3, 2]
+    inner = _Counter(3)  # the checkpoint of step 3: batches 1..3 consumed
+    it = SkippingIterator(inner, 3, plan, log=lambda m: None)
+    assert [next(it) for _ in range(3)] == [4, 10, 11]
+    restarted = SkippingIterator(_Counter(3), 3, json.loads(json.dumps(plan)), log=lambda m: None)  # a new process
+    assert [next(restarted) for _ in range(3)] == [4, 10, 11]
+
+
+def test_a_skipped_nonfinite_step_is_not_a_spike_with_skip_nonfinite():
+    """train.skip_nonfinite and train.spike_rewind together: a NaN step the train step skipped (its update was
+    not applied) is passed over, not rewound; a finite spike after it still rewinds. Without the skip (no
+    ``skipped`` metric) a NaN step is a spike."""
+    det = SpikeDetector(window=50, k=6.0, grad_factor=10.0)
+    det.check(1, [{"loss": 3.0 + 0.01 * (i % 5), "grad_norm": 1.0} for i in range(MIN_HISTORY)])
+    nan = float("nan")
+    det.check(MIN_HISTORY + 1, [{"loss": nan, "grad_norm": nan, "skipped": 1}, {"loss": 3.01, "grad_norm": 1.0}])
+    assert det.last_step == MIN_HISTORY + 2 and len(det.history) == MIN_HISTORY + 1
+    with pytest.raises(Spike) as info:
+        det.check(MIN_HISTORY + 3, [{"loss": nan, "grad_norm": nan, "skipped": 1}, {"loss": 9.0, "grad_norm": 1.0}])
+    assert info.value.step == MIN_HISTORY + 4
+    with pytest.raises(Spike) as info:
+        det.check(MIN_HISTORY + 5, [{"loss": nan, "grad_norm": nan, "skipped": 0}])
+    assert info.value.step == MIN_HISTORY + 5
+
+
 def test_too_many_rewinds_in_one_window_stop():
     plan = []
     for step in (100, 120, 140):

@@ -153,7 +153,9 @@ def plan_in_subprocess(source: str | None, overrides: list[str], mesh: dict[str,
     if out.returncode != 0:
         lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
         message = lines[-1] if lines else f"exit code {out.returncode}"
-        raise UserError(message.removeprefix("qkv: error: "))
+        if out.returncode == 2:  # the child refused the input: the same one line
+            raise UserError(message.removeprefix("qkv: error: "))
+        raise RuntimeError(f"the planning process ended with exit code {out.returncode}: {message}")
     return json.loads(out.stdout)
 
 

@@ -215,7 +215,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for option in (o for o in options if o is not type(None)):
             try:
                 return _coerce(value, option, key)
-            except ValueError as err:
+            except UserError as err:
                 errors.append(str(err))
         raise UserError(errors[0] if errors else f"{key}={value!r} is not allowed")
     if origin is Literal:

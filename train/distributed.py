@@ -37,7 +37,7 @@ def maybe_initialize(mode: str = "auto", timeout_s: int = 300) -> None:
         jax.distributed.initialize(**kwargs)  # SLURM and Cloud TPU are detected by JAX itself
     except Exception as err:  # noqa: BLE001 - one clear line instead of a gRPC stack trace
         raise ConnectionError(f"could not join the distributed run ({err.__class__.__name__}: {str(err).splitlines()[0]}); "
-                           "check that every host started and the coordinator address is reachable") from err
+                              "check that every host started and the coordinator address is reachable") from err
     _initialized = True
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,10 +32,11 @@ import yaml
 
 from qkv.data import Tokenizer, iterator_state_from_json, iterator_state_to_json, train_tokenizer
 
-from . import checkpoint, rewind
+from . import checkpoint, rewind, storage
 from .config import Config, config_from_dict
 from .distributed import all_processes_text, is_main_process, log, maybe_initialize, process_data_state, sync
 from .metrics import MetricsWriter, flops_per_token
+from .run_lock import RunLock
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import State, Trainer, run_eval
 from .tasks import task_for
@@ -265,14 +267,30 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     maybe_initialize(cfg.train.distributed)
     run_dir = Path(cfg.train.run_dir).expanduser().resolve()
     check_run_dir(run_dir)
+    created = run_dir  # the outermost folder a first start makes (removed again if it fails)
+    while not created.parent.exists():
+        created = created.parent
     fresh_dir = not run_dir.exists()
+    # One writer per run directory (train/run_lock.py): a second run on it is refused here, before it touches
+    # anything. Only process 0 writes the run directory's files, so only it holds the lock.
+    lock = RunLock(run_dir) if is_main_process() else None
+    try:
+        return _run_locked(cfg, run_dir, make_job, report, lock, created if fresh_dir else None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, run_dir: Path, make_job: Callable[[Path], Job], report: Report | None,
+                lock: RunLock | None, created: Path | None) -> dict[str, Any]:
     try:
         job = make_job(run_dir)
         trainer, tok, state, data_iter, eval_batches, good_step = _setup(cfg, run_dir, job)
     except BaseException:
         # A failed first start leaves nothing behind: no half-made run directory to trip the next one.
-        if fresh_dir and is_main_process() and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None and is_main_process() and created.exists():
+            lock.release()
+            shutil.rmtree(created, ignore_errors=True)
         raise
     spikes = None
     try:
@@ -291,6 +309,30 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     finally:
         trainer.frozen = None  # a cached trainer must not keep a base model alive
     return summary
+
+
+def _disk_full(run_dir: Path, saves: list[int], done: int) -> storage.DiskFull:
+    """The one-line error of a full disk: the first save that did not complete, the last one that did."""
+    last_good = checkpoint.latest_step(run_dir)
+    failed = [s for s in saves if last_good is None or s > last_good]
+    return storage.disk_full_error(run_dir, failed[0] if failed else done, last_good, done)
+
+
+def _close_run_files(mngr, writer: MetricsWriter, run_dir: Path, saves: list[int], done: int,
+                     failing: BaseException | None) -> None:
+    """Let an in-flight save of a good state complete (also when we stop on an error), then close. When an
+    error is already on its way out, what these report is its consequence (a full disk fails every write
+    after it): the first error is the one reported."""
+    errors = []
+    for close in (mngr.wait_until_finished, mngr.close, writer.close):
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - reported below, unless an earlier error is on its way out
+            errors.append(err)
+    if errors and failing is None:
+        if storage.disk_full(errors[0]):
+            raise _disk_full(run_dir, saves, done) from None
+        raise errors[0]
 
 
 def _spike_guard(cfg: Config, run_dir: Path, data_iter, step: int | None):
@@ -442,6 +484,8 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
 
     signals = _StopSignals()
     agreement = _StopAgreement(trainer, signals, cfg.train.batch_size // jax.process_count())
+    saves: list[int] = []  # the steps whose (asynchronous) checkpoint save was started
+    quiet = storage.QuietStorageFailures().__enter__()
     try:
         with signals:
             for step in range(start, end):
@@ -487,21 +531,25 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
                             spikes.check(done - len(pending) + 1, jax.device_get(pending))
                         check_finite(jax.device_get(pending), count=False)
                     try:
-                        checkpoint.save(mngr, state, meta_now())
+                        checkpoint.save(mngr, state, meta_now())  # also waits for the previous save to finish
                     except checkpoint.NonFiniteState:
                         raise TrainingDiverged(_nonfinite_message(
                             cfg, done, {"loss": float("nan"), "grad_norm": float("nan")}, good_step, run_dir)
                             .replace("loss became nan", "the parameters or optimizer state became NaN/Inf")) from None
+                    saves.append(done)
                     good_step = done
                 if stopping:
                     preempted = signals.name or "a stop agreed by another process"
                     break
+    except Exception as err:
+        if storage.disk_full(err):
+            raise _disk_full(run_dir, saves, done) from None
+        raise
     finally:
         if bar is not None:
             bar.close()
-        mngr.wait_until_finished()  # an in-flight save of a good state completes even when we stop on an error
-        mngr.close()
-        writer.close()
+        _close_run_files(mngr, writer, run_dir, saves, done, failing=sys.exc_info()[1])
+        quiet.__exit__(*sys.exc_info())
 
     summary: dict[str, Any] = {"step": done, "params": n_params, "run_dir": str(run_dir),
                                **{f"train_{k}": v for k, v in last.items()}}

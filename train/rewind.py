@@ -6,14 +6,19 @@ Policy. Every step's loss and gradient norm is compared with the last ``train.sp
             or  loss > median(losses) + k * 1.4826 * MAD(losses)        (k = train.spike_k)
             or  grad_norm > train.spike_grad_factor * median(grad norms)
 
-(after at least ``MIN_HISTORY`` good steps; a spike is never added to the history). The loop looks at
+(after at least ``MIN_HISTORY`` good steps; a spike is never added to the history). With
+``train.skip_nonfinite`` a NaN/Inf step is skipped instead (its update was never applied, so there is
+nothing to rewind): the skip wins, the detector passes over the step, and ``MAX_CONSECUTIVE_SKIPS``
+skipped steps in a row stop the run as before. Without it a NaN/Inf step is a spike and rewinds. The loop looks at
 metrics at its log points and before every checkpoint, so a checkpoint never holds a state past a
 detected spike: the newest checkpoint ``c`` always precedes the first spiking step ``s``.
 
 Rewind. On a spike first seen at step ``s`` and detected at step ``d`` (the log point), the loop restores
 checkpoint ``c`` (parameters, optimizer, data position, this detector's history), replays the batches of
 steps ``c+1 .. s-1`` as before, and skips the batches of the spike window ``s .. d`` (the data iterator
-is advanced past them), then continues. The total number of steps is unchanged. After
+is advanced past them), then continues. The total number of steps is unchanged. A spike seen at step
+``s`` again after a rewind (a bad region longer than the window) skips further: the skips recorded at one
+step add up. After
 ``train.spike_max_rewinds`` rewinds whose spikes lie within one window of ``spike_window`` steps, the run
 stops with exit 3 (:class:`TrainingDiverged`), as a NaN does without rewinding.
 
@@ -73,9 +78,13 @@ class SpikeDetector:
         return None
 
     def check(self, first_step: int, records: list[dict[str, Any]]) -> None:
-        """Raise :class:`Spike` at the first spiking step of ``records`` (steps first_step, first_step+1, ...)."""
+        """Raise :class:`Spike` at the first spiking step of ``records`` (steps first_step, first_step+1, ...).
+        A step the train step skipped (``skipped``: NaN/Inf with train.skip_nonfinite) is passed over."""
         for i, m in enumerate(records):
             if first_step + i <= self.last_step:  # checked before a checkpoint, seen again at the log point
+                continue
+            if m.get("skipped", 0):  # its update was not applied: nothing to rewind, nothing to learn from
+                self.last_step = first_step + i
                 continue
             why = self.reason(float(m["loss"]), float(m["grad_norm"]))
             if why is not None:
@@ -102,9 +111,11 @@ def save_plan(run_dir: Path, plan: list[dict[str, int]]) -> None:
     os.replace(tmp, path)
 
 
-def record(plan: list[dict[str, int]], spike: Spike, restored: int, window: int, max_rewinds: int) -> dict[str, int]:
-    """The plan entry for ``spike`` (skip the batches of steps spike.step .. spike.detected_at), or None when this
-    would be the ``max_rewinds``-th rewind within one window (the caller stops the run)."""
+def record(plan: list[dict[str, int]], spike: Spike, restored: int, window: int,
+           max_rewinds: int) -> dict[str, int] | None:
+    """The plan entry for ``spike`` (skip the batches of steps spike.step .. spike.detected_at), or None when
+    ``max_rewinds`` rewinds already lie within one window before it: this one would be the
+    ``max_rewinds + 1``-th (the caller stops the run)."""
     recent = [r for r in plan if r["spike_step"] > spike.step - window]
     if len(recent) + 1 > max_rewinds:
         return None
@@ -114,12 +125,15 @@ def record(plan: list[dict[str, int]], spike: Spike, restored: int, window: int,
 
 class SkippingIterator:
     """The training data iterator, except that at step ``skip_from`` of a plan entry it first discards that entry's
-    ``skipped_batches`` batches. ``start`` is the step the run (re)starts after; entries at or before it are
-    already part of the restored iterator state."""
+    ``skipped_batches`` batches (the entries of one step add up). ``start`` is the step the run (re)starts
+    after; entries at or before it are already part of the restored iterator state."""
 
     def __init__(self, inner: Iterator, start: int, plan: list[dict[str, int]], log=print):
         self.inner, self.next_step, self.log = inner, start + 1, log
-        self.skips = {r["skip_from"]: r["skipped_batches"] for r in plan if r["skip_from"] > start}
+        self.skips: dict[int, int] = {}
+        for r in plan:
+            if r["skip_from"] > start:
+                self.skips[r["skip_from"]] = self.skips.get(r["skip_from"], 0) + r["skipped_batches"]
 
     def __iter__(self) -> "SkippingIterator":
         return self
