@@ -149,14 +149,48 @@ def _check(shard: Shard, row: int, value: Any, where: str) -> Any:
     return value
 
 
+class _ZstdLines(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame, streamed; a frame cut short raises EOFError
+    (zstandard's stream reader ends quietly there)."""
+
+    def __init__(self, raw: Any):
+        import zstandard
+
+        self._raw, self._zstd = raw, zstandard
+        self._dobj, self._fed, self._pending, self._at = zstandard.ZstdDecompressor().decompressobj(), False, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._pending):
+            self._pending, self._at = b"", 0
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._fed and not self._dobj.eof:
+                    raise EOFError("the last zstandard frame is cut short")
+                return 0
+            while chunk:
+                if self._dobj.eof:  # the next frame
+                    self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+                self._pending += self._dobj.decompress(chunk)
+                self._fed, chunk = True, self._dobj.unused_data if self._dobj.eof else b""
+        n = min(len(buffer), len(self._pending) - self._at)
+        buffer[:n] = memoryview(self._pending)[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_text(shard: Shard) -> Any:
     raw = shard.fs.open(shard.path, "rb")
     if shard.path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if shard.path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return io.BufferedReader(_ZstdLines(raw))
     return raw
 
 
