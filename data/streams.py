@@ -266,3 +266,22 @@ def _row(shard: Shard, index: int, value: Any) -> Row:
         raise UserError(f"shard {shard.name} row {index}: column {shard.token_field or shard.text_field!r} is null: "
                         "drop or fill the empty rows")
     return Row(index, _check(shard, index, value, "row"))
+
+
+def compressed_or_remote(path: str | None) -> bool:
+    """Whether a JSONL path must be streamed: a URL, or compressed files (.gz/.zst) at the path, under the
+    directory or matched by the glob (the TFDS-built path reads plain local JSONL only)."""
+    import glob
+    import itertools
+    import os
+
+    if not path:
+        return False
+    if "://" in path or path.endswith((".gz", ".zst")):
+        return True
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        names = (n for _, _, files in os.walk(path) for n in files)
+    else:
+        names = (os.path.basename(p) for p in glob.iglob(path, recursive=True))
+    return any(n.endswith((".gz", ".zst")) for n in itertools.islice(names, 10_000))

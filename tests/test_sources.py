@@ -249,7 +249,7 @@ def test_bad_data_gets_one_line_naming_shard_and_row(files, case, args, words, c
 # --- through `qkv pretrain` --------------------------------------------------------------------------------------
 
 SMALL = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-         "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=4", "data.eval_batches=2",
+         "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "data.eval_batches=2",
          "data.validation_fraction=0.1", "train.sample_tokens=0", "train.log_every=1", "train.eval_every=3",
          "train.progress=false", "data.shuffle_rows=8", "train.steps=3"]
 

@@ -58,9 +58,10 @@ class DataConfig:
     @property
     def streamed(self) -> bool:
         """Whether the text is streamed from shards (data/mixture.py) instead of built into TFDS first."""
-        path = self.path or ""
+        from qkv.data.streams import compressed_or_remote
+
         return bool(self.mixture) or self.source in ("parquet", "hf") or (self.source == "jsonl" and (
-            self.stream or "://" in path or path.endswith((".gz", ".zst"))))
+            self.stream or compressed_or_remote(self.path)))
 
     @property
     def source_len(self) -> int:

@@ -38,7 +38,7 @@ from .metrics import MetricsWriter, flops_per_token
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import State, Trainer, run_eval
 from .tasks import task_for
-from .validate import check_run_dir
+from .validate import check_run_dir, local_run_dir
 from qkv.errors import UserError
 
 
@@ -262,7 +262,7 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     """The run lifecycle shared by pretraining and fine-tuning; returns the loop's summary (plus the
     report's keys, unless the run was preempted)."""
     maybe_initialize(cfg.train.distributed)
-    run_dir = Path(cfg.train.run_dir).expanduser().resolve()
+    run_dir = local_run_dir(cfg.train.run_dir)
     check_run_dir(run_dir)
     fresh_dir = not run_dir.exists()
     try:

@@ -244,3 +244,18 @@ def check_mixture(data: Any) -> None:
         names.append(str(entry.get("name") or f"{entry['kind']}{i}"))
     if len(set(names)) != len(names):
         raise UserError(f"data.mixture names {names} repeat: give each source its own name")
+
+
+def local_run_dir(text: str) -> "Path":
+    """``train.run_dir`` as a local path: a plain path or a ``file://`` URL. Other URLs are refused: metrics,
+    the tokenizer and the rewind plan are written with local file operations (Orbax alone could write gs://)."""
+    from pathlib import Path
+
+    if "://" not in text:
+        return Path(text).expanduser().resolve()
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return Path(rest).expanduser().resolve()
+    raise UserError(f"train.run_dir={text!r}: a run directory on {scheme}:// is not supported (checkpoints, metrics "
+                    "and the tokenizer are written locally): use a local path or file://, or mount the bucket "
+                    "(e.g. gcsfuse) and give its path; data paths may be URLs")
