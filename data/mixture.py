@@ -204,6 +204,7 @@ class MixtureIterator:
         self._counts = [0] * len(streams)
         self._since = [0] * len(streams)  # counts when the weights were last set
         self._done = [False] * len(streams)
+        self._tokens = [0] * len(streams)  # tokens the loss counts, per source
         self.last_sources: list[int] = []
 
     @staticmethod
@@ -237,6 +238,7 @@ class MixtureIterator:
                 self._done[i] = True
                 continue
             self._counts[i] += 1
+            self._tokens[i] += int(rows[-1]["loss_mask"].sum())
             sources.append(i)
         if not rows or (len(rows) < self.batch_size and not self._finite):
             raise StopIteration
@@ -245,8 +247,13 @@ class MixtureIterator:
         self.last_sources = sources
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens drawn from each source so far (this process), by name."""
+        return dict(zip(self.names, self._tokens))
+
     def get_state(self) -> dict[str, Any]:
         return {"sources": [s.get_state() for s in self.streams], "counts": list(self._counts),
+                "tokens": list(self._tokens),
                 "since": list(self._since), "weights": list(self.weights), "names": self.names}
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -256,6 +263,7 @@ class MixtureIterator:
         for stream, s in zip(self.streams, state["sources"]):
             stream.set_state(s)
         self._counts = [int(c) for c in state["counts"]]
+        self._tokens = [int(t) for t in state.get("tokens", self._counts)]
         old = [float(w) for w in state["weights"]]
         if np.allclose(old, self.weights, rtol=0, atol=1e-12):
             self._since = [int(c) for c in state["since"]]

@@ -274,3 +274,56 @@ def test_pretrain_on_parquet_zst_and_memory_urls_equals_plain_jsonl(files, tmp_p
         assert main(["pretrain", "tiny", *SMALL, *args, f"tokenizer.path={tok}", f"train.run_dir={url}"]) == 0
         losses[name] = _losses(run_dir)
     assert losses["plain"] and losses["plain"] == losses["parquet-memory"] == losses["zst"]
+
+
+def _mixture_argv(files: dict, run_dir: Path, *extra: str) -> list[str]:
+    root = files["root"]
+    mix = (f"data.mixture=[{{kind: jsonl, path: '{root}/plain', weight: 0.6, name: web}}, "
+           f"{{kind: parquet, path: '{root}/parquet', weight: 0.3, name: books}}, "
+           f"{{kind: jsonl, path: '{root}/zst', weight: 0.1, name: code}}]")
+    return [sys.executable, "-m", "qkv.cli", "pretrain", "tiny", *SMALL, mix, f"tokenizer.path={files['tok_path']}",
+            f"train.run_dir={run_dir}", "train.steps=24", "train.checkpoint_every=4", "train.eval_every=12", *extra]
+
+
+def _train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("split") == "train":
+            out.append((r["step"], r["loss"]))
+    return out
+
+
+@pytest.mark.slow
+def test_mixture_sigkill_mid_run_resumes_with_bit_identical_losses(files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ref = tmp_path / "ref"
+    done = subprocess.run(_mixture_argv(files, ref), capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r.get("split") == "train"][-1]
+    assert {"tokens_web", "tokens_books", "tokens_code"} <= last.keys()
+    shares = np.array([last["tokens_web"], last["tokens_books"], last["tokens_code"]], float)
+    assert np.abs(shares / shares.sum() - [0.6, 0.3, 0.1]).max() < 0.02  # 192 rows: within one row per source
+    ev = [r for r in records if r.get("split") == "eval"][-1]
+    assert {"loss_web", "loss_books", "loss_code", "bits_per_byte_code"} <= ev.keys()
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_mixture_argv(files, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(_train_losses(killed)) < 7:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(_train_losses(killed)) < 24  # killed mid-run
+    again = subprocess.run(_mixture_argv(files, killed), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _train_losses(killed) == _train_losses(ref)

@@ -246,6 +246,10 @@ class Job:
         """(a checkpointable iterator of this process's training batches, a maker of its evaluation batches)."""
         raise NotImplementedError
 
+    def source_evals(self) -> dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]:
+        """Makers of each data source's own evaluation batches (a mixture's sources), evaluated as well."""
+        return {}
+
     def init_state(self) -> State:
         """The train state of a first start."""
         return self.trainer.init_state()
@@ -280,7 +284,7 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
                 data_iter, spikes = _spike_guard(cfg, run_dir, data_iter, good_step)
             try:
                 summary, state = _train(cfg, run_dir, trainer, tok, state, data_iter, good_step, job.name,
-                                        evaluate=lambda params: run_eval(trainer, params, eval_batches()),
+                                        evaluate=lambda params: _evaluate(trainer, params, eval_batches, job),
                                         spikes=spikes)
                 break
             except rewind.Spike as spike:
@@ -290,6 +294,15 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     finally:
         trainer.frozen = None  # a cached trainer must not keep a base model alive
     return summary
+
+
+def _evaluate(trainer: Trainer, params, eval_batches, job: Job) -> dict[str, Any]:
+    """Validation metrics, with ``loss_<source>`` / ``bits_per_byte_<source>`` for each source of a mixture."""
+    ev = run_eval(trainer, params, eval_batches())
+    for name, batches in job.source_evals().items():
+        sub = run_eval(trainer, params, batches())
+        ev.update({f"{k}_{name}": sub[k] for k in ("loss", "bits_per_byte") if k in sub})
+    return ev
 
 
 def _spike_guard(cfg: Config, run_dir: Path, data_iter, step: int | None):
@@ -369,7 +382,11 @@ class PretrainJob(Job):
         self.task.check_tokenizer(tok)
         return tok
 
+    def source_evals(self):
+        return self.task.source_evals(self._tok, self.validation)
+
     def data(self, tok: Tokenizer):
+        self._tok = tok
         return (self.task.train_iter(tok, self.train_source),
                 lambda: self.task.eval_batches(tok, self.validation))
 
@@ -465,6 +482,9 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
                                  if k not in ("loss", "lr", "grad_norm", "tokens", "skipped")})
                     if skip:
                         last["skipped"] = skipped
+                    source_tokens = getattr(getattr(data_iter, "inner", data_iter), "source_tokens", None)
+                    if source_tokens is not None:  # a streamed source or mixture: this process's tokens per source
+                        last.update({f"tokens_{k}": v for k, v in source_tokens().items()})
                     writer.write(done, last)
                     pending, window_start = [], time.time()
                     if bar is not None:

@@ -127,6 +127,13 @@ class LMTask:
                                shard_count=jax.process_count())
         return itertools.islice(iter(ds), cfg.data.eval_batches or None)
 
+    def source_evals(self, tok: Tokenizer, source) -> dict[str, Any]:
+        """A mixture's sources' own validation batches (one maker per source); {} for one source."""
+        if not self.cfg.data.streamed or len(source) < 2:
+            return {}
+        return {s.name: (lambda s=s: with_target_bytes(self._stream_eval_batches(tok, [s]), self.byte_lengths(tok)))
+                for s in source}
+
     def objective(self) -> objectives.Objective:
         """Next-token cross-entropy (with the optimizer's z-loss and label smoothing)."""
         return objectives.lm(self.cfg.optim.z_loss, self.cfg.optim.label_smoothing)
