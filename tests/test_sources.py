@@ -327,3 +327,27 @@ def test_mixture_sigkill_mid_run_resumes_with_bit_identical_losses(files, tmp_pa
     again = subprocess.run(_mixture_argv(files, killed), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _train_losses(killed) == _train_losses(ref)
+
+
+def test_data_inspect_reports_each_source_and_the_mixture(files, capsys):
+    root = files["root"]
+    mix = (f"data.mixture=[{{kind: jsonl, path: '{root}/zst', weight: 3, name: web}}, "
+           f"{{kind: parquet, path: '{root}/ids', token_field: input_ids, weight: 1, name: ids}}]")
+    assert main(["data", "inspect", "tiny", mix, f"tokenizer.path={files['tok_path']}", "--count-shards", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["sources"]
+    assert [s["name"] for s in report] == ["web", "ids"] and [s["share"] for s in report] == [0.75, 0.25]
+    assert all(s["shards"] == N_SHARDS and s["documents"] == N_SHARDS * PER_SHARD and s["documents_estimated"]
+               for s in report)
+    tok = files["tok"]
+    want = np.mean([len(tok.encode(d)) for s in files["docs"] for d in s])  # all 80 are within the 200 sampled
+    assert report[0]["tokens_per_document"] == pytest.approx(want) == report[1]["tokens_per_document"]
+    assert report[0]["sample"] == report[1]["sample"] == tok.decode(tok.encode(files["docs"][0][0])[:64])
+
+
+def test_benchmark_data_counts_the_tokens_it_times(files, capsys):
+    argv = ["benchmark", "data", "tiny", "data.source=parquet", f"data.path={files['root']}/parquet",
+            f"tokenizer.path={files['tok_path']}", "data.seq_len=16", "train.batch_size=4", "--batches", "3", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 3 * 4 * 16 and result["tokens_per_s"] > 0 and result["workers"] == 1
