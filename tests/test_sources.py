@@ -351,3 +351,29 @@ def test_benchmark_data_counts_the_tokens_it_times(files, capsys):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 3 * 4 * 16 and result["tokens_per_s"] > 0 and result["workers"] == 1
+
+
+@pytest.mark.slow
+def test_two_launched_processes_each_read_their_own_shards(files, tmp_path):
+    """`qkv launch local` with 2 processes: each process's saved position is the one its own shards give
+    (process p reads shards p::2, which test_processes_read_disjoint_shards... shows cover every document once)."""
+    import os
+    import subprocess
+
+    from qkv.train import checkpoint
+
+    root, run_dir = files["root"], tmp_path / "two"
+    cmd = [sys.executable, "-m", "qkv.cli", "launch", "local", "--processes", "2", "--devices-per-process", "2",
+           "--timeout", "240", "--", "pretrain", "tiny", *SMALL, "mesh.data=2", "mesh.fsdp=2",
+           "data.source=parquet", f"data.path={root}/parquet", f"tokenizer.path={files['tok_path']}",
+           "train.seed=3", f"train.run_dir={run_dir}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "QKV_DEBUG": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    states = [json.loads(s) for s in checkpoint.read_meta(run_dir)["data_per_process"]]
+    tok = files["tok"]
+    for rank in range(2):
+        _, it = _batches([_entry("parquet", f"{root}/parquet", name="parquet")], tok, 3, process_index=rank,
+                         process_count=2)
+        want = json.loads(iterator_state_to_json(it.get_state()))
+        assert states[rank] == want
+    assert states[0] != states[1]
