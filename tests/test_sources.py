@@ -276,9 +276,9 @@ def test_pretrain_on_parquet_zst_and_memory_urls_equals_plain_jsonl(files, tmp_p
     assert losses["plain"] and losses["plain"] == losses["parquet-memory"] == losses["zst"]
 
 
-def _mixture_argv(files: dict, run_dir: Path, *extra: str) -> list[str]:
+def _mixture_argv(files: dict, run_dir: Path, *extra: str, web: float = 0.6) -> list[str]:
     root = files["root"]
-    mix = (f"data.mixture=[{{kind: jsonl, path: '{root}/plain', weight: 0.6, name: web}}, "
+    mix = (f"data.mixture=[{{kind: jsonl, path: '{root}/plain', weight: {web}, name: web}}, "
            f"{{kind: parquet, path: '{root}/parquet', weight: 0.3, name: books}}, "
            f"{{kind: jsonl, path: '{root}/zst', weight: 0.1, name: code}}]")
     return [sys.executable, "-m", "qkv.cli", "pretrain", "tiny", *SMALL, mix, f"tokenizer.path={files['tok_path']}",
@@ -327,6 +327,12 @@ def test_mixture_sigkill_mid_run_resumes_with_bit_identical_losses(files, tmp_pa
     again = subprocess.run(_mixture_argv(files, killed), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _train_losses(killed) == _train_losses(ref)
+    # New weights on resume: allowed, logged, followed from there on.
+    more = subprocess.run(_mixture_argv(files, killed, "train.steps=30", web=1.2), capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "data mixture weights changed on resume: web=0.6, books=0.3, code=0.1 -> web=0.75" in more.stdout + more.stderr
+    assert [s for s, _ in _train_losses(killed)] == list(range(1, 31))
 
 
 def test_data_inspect_reports_each_source_and_the_mixture(files, capsys):

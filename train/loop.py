@@ -12,6 +12,8 @@ run is a :class:`Job`: ``PretrainJob`` here, ``FinetuneJob`` in train/finetune.p
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -78,6 +80,8 @@ def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
                              {**meta["config"], "data": {**data, "shuffle_rows": 0}})
     for section in ("model", "data"):
         old, new = getattr(saved, section), getattr(cfg, section)
+        if section == "data":  # a mixture's weights may change on resume (the sampler logs it, data/mixture.py)
+            old, new = _without_weights(old), _without_weights(new)
         if old != new:
             changed = [k for k in old.__dataclass_fields__ if getattr(old, k) != getattr(new, k)]
             key = changed[0]
@@ -85,6 +89,12 @@ def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
                 f"{run_dir} holds a run with {section}.{key}={getattr(old, key)!r}, not {getattr(new, key)!r}: "
                 "use another train.run_dir or keep the saved settings"
             )
+
+
+def _without_weights(data: Any) -> Any:
+    if not data.mixture:
+        return data
+    return dataclasses.replace(data, mixture=[{k: v for k, v in e.items() if k != "weight"} for e in data.mixture])
 
 
 def build_trainer(cfg: Config, **kwargs: Any) -> Trainer:
