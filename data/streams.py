@@ -10,6 +10,7 @@ resume reads only from where it stopped.
 Kinds:
   "jsonl"    .jsonl / .json / .jsonl.gz / .json.gz / .jsonl.zst / .json.zst files (a file, directory or glob)
   "parquet"  .parquet files (a file, directory or glob)
+  "prepared" a directory written by ``qkv data prepare``: each shard's rows as token ids in array_record
   "hf"       a directory written by ``datasets.save_to_disk`` (a Dataset, or the ``train`` split of a
              DatasetDict), or a directory/glob of an HF dataset's Parquet/JSON(L) files
 
@@ -28,7 +29,8 @@ from typing import Any
 
 from qkv.errors import UserError
 
-STREAM_KINDS = ("jsonl", "parquet", "hf")
+STREAM_KINDS = ("jsonl", "parquet", "hf", "prepared")
+PREPARED_MANIFEST = "qkv-prepared.json"  # written by `qkv data prepare` (tools/data_tools.py)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 _HF_DATA_SUFFIXES = (".parquet", ".arrow") + JSONL_SUFFIXES
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError)  # pyarrow's errors subclass these
@@ -97,11 +99,23 @@ def list_shards(kind: str, url: str, text_field: str = "text", token_field: str 
     if not url:
         raise UserError(f"source kind {kind!r} needs a path: set data.path (a file, directory, glob or URL)")
     fs, path = filesystem(url)
+    if kind == "prepared":
+        return _prepared_shards(fs, path.rstrip("/"), url, split)
     if kind == "hf":
         files = _hf_files(fs, path.rstrip("/"), url, split)
     else:
         files = _expand(fs, path, url, (".parquet",) if kind == "parquet" else JSONL_SUFFIXES)
     return [Shard(fs, p, _fmt(p) or kind, text_field, token_field) for p in files]
+
+
+def _prepared_shards(fs: Any, path: str, url: str, split: str) -> list[Shard]:  # noqa: ARG001 - one split per dir
+    manifest = posixpath.join(path, PREPARED_MANIFEST)
+    if not fs.exists(manifest):
+        raise UserError(f"{url!r} has no {PREPARED_MANIFEST}: point data.path at a directory `qkv data prepare` wrote")
+    if "://" in url and not url.startswith("file://"):
+        raise UserError(f"prepared data {url!r}: array_record is read from local paths only; copy it to local disk")
+    names = json.loads(fs.cat_file(manifest))["shards"]
+    return [Shard(fs, posixpath.join(path, n), "array_record", token_field="tokens") for n in names]
 
 
 def _hf_files(fs: Any, path: str, url: str, split: str) -> list[str]:
@@ -126,7 +140,8 @@ class Row:
 
 def read_rows(shard: Shard, start: int = 0) -> Iterator[Row]:
     """The shard's rows from row ``start`` on, checked (see module docstring)."""
-    reader = {"jsonl": _jsonl_rows, "parquet": _parquet_rows, "arrow": _arrow_rows}[shard.fmt]
+    reader = {"jsonl": _jsonl_rows, "parquet": _parquet_rows, "arrow": _arrow_rows,
+              "array_record": _array_record_rows}[shard.fmt]
     try:
         yield from reader(shard, start)
     except UserError:
@@ -259,6 +274,21 @@ def _arrow_rows(shard: Shard, start: int) -> Iterator[Row]:
                 for i in range(max(start - first, 0), n):
                     yield _row(shard, first + i, values[i])
             first += n
+
+
+def _array_record_rows(shard: Shard, start: int) -> Iterator[Row]:
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(shard.path)
+    try:
+        n = reader.num_records()
+        for first in range(start, n, 1024):
+            records = reader.read(list(range(first, min(first + 1024, n))))
+            for i, record in enumerate(records):
+                yield Row(first + i, np.frombuffer(record, np.int32).tolist())
+    finally:
+        reader.close()
 
 
 def _row(shard: Shard, index: int, value: Any) -> Row:

@@ -383,3 +383,14 @@ def test_two_launched_processes_each_read_their_own_shards(files, tmp_path):
         want = json.loads(iterator_state_to_json(it.get_state()))
         assert states[rank] == want
     assert states[0] != states[1]
+
+
+def test_prepared_array_record_gives_the_source_batches(files, tmp_path, capsys):
+    root, tok = files["root"], files["tok"]
+    assert main(["data", "prepare", "tiny", "data.source=jsonl", f"data.path={root}/zst",
+                 f"tokenizer.path={files['tok_path']}", "--out", str(tmp_path / "prep")]) == 0
+    assert json.loads(capsys.readouterr().out)["jsonl"]["rows"] == N_SHARDS * PER_SHARD
+    prepared = _entry("prepared", str(tmp_path / "prep" / "jsonl"))
+    plain = _entry("jsonl", f"{root}/plain")
+    _same(_batches([prepared], tok, 12)[0], _batches([plain], tok, 12)[0])
+    _same(_batches([prepared], tok, 0, "validation")[0], _batches([plain], tok, 0, "validation")[0])

@@ -1,4 +1,4 @@
-"""`qkv data inspect CONFIG` and `qkv benchmark data CONFIG`: look at streamed sources before training, and
+"""`qkv data prepare CONFIG --out DIR`, `qkv data inspect CONFIG` and `qkv benchmark data CONFIG`: look at streamed sources before training, and
 time the whole input path (read + tokenize + pack + batch) on this host.
 
 inspect prints, per source: kind, shards, documents (counted in up to ``--count-shards`` shards, scaled to
@@ -83,6 +83,45 @@ def inspect_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def prepare(cfg: Config, out: str) -> dict[str, Any]:
+    """Tokenize every source's shards once into ``out/NAME`` (and ``out/NAME-eval`` for its own evaluation
+    shards): one array_record file per shard, one record per row (int32 token ids; blank rows stay empty
+    records so row numbers, and with them the validation split, are kept). Read back with kind ``prepared``,
+    they give the batches of the source itself."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from qkv.data.streams import PREPARED_MANIFEST
+
+    if not cfg.tokenizer.path:
+        raise UserError("qkv data prepare stores token ids: set tokenizer.path to the SentencePiece .model the "
+                        "training run will use")
+    task = _task(cfg)
+    tok = Tokenizer.load(Path(cfg.tokenizer.path).expanduser())
+    written = {}
+    for source in task.open("train"):
+        for suffix, shards in (("", source.shards), ("-eval", source.eval_shards)):
+            if not shards:
+                continue
+            target = Path(out).expanduser() / f"{source.name}{suffix}"
+            target.mkdir(parents=True, exist_ok=True)
+            names, rows = [], 0
+            for ordinal, shard in enumerate(shards):
+                name = f"{ordinal:06d}.array_record"
+                partial = target / (name + ".partial")
+                writer = ArrayRecordWriter(str(partial), "group_size:1")
+                for r in read_rows(shard):
+                    ids = r.doc if isinstance(r.doc, list) else (tok.encode(r.doc) if r.doc.strip() else [])
+                    writer.write(np.asarray(ids, np.int32).tobytes())
+                    rows += 1
+                writer.close()
+                partial.replace(target / name)
+                names.append(name)
+            (target / PREPARED_MANIFEST).write_text(json.dumps({"shards": names, "source": source.name,
+                                                                "rows": rows}, indent=1))
+            written[f"{source.name}{suffix}"] = {"path": str(target), "shards": len(names), "rows": rows}
+    return written
+
+
 def _bench_worker(args: tuple[dict[str, Any], str, int, int, int]) -> tuple[int, float]:
     cfg_dict, tok_path, rank, workers, batches = args
     from qkv.train.config import config_from_dict
@@ -126,6 +165,9 @@ def benchmark(cfg: Config, workers: int = 1, batches: int = 20) -> dict[str, Any
 def main(ns: Any) -> int:
     source, overrides = split_config_args(ns.args)
     cfg = load_config(source, overrides)
+    if getattr(ns, "data_command", None) == "prepare":
+        print(json.dumps(prepare(cfg, ns.out)))
+        return 0
     if getattr(ns, "data_command", None) == "inspect":
         report = inspect(cfg, ns.count_shards, ns.sample)
         print(json.dumps(report, indent=1) if ns.json else inspect_text(report))

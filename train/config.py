@@ -28,7 +28,7 @@ class DataConfig:
     # encoder_decoder pairs: toy (numbers -> English words, built in), pairs (TSV/JSONL/two files), tfds (wmt14_translate/de-en)
     # parquet, hf (save_to_disk dir or an HF dataset's data files) and compressed jsonl stream from their shards
     # (data/streams.py, docs/data.md); so do data.stream=true and data.mixture
-    source: Literal["stdlib", "files", "jsonl", "tfds", "toy", "pairs", "parquet", "hf"] = "stdlib"
+    source: Literal["stdlib", "files", "jsonl", "tfds", "toy", "pairs", "parquet", "hf", "prepared"] = "stdlib"
     path: str | None = None  # directory or glob for files/jsonl; the pairs file (may contain {split})
     target_path: str | None = None  # source=pairs from two line-aligned files: path = sources, target_path = targets
     tfds_name: str | None = None  # catalog name for source=tfds, e.g. lm1b
@@ -60,7 +60,7 @@ class DataConfig:
         """Whether the text is streamed from shards (data/mixture.py) instead of built into TFDS first."""
         from qkv.data.streams import compressed_or_remote
 
-        return bool(self.mixture) or self.source in ("parquet", "hf") or (self.source == "jsonl" and (
+        return bool(self.mixture) or self.source in ("parquet", "hf", "prepared") or (self.source == "jsonl" and (
             self.stream or compressed_or_remote(self.path)))
 
     @property

@@ -32,7 +32,7 @@ from .distributed import log
 from qkv.errors import UserError
 
 Batch = dict[str, np.ndarray]
-TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds", "parquet", "hf")
+TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds", "parquet", "hf", "prepared")
 PAIR_SOURCES = ("toy", "pairs", "tfds")
 
 
@@ -67,7 +67,7 @@ class LMTask:
     def texts(self, source) -> Sequence[str]:
         if not self.cfg.data.streamed:
             return source
-        if any(e.get("token_field") for e in self.stream_entries()) and not self.cfg.tokenizer.path:
+        if any(e.get("token_field") or e["kind"] == "prepared" for e in self.stream_entries()) and not self.cfg.tokenizer.path:
             raise UserError("a source reads token ids (token_field), so no tokenizer can be trained on it: set "
                             "tokenizer.path to the SentencePiece .model the ids come from")
         n = self.cfg.tokenizer.train_documents

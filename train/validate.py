@@ -234,8 +234,9 @@ def check_mixture(data: Any) -> None:
         unknown = sorted(set(entry) - set(MIXTURE_KEYS))
         if unknown:
             raise UserError(f"{where} has unknown key(s) {unknown}: use {', '.join(MIXTURE_KEYS)}")
-        if entry.get("kind") not in ("jsonl", "parquet", "hf"):
-            raise UserError(f"{where}.kind={show(entry.get('kind'))} is not allowed: choose 'jsonl', 'parquet' or 'hf'")
+        if entry.get("kind") not in ("jsonl", "parquet", "hf", "prepared"):
+            raise UserError(f"{where}.kind={show(entry.get('kind'))} is not allowed: choose 'jsonl', 'parquet', 'hf' "
+                            "or 'prepared'")
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             raise UserError(f"{where}.path={show(entry.get('path'))} must be a non-empty path, glob or URL")
         w = entry.get("weight", 1.0)
