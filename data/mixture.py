@@ -102,7 +102,8 @@ class RowStream:
                 row = 0
             if not found and whole:
                 raise UserError(f"source {self.name!r} has no non-empty document in this process's shards for "
-                                "this split: add data, or give the source its own evaluation path")
+                                "this split: add data, raise data.validation_fraction (the held-out share of "
+                                "rows), or give the source its own evaluation path (eval_path)")
             epoch, k = epoch + 1, 0
 
     def texts(self, n: int) -> list[str]:
