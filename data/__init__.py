@@ -17,6 +17,8 @@ from .classify import (
     tfds_labeled,
 )
 from .corpus import stdlib_files
+from .mixture import MixtureIterator, RowStream, StreamSource, Texts, open_sources
+from .streams import STREAM_KINDS, Shard, filesystem, list_shards, read_rows
 from .pipeline import (
     BATCH_KEYS,
     iterator_state_from_json,
@@ -44,6 +46,8 @@ from .sources import TextSource, open_catalog, open_text_source, record_text
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
+    "MixtureIterator", "RowStream", "STREAM_KINDS", "Shard", "StreamSource", "Texts", "filesystem", "list_shards",
+    "open_sources", "read_rows",
     "BATCH_KEYS",
     "CLASSIFY_BATCH_KEYS",
     "ClassExample",

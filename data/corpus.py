@@ -162,10 +162,13 @@ def make_spec(
     return CorpusSpec(kind, root, tuple(files), text_field, validation_fraction)
 
 
-def _unit_hash(key: str) -> float:
+def unit_hash(key: str) -> float:
     """A key's position in [0, 1), uniform and stable across runs and machines."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+_unit_hash = unit_hash
 
 
 def split_keys(keys: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:

@@ -519,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--new-tokens", type=int, default=32)
             t.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
     p.set_defaults(func=cmd_benchmark)
+    bsub_for_data = bsub
 
     p = sub.add_parser("convert", help="Hugging Face safetensors <-> qkv checkpoints (Llama, GPT-2)")
     csub = p.add_subparsers(dest="direction", required=True)
@@ -559,7 +560,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "data-center network (default mesh.dcn_data = the slice count); reports the cross-slice traffic")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+    _add_data_parser(sub, bsub_for_data)
     return parser
+
+
+def _add_data_parser(sub, bench_sub) -> None:
+    """`qkv data inspect CONFIG` and `qkv benchmark data CONFIG` (streamed sources, docs/data.md)."""
+    p = sub.add_parser("data", help="look at a config's streamed data sources before training")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    t = dsub.add_parser("inspect", help="per source: shards, documents, tokens/document, a sample; the mixture")
+    t.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
+    t.add_argument("--count-shards", type=int, default=4, help="shards whose rows are counted (the rest estimated)")
+    t.add_argument("--sample", type=int, default=200, help="documents sampled for tokens/document")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    t = dsub.add_parser("prepare", help="tokenize every source once into array_record (read back as kind prepared)")
+    t.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
+    t.add_argument("--out", required=True, help="a directory: one subdirectory per source")
+    p.set_defaults(func=cmd_data)
+    t = bench_sub.add_parser("data", help="tokens/s of the input path (read, tokenize, pack, batch) on this host")
+    t.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
+    t.add_argument("--workers", type=int, default=1, help="processes, each reading its own shards")
+    t.add_argument("--batches", type=int, default=20, help="timed batches per worker")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    t.set_defaults(func=cmd_data)
+
+
+def cmd_data(ns: argparse.Namespace) -> int:
+    from qkv.tools.data_tools import main as data_main
+
+    return data_main(ns)
 
 
 class UsageError(UserError):

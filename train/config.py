@@ -18,7 +18,7 @@ import yaml
 
 from qkv.model import ModelConfig
 
-from .validate import check_section
+from .validate import check_mixture, check_section
 from qkv.errors import UserError
 
 
@@ -26,7 +26,9 @@ from qkv.errors import UserError
 class DataConfig:
     # decoder/encoder text: stdlib (this Python's own .py files), files, jsonl, tfds (e.g. lm1b);
     # encoder_decoder pairs: toy (numbers -> English words, built in), pairs (TSV/JSONL/two files), tfds (wmt14_translate/de-en)
-    source: Literal["stdlib", "files", "jsonl", "tfds", "toy", "pairs"] = "stdlib"
+    # parquet, hf (save_to_disk dir or an HF dataset's data files) and compressed jsonl stream from their shards
+    # (data/streams.py, docs/data.md); so do data.stream=true and data.mixture
+    source: Literal["stdlib", "files", "jsonl", "tfds", "toy", "pairs", "parquet", "hf", "prepared"] = "stdlib"
     path: str | None = None  # directory or glob for files/jsonl; the pairs file (may contain {split})
     target_path: str | None = None  # source=pairs from two line-aligned files: path = sources, target_path = targets
     tfds_name: str | None = None  # catalog name for source=tfds, e.g. lm1b
@@ -42,10 +44,24 @@ class DataConfig:
     toy_limit: int = 10_000  # source=toy: translate the numbers below this (split 90/5/5 % by a fixed hash)
     eval_batches: int = 8  # validation batches per evaluation (0: whole split)
     shuffle_rows: int = 1024  # packed training rows shuffled together in one window (0/1: rows in document order)
+    # Streamed, sharded sources (docs/data.md): read in place, packed on the fly, position checkpointed.
+    stream: bool = False  # source=jsonl: stream the files instead of building a TFDS dataset first
+    token_field: str = ""  # parquet/jsonl/hf: a column of token ids already tokenized (needs tokenizer.path)
+    eval_path: str = ""  # streamed source: its own evaluation shards ("": hold out validation_fraction of rows)
+    mixture: list | None = None  # [{kind, path, weight, text_field?, token_field?, eval_path?, name?}]
 
 
     def __post_init__(self) -> None:
         check_section("data", self)
+        check_mixture(self)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the text is streamed from shards (data/mixture.py) instead of built into TFDS first."""
+        from qkv.data.streams import compressed_or_remote
+
+        return bool(self.mixture) or self.source in ("parquet", "hf", "prepared") or (self.source == "jsonl" and (
+            self.stream or compressed_or_remote(self.path)))
 
     @property
     def source_len(self) -> int:

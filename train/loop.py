@@ -12,6 +12,8 @@ run is a :class:`Job`: ``PretrainJob`` here, ``FinetuneJob`` in train/finetune.p
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -40,7 +42,7 @@ from .run_lock import RunLock
 from .sharding import check_batch, make_mesh, resolve_rules
 from .step import State, Trainer, run_eval
 from .tasks import task_for
-from .validate import check_run_dir
+from .validate import check_run_dir, local_run_dir
 from qkv.errors import UserError
 
 
@@ -80,6 +82,8 @@ def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
                              {**meta["config"], "data": {**data, "shuffle_rows": 0}})
     for section in ("model", "data"):
         old, new = getattr(saved, section), getattr(cfg, section)
+        if section == "data":  # a mixture's weights may change on resume (the sampler logs it, data/mixture.py)
+            old, new = _without_weights(old), _without_weights(new)
         if old != new:
             changed = [k for k in old.__dataclass_fields__ if getattr(old, k) != getattr(new, k)]
             key = changed[0]
@@ -87,6 +91,12 @@ def check_resumable(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
                 f"{run_dir} holds a run with {section}.{key}={getattr(old, key)!r}, not {getattr(new, key)!r}: "
                 "use another train.run_dir or keep the saved settings"
             )
+
+
+def _without_weights(data: Any) -> Any:
+    if not data.mixture:
+        return data
+    return dataclasses.replace(data, mixture=[{k: v for k, v in e.items() if k != "weight"} for e in data.mixture])
 
 
 def build_trainer(cfg: Config, **kwargs: Any) -> Trainer:
@@ -249,6 +259,10 @@ class Job:
         """(a checkpointable iterator of this process's training batches, a maker of its evaluation batches)."""
         raise NotImplementedError
 
+    def source_evals(self) -> dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]:
+        """Makers of each data source's own evaluation batches (a mixture's sources), evaluated as well."""
+        return {}
+
     def init_state(self) -> State:
         """The train state of a first start."""
         return self.trainer.init_state()
@@ -265,7 +279,7 @@ def run(cfg: Config, make_job: Callable[[Path], Job], report: Report | None = No
     """The run lifecycle shared by pretraining and fine-tuning; returns the loop's summary (plus the
     report's keys, unless the run was preempted)."""
     maybe_initialize(cfg.train.distributed)
-    run_dir = Path(cfg.train.run_dir).expanduser().resolve()
+    run_dir = local_run_dir(cfg.train.run_dir)
     check_run_dir(run_dir)
     created = run_dir  # the outermost folder a first start makes (removed again if it fails)
     while not created.parent.exists():
@@ -299,7 +313,7 @@ def _run_locked(cfg: Config, run_dir: Path, make_job: Callable[[Path], Job], rep
                 data_iter, spikes = _spike_guard(cfg, run_dir, data_iter, good_step)
             try:
                 summary, state = _train(cfg, run_dir, trainer, tok, state, data_iter, good_step, job.name,
-                                        evaluate=lambda params: run_eval(trainer, params, eval_batches()),
+                                        evaluate=lambda params: _evaluate(trainer, params, eval_batches, job),
                                         spikes=spikes, chat=job.chat)
                 break
             except rewind.Spike as spike:
@@ -333,6 +347,15 @@ def _close_run_files(mngr, writer: MetricsWriter, run_dir: Path, saves: list[int
         if storage.disk_full(errors[0]):
             raise _disk_full(run_dir, saves, done) from None
         raise errors[0]
+
+
+def _evaluate(trainer: Trainer, params, eval_batches, job: Job) -> dict[str, Any]:
+    """Validation metrics, with ``loss_<source>`` / ``bits_per_byte_<source>`` for each source of a mixture."""
+    ev = run_eval(trainer, params, eval_batches())
+    for name, batches in job.source_evals().items():
+        sub = run_eval(trainer, params, batches())
+        ev.update({f"{k}_{name}": sub[k] for k in ("loss", "bits_per_byte") if k in sub})
+    return ev
 
 
 def _spike_guard(cfg: Config, run_dir: Path, data_iter, step: int | None):
@@ -412,7 +435,11 @@ class PretrainJob(Job):
         self.task.check_tokenizer(tok)
         return tok
 
+    def source_evals(self):
+        return self.task.source_evals(self._tok, self.validation)
+
     def data(self, tok: Tokenizer):
+        self._tok = tok
         return (self.task.train_iter(tok, self.train_source),
                 lambda: self.task.eval_batches(tok, self.validation))
 
@@ -512,6 +539,9 @@ def _train(cfg: Config, run_dir: Path, trainer: Trainer, tok: Tokenizer, state: 
                                  if k not in ("loss", "lr", "grad_norm", "tokens", "skipped")})
                     if skip:
                         last["skipped"] = skipped
+                    source_tokens = getattr(getattr(data_iter, "inner", data_iter), "source_tokens", None)
+                    if source_tokens is not None:  # a streamed source or mixture: this process's tokens per source
+                        last.update({f"tokens_{k}": v for k, v in source_tokens().items()})
                     writer.write(done, last)
                     pending, window_start = [], time.time()
                     if bar is not None:

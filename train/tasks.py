@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from qkv.data import (Seq2SeqIterator, Tokenizer, load_pairs, make_eval_dataset, make_lm_dataset, open_text_source,
+from qkv.data import (MixtureIterator, RowStream, Texts, open_sources, Seq2SeqIterator, Tokenizer, load_pairs, make_eval_dataset, make_lm_dataset, open_text_source,
                       PairTexts, seq2seq_eval_batches, tfds_pairs, tokenize_pairs, toy_pairs)
 
 from . import objectives
@@ -32,7 +32,7 @@ from .distributed import log
 from qkv.errors import UserError
 
 Batch = dict[str, np.ndarray]
-TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds")
+TEXT_SOURCES = ("stdlib", "files", "jsonl", "tfds", "parquet", "hf", "prepared")
 PAIR_SOURCES = ("toy", "pairs", "tfds")
 
 
@@ -58,14 +58,44 @@ class LMTask:
 
     def open(self, split: str):
         d = self.cfg.data
+        if d.streamed:  # both splits come from the same shards (data/mixture.py says how they are split)
+            return open_sources(self.stream_entries())
         return open_text_source(d.source, d.path, split, Path(d.data_dir).expanduser(), text_field=d.text_field,
                                 tfds_name=d.tfds_name, validation_fraction=d.validation_fraction,
                                 train_split=d.train_split, eval_split=d.eval_split)
 
     def texts(self, source) -> Sequence[str]:
-        return source
+        if not self.cfg.data.streamed:
+            return source
+        if any(e.get("token_field") or e["kind"] == "prepared" for e in self.stream_entries()) and not self.cfg.tokenizer.path:
+            raise UserError("a source reads token ids (token_field), so no tokenizer can be trained on it: set "
+                            "tokenizer.path to the SentencePiece .model the ids come from")
+        n = self.cfg.tokenizer.train_documents
+        texts = Texts()
+        for s, w in zip(source, MixtureIterator.shares(source)):
+            texts.extend(self._streams(None, [s], "train")[0].texts(max(1, round(n * w))))
+        return texts
+
+    def stream_entries(self) -> list[dict[str, Any]]:
+        d = self.cfg.data
+        if d.mixture is not None:
+            return list(d.mixture)
+        return [{"kind": d.source, "path": d.path, "text_field": d.text_field, "token_field": d.token_field,
+                 "eval_path": d.eval_path, "weight": 1.0, "name": d.source}]
+
+    def _streams(self, tok: Tokenizer | None, sources, split: str) -> list[RowStream]:
+        d, t = self.cfg.data, self.cfg.train
+        return [RowStream(s, tok.encode if tok else list, split=split, seq_len=d.seq_len, seed=t.seed,
+                          bos_id=tok.bos_id if tok else 1, eos_id=tok.eos_id if tok else 2,
+                          validation_fraction=d.validation_fraction,
+                          shuffle_rows=d.shuffle_rows if split == "train" else 0,
+                          num_epochs=None if split == "train" else 1,
+                          process_index=jax.process_index(), process_count=jax.process_count()) for s in sources]
 
     def train_iter(self, tok: Tokenizer, source):
+        if self.cfg.data.streamed:
+            per_process = self.cfg.train.batch_size // jax.process_count()
+            return MixtureIterator(self._streams(tok, source, "train"), [s.weight for s in source], per_process)
         per_process = self.cfg.train.batch_size // jax.process_count()
         return iter(make_lm_dataset(source, tok.encode, seq_len=self.cfg.data.seq_len, batch_size=per_process,
                                     seed=self.cfg.train.seed, shard_index=jax.process_index(),
@@ -88,10 +118,21 @@ class LMTask:
     def _stream_eval_batches(self, tok: Tokenizer, source) -> Iterator[Batch]:
         cfg = self.cfg
         per_process = cfg.train.batch_size // jax.process_count()
+        if cfg.data.streamed:
+            ds = MixtureIterator(self._streams(tok, source, "validation"), [s.weight for s in source], per_process,
+                                 finite=True)
+            return itertools.islice(ds, cfg.data.eval_batches or None)
         ds = make_eval_dataset(source, tok.encode, seq_len=cfg.data.seq_len, batch_size=per_process,
                                bos_id=tok.bos_id, eos_id=tok.eos_id, shard_index=jax.process_index(),
                                shard_count=jax.process_count())
         return itertools.islice(iter(ds), cfg.data.eval_batches or None)
+
+    def source_evals(self, tok: Tokenizer, source) -> dict[str, Any]:
+        """A mixture's sources' own validation batches (one maker per source); {} for one source."""
+        if not self.cfg.data.streamed or len(source) < 2:
+            return {}
+        return {s.name: (lambda s=s: with_target_bytes(self._stream_eval_batches(tok, [s]), self.byte_lengths(tok)))
+                for s in source}
 
     def objective(self) -> objectives.Objective:
         """Next-token cross-entropy (with the optimizer's z-loss and label smoothing)."""

@@ -213,3 +213,53 @@ def check_run_dir(run_dir: "Path") -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"train.run_dir={str(run_dir)!r}: {str(ancestor)!r} is not writable by this user: choose "
                         "another train.run_dir")
+
+
+MIXTURE_KEYS = ("kind", "path", "weight", "text_field", "token_field", "eval_path", "name")
+
+
+def check_mixture(data: Any) -> None:
+    """``data.mixture``: a list of mappings with a streamed kind, a path and a weight > 0 (docs/data.md)."""
+    mixture = data.mixture
+    if mixture is None:
+        return
+    if isinstance(mixture, list) and not mixture:
+        raise UserError("data.mixture is empty: list at least one source, e.g. "
+                        "[{kind: jsonl, path: 'docs.jsonl.zst', weight: 1}], or leave data.mixture unset")
+    if not isinstance(mixture, list):
+        raise UserError(f"data.mixture={show(mixture)} must be a list of sources: write e.g. "
+                        "[{kind: parquet, path: 'web/*.parquet', weight: 0.7}, {kind: jsonl, path: 'code.jsonl.zst', weight: 0.3}]")
+    names = []
+    for i, entry in enumerate(mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}={show(entry)} must be a mapping: write {{kind: KIND, path: PATH, weight: W}}")
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        if unknown:
+            raise UserError(f"{where} has unknown key(s) {unknown}: use {', '.join(MIXTURE_KEYS)}")
+        if entry.get("kind") not in ("jsonl", "parquet", "hf", "prepared"):
+            raise UserError(f"{where}.kind={show(entry.get('kind'))} is not allowed: choose 'jsonl', 'parquet', 'hf' "
+                            "or 'prepared'")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise UserError(f"{where}.path={show(entry.get('path'))} must be a non-empty path, glob or URL")
+        w = entry.get("weight", 1.0)
+        if not finite(w) or w <= 0:
+            raise UserError(f"{where}.weight={show(w)} must be a number > 0: use e.g. 0.5 (drop the source to leave it out)")
+        names.append(str(entry.get("name") or f"{entry['kind']}{i}"))
+    if len(set(names)) != len(names):
+        raise UserError(f"data.mixture names {names} repeat: give each source its own name")
+
+
+def local_run_dir(text: str) -> "Path":
+    """``train.run_dir`` as a local path: a plain path or a ``file://`` URL. Other URLs are refused: metrics,
+    the tokenizer and the rewind plan are written with local file operations (Orbax alone could write gs://)."""
+    from pathlib import Path
+
+    if "://" not in text:
+        return Path(text).expanduser().resolve()
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return Path(rest).expanduser().resolve()
+    raise UserError(f"train.run_dir={text!r}: a run directory on {scheme}:// is not supported (checkpoints, metrics "
+                    "and the tokenizer are written locally): use a local path or file://, or mount the bucket "
+                    "(e.g. gcsfuse) and give its path; data paths may be URLs")
