@@ -25,7 +25,7 @@ def _section(text: str, heading: str) -> str:
 
 
 def _preset_rows() -> dict[str, tuple[str, str]]:
-    rows = re.findall(r"^\| `([\w-]+)` \| ([\d.]+[KMB]) \| (.+) \|$", _section(README, "### Presets"), re.M)
+    rows = re.findall(r"^\| `([\w.-]+)` \| ([\d.]+[KMB]) \| (.+) \|$", _section(README, "### Presets"), re.M)
     return {name: (size, shape) for name, size, shape in rows}
 
 
