@@ -13,6 +13,8 @@
     qkv benchmark train|decode [CONFIG] [key=value ...]   throughput, MFU and roofline on synthetic tokens
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
+    qkv chat --checkpoint RUN_DIR                 an interactive chat in the model's own chat template
+    qkv data inspect|prepare CONFIG               look at a config's sources / tokenize them once
 
 Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2. Anything
 else is a bug in qkv: one ``qkv: internal error`` line naming the exception and the file that holds the
@@ -27,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 from qkv.errors import UserError
+
+from qkv.chat_command import add_chat_parser, generate_messages, require_dir
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -91,18 +95,13 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
             raise UserError(f"override {text!r} must name a section, e.g. data.eval_batches=0")
         section, name = key.split(".", 1)
         overrides.setdefault(section, {})[name] = value
-    _require_dir(ns.checkpoint)
+    require_dir(ns.checkpoint)
     result = evaluate(ns.checkpoint, overrides, split=ns.split, bleu=not ns.no_bleu, beam_size=ns.beam_size)
     if ns.baseline:  # gzip/bz2/xz on every document of the same split, one file at a time
         from qkv.tools.baselines import split_baselines
         result["baseline_bits_per_byte"] = split_baselines(ns.checkpoint, ns.split, overrides)
     print(json.dumps(result))
     return 0
-
-
-def _require_dir(path: str) -> None:
-    if not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist: pass the train.run_dir of a run")
 
 
 def _nonblank_lines(path_text: str, what: str) -> list[str]:
@@ -144,7 +143,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
                     top_p=ns.top_p, seed=ns.seed)
     SamplingConfig(**settings)  # validate before the slow part
     check_beam(ns.beam_size, ns.length_penalty)
-    _require_dir(ns.checkpoint)
+    require_dir(ns.checkpoint)
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
@@ -175,7 +174,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_embed(ns: argparse.Namespace) -> int:
     if ns.word:
-        _require_dir(ns.checkpoint)
+        require_dir(ns.checkpoint)
         from qkv.api import load
 
         lm = load(ns.checkpoint, ns.step)
@@ -187,7 +186,7 @@ def cmd_embed(ns: argparse.Namespace) -> int:
         texts += _nonblank_lines(ns.text_file, "text")
     if len(texts) < 2:
         raise UserError("give at least two texts (--text, repeatable, or --text-file): neighbours need others")
-    _require_dir(ns.checkpoint)
+    require_dir(ns.checkpoint)
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
@@ -202,7 +201,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     if ns.checkpoint is None:
         if ns.run is None:
             raise UserError("no checkpoint given: pass --checkpoint RUN_DIR (or --run RUN_DIR for training curves)")
-        _require_dir(ns.run)
+        require_dir(ns.run)
         from qkv.inference.explain_report import write_training_report
         print(f"report: {write_training_report(ns.run, ns.out)}")
         return 0
@@ -212,7 +211,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     for flag, value in (("--layer", ns.layer), ("--head", ns.head), ("--new-tokens", ns.new_tokens)):
         if value is not None and value < 0:
             raise UserError(f"{flag} {value} must be >= 0")
-    _require_dir(ns.checkpoint)
+    require_dir(ns.checkpoint)
     from qkv.api import load
     from qkv.inference.explain_report import terminal_summary, write_report
 
@@ -287,124 +286,12 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         print(json.dumps(import_hf(ns.hf_dir, ns.run_dir, ns.tokenizer)))
     elif ns.direction == "merge-lora":
         from qkv.tools.convert import merge_lora_run
-        _require_dir(ns.run_dir)
+        require_dir(ns.run_dir)
         print(json.dumps(merge_lora_run(ns.run_dir, ns.out_dir, ns.step)))
     else:
-        _require_dir(ns.run_dir)
+        require_dir(ns.run_dir)
         print(json.dumps(export_hf(ns.run_dir, ns.out_dir, ns.arch, ns.step)))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# qkv chat and qkv generate --messages (docs/chat.md)
-
-
-def generate_messages(ns: argparse.Namespace) -> int:
-    """``qkv generate --messages FILE.jsonl``: one ``{"reply": ...}`` JSON line per conversation, in order."""
-    import json
-
-    from qkv.data.chat_template import TemplateError
-    from qkv.data.examples import DataError, read_jsonl
-    from qkv.data.sft import check_messages
-
-    if ns.prompt or ns.prompt_file or ns.prompt_ids:
-        raise UserError("give either --messages or --prompt/--prompt-file/--prompt-ids, not both")
-    records = []
-    for where, record in read_jsonl(ns.messages, "pass --messages a .jsonl file of {\"messages\": [...]} lines"):
-        if "messages" not in record:
-            raise DataError(f"{where}: missing field 'messages'")
-        records.append((where, check_messages(record["messages"], where)))
-    _require_dir(ns.checkpoint)
-    from qkv.api import load
-
-    lm = load(ns.checkpoint, ns.step)
-    for where, messages in records:  # every conversation renders before anything is printed
-        try:
-            lm.chat_prompt_ids(messages)
-        except TemplateError as err:
-            raise DataError(f"{where}: {err}") from None
-    replies = lm.chat([m for _, m in records], max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                      top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
-    for reply in replies:
-        print(json.dumps({"reply": reply}, ensure_ascii=False))
-    return 0
-
-
-def cmd_chat(ns: argparse.Namespace) -> int:
-    """An interactive chat in the terminal (see _add_chat_parser's help)."""
-    from qkv.inference.chat import fit_history
-
-    _require_dir(ns.checkpoint)
-    from qkv.api import load
-
-    lm = load(ns.checkpoint, ns.step)
-    lm.chat_template  # a checkpoint that cannot chat is refused before the prompt appears
-    context = lm.config.model.max_seq_len
-    reserve = min(ns.max_new_tokens, context // 2)
-    print(f"qkv chat: {ns.checkpoint} (context {context} tokens). /system TEXT, /reset; Ctrl-C stops a reply, "
-          "Ctrl-D leaves.", flush=True)
-    system: str | None = None
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/reset":
-            history = []
-            print("(conversation cleared)", flush=True)
-            continue
-        if text == "/system" or text.startswith("/system "):
-            system = text[len("/system"):].strip() or None
-            print(f"(system message {'set' if system else 'cleared'})", flush=True)
-            continue
-        if text.startswith("/"):
-            print("(commands: /system TEXT, /reset; Ctrl-D leaves)", flush=True)
-            continue
-        head = [{"role": "system", "content": system}] if system else []
-        try:
-            turns, dropped = fit_history(history + [{"role": "user", "content": line}],
-                                         lambda t: len(lm.chat_prompt_ids(head + t, check=False)), context - reserve)
-        except UserError as err:
-            print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
-            continue
-        if dropped:
-            print(f"(the {dropped} oldest messages no longer fit in the model's context of {context} tokens: "
-                  "dropped)", flush=True)
-        reply = ""
-        try:
-            for piece in lm.chat_stream(head + turns, max_new_tokens=reserve, temperature=ns.temperature,
-                                        top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed):
-                reply += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        except UserError as err:  # the newest message alone does not fit: say so, keep the history as it was
-            print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history = turns + [{"role": "assistant", "content": reply}]
-
-
-def _add_chat_parser(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal, in the model's own chat template")
-    p.add_argument("--checkpoint", required=True, help="run directory (qkv finetune, qkv convert import, ...)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", help='JSONL of {"messages": [...]}: print each conversation\'s next assistant '
                    "reply (the model's chat template; one JSON line each)")
     p.set_defaults(func=cmd_generate)
-    _add_chat_parser(sub)
+    add_chat_parser(sub)
 
     p = sub.add_parser("embed", help="sentence embeddings and cosine neighbours from an encoder checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory of an encoder (or encoder-decoder)")

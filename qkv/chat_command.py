@@ -1,0 +1,124 @@
+"""``qkv chat`` (an interactive multi-turn chat in the terminal) and ``qkv generate --messages`` (docs/chat.md),
+kept beside the CLI so that qkv/cli.py stays one screen per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qkv.errors import UserError
+
+
+def require_dir(path: str) -> None:
+    if not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist: pass the train.run_dir of a run")
+
+
+
+
+def generate_messages(ns: argparse.Namespace) -> int:
+    """``qkv generate --messages FILE.jsonl``: one ``{"reply": ...}`` JSON line per conversation, in order."""
+    import json
+
+    from qkv.data.chat_template import TemplateError
+    from qkv.data.examples import DataError, read_jsonl
+    from qkv.data.sft import check_messages
+
+    if ns.prompt or ns.prompt_file or ns.prompt_ids:
+        raise UserError("give either --messages or --prompt/--prompt-file/--prompt-ids, not both")
+    records = []
+    for where, record in read_jsonl(ns.messages, "pass --messages a .jsonl file of {\"messages\": [...]} lines"):
+        if "messages" not in record:
+            raise DataError(f"{where}: missing field 'messages'")
+        records.append((where, check_messages(record["messages"], where)))
+    require_dir(ns.checkpoint)
+    from qkv.api import load
+
+    lm = load(ns.checkpoint, ns.step)
+    for where, messages in records:  # every conversation renders before anything is printed
+        try:
+            lm.chat_prompt_ids(messages)
+        except TemplateError as err:
+            raise DataError(f"{where}: {err}") from None
+    replies = lm.chat([m for _, m in records], max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                      top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
+    for reply in replies:
+        print(json.dumps({"reply": reply}, ensure_ascii=False))
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    """An interactive chat in the terminal (see add_chat_parser's help)."""
+    from qkv.inference.chat import fit_history
+
+    require_dir(ns.checkpoint)
+    from qkv.api import load
+
+    lm = load(ns.checkpoint, ns.step)
+    lm.chat_template  # a checkpoint that cannot chat is refused before the prompt appears
+    context = lm.config.model.max_seq_len
+    reserve = min(ns.max_new_tokens, context // 2)
+    print(f"qkv chat: {ns.checkpoint} (context {context} tokens). /system TEXT, /reset; Ctrl-C stops a reply, "
+          "Ctrl-D leaves.", flush=True)
+    system: str | None = None
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if text == "/system" or text.startswith("/system "):
+            system = text[len("/system"):].strip() or None
+            print(f"(system message {'set' if system else 'cleared'})", flush=True)
+            continue
+        if text.startswith("/"):
+            print("(commands: /system TEXT, /reset; Ctrl-D leaves)", flush=True)
+            continue
+        head = [{"role": "system", "content": system}] if system else []
+        try:
+            turns, dropped = fit_history(history + [{"role": "user", "content": line}],
+                                         lambda t: len(lm.chat_prompt_ids(head + t, check=False)), context - reserve)
+        except UserError as err:
+            print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
+            continue
+        if dropped:
+            print(f"(the {dropped} oldest messages no longer fit in the model's context of {context} tokens: "
+                  "dropped)", flush=True)
+        reply = ""
+        try:
+            for piece in lm.chat_stream(head + turns, max_new_tokens=reserve, temperature=ns.temperature,
+                                        top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed):
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except UserError as err:  # the newest message alone does not fit: say so, keep the history as it was
+            print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history = turns + [{"role": "assistant", "content": reply}]
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal, in the model's own chat template")
+    p.add_argument("--checkpoint", required=True, help="run directory (qkv finetune, qkv convert import, ...)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
