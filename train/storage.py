@@ -61,6 +61,12 @@ def _noise(text: str) -> bool:
     return any(t in text for t in NO_SPACE_TEXT + AFTERMATH_TEXT)
 
 
+def _aftermath(value: BaseException | None) -> bool:
+    """A storage thread's report that its event loop is already closed: the consequence of a failed write,
+    which can be printed before the failure itself has been seen (the threads race the main thread)."""
+    return value is not None and any(t in str(e) for e in _chain(value) for t in AFTERMATH_TEXT)
+
+
 class _Filter(logging.Filter):
     def __init__(self, quiet: "QuietStorageFailures"):
         super().__init__()
@@ -94,15 +100,17 @@ class QuietStorageFailures:
         outer_except, outer_thread, outer_unraisable = self._hooks
 
         def excepthook(kind, value, tb):
-            if not (self.seen and _noise(" ".join(str(e) for e in _chain(value)))):
+            if not (_aftermath(value) or self.seen and _noise(" ".join(str(e) for e in _chain(value)))):
                 outer_except(kind, value, tb)
 
         def thread_hook(args):
-            if not (self.seen and args.exc_value is not None and _noise(" ".join(map(str, _chain(args.exc_value))))):
+            if not (_aftermath(args.exc_value) or self.seen and args.exc_value is not None
+                    and _noise(" ".join(map(str, _chain(args.exc_value))))):
                 outer_thread(args)
 
         def unraisable_hook(args):
-            if not (self.seen and args.exc_value is not None and _noise(" ".join(map(str, _chain(args.exc_value))))):
+            if not (_aftermath(args.exc_value) or self.seen and args.exc_value is not None
+                    and _noise(" ".join(map(str, _chain(args.exc_value))))):
                 outer_unraisable(args)
 
         sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable_hook
