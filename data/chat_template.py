@@ -10,7 +10,9 @@ Rendering (``ChatTemplate.render``): jinja2's ``ImmutableSandboxedEnvironment`` 
 helpers of transformers' ``apply_chat_template`` (``trim_blocks``, ``lstrip_blocks``, loop controls,
 ``raise_exception``, ``strftime_now``, a non-escaping ``tojson``, a guarded ``namespace`` and ``dict``,
 ``{% generation %}`` blocks) and the tokenizer's special-token strings (``bos_token``, ``eos_token``, ...)
-as variables; template keyword arguments (``enable_thinking``) pass through.
+as variables; template keyword arguments (``enable_thinking``: ``ChatTemplate.with_kwargs``, checked by
+``check_template_kwargs``) as further variables. Messages are normalized as transformers normalizes them:
+keys whose value is None dropped, ``reasoning_content`` / ``thinking`` / ``reasoning`` aliased.
 
 Tokenizing (``encode_rendered``): the rendered text with its special-token spellings read as special
 tokens, no bos/eos added (the template writes them), as transformers tokenizes it.
@@ -55,6 +57,18 @@ PLAIN_TEMPLATE = (
 )
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+# Template keyword arguments: the names apply_chat_template sets itself, and the types of well-known ones.
+RESERVED_KWARGS = ("messages", "tools", "documents", "add_generation_prompt")
+KNOWN_KWARG_TYPES: dict[str, tuple[type, str]] = {
+    "enable_thinking": (bool, "true or false"),
+    "tools_in_user_message": (bool, "true or false"),
+    "add_vision_id": (bool, "true or false"),
+    "date_string": (str, "a string, e.g. '26 Jul 2024'"),
+    "reasoning_effort": (str, "a string, e.g. 'low'"),
+}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 class TemplateError(UserError):
@@ -150,21 +164,86 @@ def _compile(source: str):
                             "another with tokenizer.chat_template=PATH.jinja") from None
 
 
-def _drop_none(message: Any) -> Any:
-    """transformers drops the keys whose value is None before rendering."""
-    return {k: v for k, v in message.items() if v is not None} if isinstance(message, dict) else message
+def _json_value(x: Any) -> bool:
+    if x is None or isinstance(x, (bool, str, int)):
+        return True
+    if isinstance(x, float):
+        return x == x and x not in (float("inf"), float("-inf"))
+    if isinstance(x, list):
+        return all(_json_value(v) for v in x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _json_value(v) for k, v in x.items())
+    return False
+
+
+def check_template_kwargs(value: Any, where: str) -> dict[str, Any]:
+    """Template keyword arguments (``{"enable_thinking": false}``) checked: a mapping of variable names to JSON
+    values, none of the names apply_chat_template sets itself, well-known names with their type. Errors name
+    ``where`` and the key."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping of template variables, e.g. {{enable_thinking: false}}, "
+                        f"not {value!r}")
+    for key, v in value.items():
+        if not isinstance(key, str) or not _NAME.match(key):
+            raise UserError(f"{where}: {key!r} is not a template variable name: use letters, digits and _")
+        if key in RESERVED_KWARGS:
+            raise UserError(f"{where}.{key}: set by qkv itself (messages, tools, documents, add_generation_prompt): "
+                            "remove it")
+        if not _json_value(v):
+            raise UserError(f"{where}.{key}={v!r} must be a JSON value (true/false, a number, a string, a list "
+                            "or a mapping)")
+        known = KNOWN_KWARG_TYPES.get(key)
+        if known and not isinstance(v, known[0]):
+            raise UserError(f"{where}.{key}={v!r} must be {known[1]}")
+    return dict(value)
+
+
+@lru_cache(maxsize=16)
+def _variables(source: str) -> frozenset[str]:
+    """The variables a template reads without setting them (what keyword arguments can reach)."""
+    import jinja2.meta
+
+    compiled = _compile(source)
+    return frozenset(jinja2.meta.find_undeclared_variables(compiled.environment.parse(source)))
+
+
+def _normalized(message: Any) -> Any:
+    """A message as transformers hands it to the template: keys whose value is None dropped, the reasoning
+    under ``reasoning_content`` and ``thinking`` too when given under any of its names."""
+    if not isinstance(message, dict):
+        return message
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
 
 
 class ChatTemplate:
     """A Jinja chat template and the special-token strings it is rendered with."""
 
-    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, origin: str = "the chat template"):
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, origin: str = "the chat template",
+                 kwargs: dict[str, Any] | None = None):
         if not isinstance(source, str) or not source.strip():
             raise UserError(f"{origin} is empty: pass a Jinja chat template (tokenizer.chat_template=PATH.jinja)")
         self.source, self.origin = source, origin
         self.special_tokens = dict(special_tokens or {})
+        self.kwargs = dict(kwargs or {})
         self.has_generation = bool(_GENERATION_TAG.search(source))
         _compile(source)  # syntax errors now, not at the first record
+
+    def with_kwargs(self, kwargs: Any, where: str = "template keyword arguments") -> "ChatTemplate":
+        """This template rendered with ``kwargs`` too (checked by ``check_template_kwargs``; each must be a
+        variable the template reads, so a misspelt or foreign one is an error, not silently ignored)."""
+        kwargs = check_template_kwargs(kwargs, where)
+        unread = sorted(set(kwargs) - _variables(self.source))
+        if unread:
+            reads = sorted(_variables(self.source) - {"messages", *RESERVED_KWARGS})
+            raise UserError(f"{where}.{unread[0]}: {self.origin} does not read {unread[0]!r} (it reads "
+                            f"{', '.join(reads) or 'no other variables'}): remove it or fix its name")
+        return ChatTemplate(self.source, self.special_tokens, self.origin, {**self.kwargs, **kwargs})
 
     @property
     def is_plain(self) -> bool:
@@ -175,8 +254,8 @@ class ChatTemplate:
         import jinja2
 
         compiled = _compile(self.source)
-        variables = {**self.special_tokens, **kwargs}
-        messages = [_drop_none(m) for m in messages]
+        variables = {**self.special_tokens, **self.kwargs, **kwargs}
+        messages = [_normalized(m) for m in messages]
         try:
             if not track:
                 return compiled.render(messages=messages, tools=tools, documents=None,
@@ -356,11 +435,14 @@ def load_template_file(path: str | Path) -> str:
     return found
 
 
-def template_for(meta: dict[str, Any], tok: Any, override: str | None = None) -> ChatTemplate:
-    """The chat template of a checkpoint (its ``meta``), ``override`` (a path) first, else the plain one."""
+def template_for(meta: dict[str, Any], tok: Any, override: str | None = None, kwargs: dict[str, Any] | None = None,
+                 where: str = "tokenizer.chat_template_kwargs") -> ChatTemplate:
+    """The chat template of a checkpoint (its ``meta``), ``override`` (a path) first, else the plain one;
+    rendered with ``kwargs`` (``tokenizer.chat_template_kwargs``, named ``where`` in errors)."""
     if override:
-        return ChatTemplate(load_template_file(override), special_token_strings(tok), f"chat template {override}")
-    source = meta.get("chat_template")
-    if source:
-        return ChatTemplate(source, special_token_strings(tok), "the checkpoint's chat template")
-    return ChatTemplate(PLAIN_TEMPLATE, special_token_strings(tok), "qkv's plain chat template")
+        template = ChatTemplate(load_template_file(override), special_token_strings(tok), f"chat template {override}")
+    elif meta.get("chat_template"):
+        template = ChatTemplate(meta["chat_template"], special_token_strings(tok), "the checkpoint's chat template")
+    else:
+        template = ChatTemplate(PLAIN_TEMPLATE, special_token_strings(tok), "qkv's plain chat template")
+    return template.with_kwargs(kwargs, where) if kwargs else template

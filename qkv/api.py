@@ -181,11 +181,12 @@ class LanguageModel:
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate:
-        """The checkpoint's chat template (read at import or set by tokenizer.chat_template), else qkv's plain one."""
+        """The checkpoint's chat template (read at import or set by tokenizer.chat_template), else qkv's plain one,
+        with the keyword arguments it was fine-tuned with (tokenizer.chat_template_kwargs)."""
         self._require("decoder", what="chat")
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH")
-        return template_for(self.meta, self.tokenizer)
+        return template_for(self.meta, self.tokenizer, kwargs=self.config.tokenizer.chat_template_kwargs)
 
     @functools.cached_property
     def stop_ids(self) -> list[int]:

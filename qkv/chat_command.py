@@ -14,6 +14,29 @@ def require_dir(path: str) -> None:
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist: pass the train.run_dir of a run")
 
 
+def add_template_kwargs_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template-kwargs", metavar="JSON", default=None,
+                   help='chat template keyword arguments, e.g. \'{"enable_thinking": false}\' (over the ones the run '
+                        "was fine-tuned with, tokenizer.chat_template_kwargs)")
+
+
+def template_kwargs(ns: argparse.Namespace, lm) -> dict:
+    """``--template-kwargs JSON``, checked against the checkpoint's template (every key a variable it reads)."""
+    import json
+
+    from qkv.data.chat_template import check_template_kwargs
+
+    text = getattr(ns, "template_kwargs", None)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"--template-kwargs {text!r} is not JSON ({str(err).splitlines()[0]}): pass an object, "
+                        'e.g. \'{"enable_thinking": false}\'') from None
+    kwargs = check_template_kwargs(value, "--template-kwargs")
+    lm.chat_template.with_kwargs(kwargs, "--template-kwargs")  # refused here when the template does not read one
+    return kwargs
 
 
 def generate_messages(ns: argparse.Namespace) -> int:
@@ -35,13 +58,14 @@ def generate_messages(ns: argparse.Namespace) -> int:
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
+    kwargs = template_kwargs(ns, lm)
     for where, messages in records:  # every conversation renders before anything is printed
         try:
-            lm.chat_prompt_ids(messages)
+            lm.chat_prompt_ids(messages, **kwargs)
         except TemplateError as err:
             raise DataError(f"{where}: {err}") from None
     replies = lm.chat([m for _, m in records], max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                      top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
+                      top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, **kwargs)
     for reply in replies:
         print(json.dumps({"reply": reply}, ensure_ascii=False))
     return 0
@@ -55,7 +79,8 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     from qkv.api import load
 
     lm = load(ns.checkpoint, ns.step)
-    lm.chat_template  # a checkpoint that cannot chat is refused before the prompt appears
+    kwargs = template_kwargs(ns, lm)  # a checkpoint that cannot chat is refused before the prompt appears
+    lm.chat_template
     context = lm.config.model.max_seq_len
     reserve = min(ns.max_new_tokens, context // 2)
     print(f"qkv chat: {ns.checkpoint} (context {context} tokens). /system TEXT, /reset; Ctrl-C stops a reply, "
@@ -88,7 +113,8 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         head = [{"role": "system", "content": system}] if system else []
         try:
             turns, dropped = fit_history(history + [{"role": "user", "content": line}],
-                                         lambda t: len(lm.chat_prompt_ids(head + t, check=False)), context - reserve)
+                                         lambda t: len(lm.chat_prompt_ids(head + t, check=False, **kwargs)),
+                                         context - reserve)
         except UserError as err:
             print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
             continue
@@ -98,7 +124,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         reply = ""
         try:
             for piece in lm.chat_stream(head + turns, max_new_tokens=reserve, temperature=ns.temperature,
-                                        top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed):
+                                        top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, **kwargs):
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -121,4 +147,5 @@ def add_chat_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_template_kwargs_argument(p)
     p.set_defaults(func=cmd_chat)

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from qkv.errors import UserError
 
-from qkv.chat_command import add_chat_parser, generate_messages, require_dir
+from qkv.chat_command import add_chat_parser, add_template_kwargs_argument, generate_messages, require_dir
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search: GNMT length penalty alpha")
     p.add_argument("--messages", help='JSONL of {"messages": [...]}: print each conversation\'s next assistant '
                    "reply (the model's chat template; one JSON line each)")
+    add_template_kwargs_argument(p)
     p.set_defaults(func=cmd_generate)
     add_chat_parser(sub)
 

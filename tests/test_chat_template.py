@@ -9,6 +9,7 @@ import pytest
 
 from qkv.data.chat_template import (PLAIN_TEMPLATE, ChatTemplate, TemplateError, encode_rendered, read_template,
                                     span_mask, special_token_strings, stop_ids)
+from qkv.errors import UserError
 from qkv.data.hf_tokenizer import HFTokenizer
 from qkv.data.sft import DataError, PackedSFTIterator, load_sft
 
@@ -16,29 +17,44 @@ FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 
 # (bos, eos, the template's other special tokens) per fixture.
 SPECIALS = {
-    "llama-3.2-instruct": ("<|begin_of_text|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>",
-                                                                    "<|eot_id|>"]),
+    "llama-3.1-instruct": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>",
+                                                              "<|eom_id|>", "<|python_tag|>", "<|end_of_text|>"]),
+    "llama-3.2-instruct": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>",
+                                                              "<|end_of_text|>"]),
     "qwen2.5-instruct": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]),
     "qwen3": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]),
-    "mistral-instruct": ("<s>", "</s>", ["[INST]", "[/INST]"]),
+    "mistral-7b-instruct-v0.3": ("<s>", "</s>", ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                                                 "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]),
     "gemma-it": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
+    "gemma-3-it": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"]),
     "chatml-generation": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]),
 }
+# The templates that take tools= (a tool list, assistant tool calls, tool results).
+WITH_TOOLS = ["llama-3.1-instruct", "llama-3.2-instruct", "qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3"]
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 U1, A1 = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}
 U2, A2 = {"role": "user", "content": "Und auf Deutsch? Ünïcödé ✓ 日本"}, {"role": "assistant", "content": "Vier. ✓"}
 EMPTY_USER = {"role": "user", "content": ""}
-TOOL_CALL = {"role": "assistant", "content": "", "tool_calls": [
-    {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]}
-TOOL_RESULT = {"role": "tool", "content": "4"}
+EMPTY_ASSISTANT = {"role": "assistant", "content": ""}
+TOOL_CALL = {"role": "assistant", "content": "", "tool_calls": [  # Mistral wants 9-character ids
+    {"id": "call12345", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]}
+TOOL_RESULT = {"role": "tool", "content": "4", "tool_call_id": "call12345"}
+IMAGE_USER = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is in it? "}]}
 CONVERSATIONS = {
     "single": [U1, A1],
     "system_single": [SYSTEM, U1, A1],
     "multi": [U1, A1, U2, A2],
     "system_multi": [SYSTEM, U1, A1, U2, A2],
     "empty_user": [EMPTY_USER, A1],
+    "empty_assistant": [U1, EMPTY_ASSISTANT, U2, A2],
     "open": [U1, A1, U2],
+    "roles_not_alternating": [U1, U2, A1],
+    "content_parts": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, IMAGE_USER, A1],
+}
+TOOL_CONVERSATIONS = {
+    "tool_call": [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1],
+    "tool_call_open": [U1, TOOL_CALL, TOOL_RESULT],
 }
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
                                            "parameters": {"type": "object", "properties": {
@@ -51,7 +67,8 @@ def tokenizers_by_template():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [m["content"] for c in CONVERSATIONS.values() for m in c] * 20 + ["System: User: Assistant: model"] * 20
+    corpus = [m["content"] for c in CONVERSATIONS.values() for m in c if isinstance(m["content"], str)] * 20
+    corpus += ["System: User: Assistant: model Given the following functions"] * 20
     out = {}
     for name, (bos, eos, extra) in SPECIALS.items():
         tok = Tokenizer(models.BPE())
@@ -70,49 +87,98 @@ def tokenizers_by_template():
 def _cases():
     for name in SPECIALS:
         for conv in CONVERSATIONS:
-            yield name, conv
+            yield name, conv, None
+    for name in WITH_TOOLS:
+        for conv in TOOL_CONVERSATIONS:
+            yield name, conv, TOOLS
 
 
-@pytest.mark.parametrize("name,conv", list(_cases()))
-def test_rendered_text_ids_and_masks_equal_transformers(tokenizers_by_template, name, conv):
-    ours, theirs = tokenizers_by_template[name]
+def _compare(tokenizers, name, messages, tools=None, **kwargs):
+    """qkv's text and ids equal apply_chat_template's, with and without the generation prompt, and its assistant
+    mask equals return_assistant_tokens_mask's where the template has {% generation %} blocks; a conversation the
+    template refuses is refused by qkv too, with the template's message on one line. Returns transformers' texts."""
+    ours, theirs = tokenizers[name]
     source = (FIXTURES / f"{name}.jinja").read_text()
-    template = ChatTemplate(source, special_token_strings(ours))
-    messages = CONVERSATIONS[conv]
-    kwargs = {}
+    template = ChatTemplate(source, special_token_strings(ours)).with_kwargs(kwargs)
+    texts = []
     for gen in (False, True):
         try:
-            want = theirs.apply_chat_template(messages, chat_template=source, tokenize=False,
+            want = theirs.apply_chat_template(messages, tools=tools, chat_template=source, tokenize=False,
                                               add_generation_prompt=gen, **kwargs)
         except Exception as err:  # the template refuses this conversation: qkv refuses it too, in one line
             with pytest.raises(TemplateError) as ours_err:
-                template.render(messages, add_generation_prompt=gen)
+                template.render(messages, add_generation_prompt=gen, tools=tools)
             assert str(err).splitlines()[0] in str(ours_err.value) and "\n" not in str(ours_err.value)
-            return
-        assert template.render(messages, add_generation_prompt=gen) == want
-        want_ids = theirs.apply_chat_template(messages, chat_template=source, tokenize=True, return_dict=True,
-                                              add_generation_prompt=gen)["input_ids"]
+            return None
+        assert template.render(messages, add_generation_prompt=gen, tools=tools) == want
+        want_ids = theirs.apply_chat_template(messages, tools=tools, chat_template=source, tokenize=True,
+                                              return_dict=True, add_generation_prompt=gen, **kwargs)["input_ids"]
         assert encode_rendered(ours, want)[0] == list(want_ids)
+        texts.append(want)
     if template.has_generation:
-        got = theirs.apply_chat_template(messages, chat_template=source, tokenize=True, return_dict=True,
-                                         return_assistant_tokens_mask=True)
-        text, spans = template.assistant_spans(messages)
+        got = theirs.apply_chat_template(messages, tools=tools, chat_template=source, tokenize=True,
+                                         return_dict=True, return_assistant_tokens_mask=True, **kwargs)
+        text, spans = template.assistant_spans(messages, tools=tools)
         ids, offsets = encode_rendered(ours, text)
         assert ids == list(got["input_ids"]) and span_mask(offsets, spans) == list(got["assistant_masks"])
         assert 1 in got["assistant_masks"] or not any(m["role"] == "assistant" for m in messages)
+    return texts
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-instruct", "qwen3"])
-def test_tool_calls_render_as_transformers_does(tokenizers_by_template, name):
-    ours, theirs = tokenizers_by_template[name]
-    source = (FIXTURES / f"{name}.jinja").read_text()
-    template = ChatTemplate(source, special_token_strings(ours))
-    messages = [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1]
-    for gen in (False, True):
-        want = theirs.apply_chat_template(messages, tools=TOOLS, chat_template=source, tokenize=False,
-                                          add_generation_prompt=gen)
-        assert template.render(messages, add_generation_prompt=gen, tools=TOOLS) == want
-        assert "<tool_call>" in want and '"a": 2' in want
+@pytest.mark.parametrize("name,conv,tools", list(_cases()))
+def test_rendered_text_ids_and_masks_equal_transformers(tokenizers_by_template, name, conv, tools):
+    messages = (TOOL_CONVERSATIONS if tools else CONVERSATIONS)[conv]
+    texts = _compare(tokenizers_by_template, name, messages, tools)
+    if tools and texts:  # the tool list and the call are in the text, as the template writes them
+        assert '"a": 2' in texts[0] and "Add two numbers" in texts[0], texts[0]
+
+
+def test_each_template_renders_what_it_is_known_for(tokenizers_by_template):
+    """Guards against a wrong or truncated fixture: the parts each model's own template is known to write."""
+    def text(name, messages, tools=None, **kwargs):
+        return _compare(tokenizers_by_template, name, messages, tools, **kwargs)[1]
+
+    llama31 = text("llama-3.1-instruct", [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1], TOOLS)
+    assert "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in llama31
+    assert '{"name": "add", "parameters": {"a": 2, "b": 2}}<|eot_id|>' in llama31
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"4"<|eot_id|>' in llama31  # the result as JSON
+    assert "Today Date: 26 Jul 2024" not in text("llama-3.2-instruct", [U1, A1], date_string="1 Jan 2025")
+    mistral = text("mistral-7b-instruct-v0.3", [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1, U2], TOOLS)
+    assert mistral.startswith("<s>[INST] What is 2+2?[/INST][TOOL_CALLS] [{")
+    assert '[TOOL_RESULTS] {"content": 4, "call_id": "call12345"}[/TOOL_RESULTS] 4.</s>[AVAILABLE_TOOLS] [' in mistral
+    assert mistral.endswith("[INST] You are terse.\n\nUnd auf Deutsch? Ünïcödé ✓ 日本[/INST]")  # system: last turn
+    gemma3 = text("gemma-3-it", CONVERSATIONS["content_parts"])
+    assert gemma3 == ("<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>What is in it?<end_of_turn>\n"
+                      "<start_of_turn>model\n4.<end_of_turn>\n<start_of_turn>model\n")
+    assert text("gemma-3-it", [SYSTEM, U1]).startswith("<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?")
+
+
+def test_qwen3_enable_thinking_false_renders_as_transformers(tokenizers_by_template):
+    for messages in ([U1], [SYSTEM, U1, A1, U2], [U1, A1]):
+        on = _compare(tokenizers_by_template, "qwen3", messages)
+        off = _compare(tokenizers_by_template, "qwen3", messages, enable_thinking=False)
+        assert off[1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and on[1] != off[1]
+
+
+def test_template_kwargs_are_checked_and_name_the_key(tokenizers_by_template):
+    ours, _ = tokenizers_by_template["qwen3"]
+    qwen3 = ChatTemplate((FIXTURES / "qwen3.jinja").read_text(), special_token_strings(ours), "chat template qwen3")
+    bad = [({"enable_thinking": "no"}, r"^x\.enable_thinking='no' must be true or false$"),
+           ({"enable_thnking": False}, r"^x\.enable_thnking: chat template qwen3 does not read 'enable_thnking' "
+                                       r"\(it reads .*enable_thinking.*\): remove it or fix its name$"),
+           ({"tools": []}, r"^x\.tools: set by qkv itself"),
+           ({"a b": 1}, r"^x: 'a b' is not a template variable name"),
+           ({"enable_thinking": float("nan")}, r"must be a JSON value"),
+           ([1], r"^x must be a mapping of template variables")]
+    for kwargs, message in bad:
+        with pytest.raises(UserError, match=message):
+            qwen3.with_kwargs(kwargs, "x")
+    assert qwen3.with_kwargs({"enable_thinking": False}).kwargs == {"enable_thinking": False}
+    from qkv.train.config import load_config
+    with pytest.raises(UserError, match=r"tokenizer\.chat_template_kwargs\.enable_thinking=0 must be true or false"):
+        load_config("sft-tiny", ["tokenizer.chat_template_kwargs={enable_thinking: 0}"])
+    cfg = load_config("sft-tiny", ["tokenizer.chat_template_kwargs.enable_thinking=false"])
+    assert cfg.tokenizer.chat_template_kwargs == {"enable_thinking": False}
 
 
 def test_prefix_spans_equal_generation_spans_and_qwen3_multi_turn_is_refused(tokenizers_by_template):
@@ -122,8 +188,9 @@ def test_prefix_spans_equal_generation_spans_and_qwen3_multi_turn_is_refused(tok
     without = ChatTemplate(source.replace("{%- generation %}", "").replace("{%- endgeneration %}", ""),
                            special_token_strings(ours))
     assert with_blocks.has_generation and not without.has_generation
-    for messages in CONVERSATIONS.values():
-        assert with_blocks.assistant_spans(messages) == without.assistant_spans(messages)
+    for name, messages in CONVERSATIONS.items():
+        if name != "content_parts":  # ChatML joins strings only
+            assert with_blocks.assistant_spans(messages) == without.assistant_spans(messages)
     text, spans = without.assistant_spans([SYSTEM, U1, A1, U2, A2])
     assert [text[a:b] for a, b in spans] == ["4.<|im_end|>", "Vier. ✓<|im_end|>"]
 
@@ -201,7 +268,9 @@ BAD = [
     ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}',
      "gemma-it.jinja", "System role not supported"),
     ('{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}, '
-     '{"role": "assistant", "content": "a"}]}', "llama-3.2-instruct.jinja", "roles must alternate"),
+     '{"role": "assistant", "content": "a"}]}', "mistral-7b-instruct-v0.3.jinja", "roles must alternate"),
+    ('{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}, '
+     '{"role": "assistant", "content": "a"}]}', "gemma-3-it.jinja", "roles must alternate"),
     ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}',
      "chatml-generation.jinja", "Unknown role: robot"),
 ]

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from qkv.data.chat_template import check_template_kwargs
 from qkv.model import ModelConfig
 
 from .validate import check_mixture, check_section
@@ -76,9 +77,13 @@ class TokenizerConfig:
     # The chat template for `messages` records and chat (docs/chat.md): a .jinja file or a Hugging Face
     # directory; None: the init checkpoint's (read at `qkv convert import`), else qkv's plain template.
     chat_template: str | None = None
+    # Keyword arguments the template is rendered with in training and chat, e.g. {enable_thinking: false} for
+    # Qwen 3 (each must be a variable the template reads; docs/chat.md).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_section("tokenizer", self)
+        check_template_kwargs(self.chat_template_kwargs, "tokenizer.chat_template_kwargs")
 
 
 @dataclass(frozen=True)

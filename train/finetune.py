@@ -271,7 +271,7 @@ class FinetuneJob(Job):
     def data(self, tok: Tokenizer):
         cfg, ft = self.cfg, self.cfg.finetune
         init_meta = checkpoint.read_meta(ft.init_from, ft.init_step)
-        template = template_for(init_meta, tok, cfg.tokenizer.chat_template)
+        template = template_for(init_meta, tok, cfg.tokenizer.chat_template, cfg.tokenizer.chat_template_kwargs)
         self.chat = {k: init_meta[k] for k in ("eos_ids",) if k in init_meta}  # kept in every checkpoint's meta
         if not template.is_plain:
             self.chat["chat_template"] = template.source
