@@ -123,6 +123,82 @@ def test_a_template_refusal_names_the_record_and_writes_nothing(exported, capsys
     assert "gemma-it.jinja" in err[0] and "System role not supported" in err[0], err
 
 
+def _greedy_hf(hf, ids, n, stops):
+    import torch
+
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    return new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+
+
+@pytest.mark.slow
+def test_template_kwargs_from_the_command_line_render_as_transformers(exported, capsys, tmp_path):
+    """Qwen 3's enable_thinking=False through `qkv generate --messages --template-kwargs`: the prompt ids are
+    apply_chat_template(..., enable_thinking=False)'s and the greedy reply transformers' generate's."""
+    import shutil
+
+    import transformers
+
+    import qkv
+
+    hf3 = tmp_path / "hf3"
+    shutil.copytree(exported / "hf", hf3)
+    source = (FIXTURES / "qwen3.jinja").read_text()
+    config = json.loads((hf3 / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (hf3 / "tokenizer_config.json").write_text(json.dumps(config))
+    (hf3 / "chat_template.jinja").write_text(source)
+    assert cli_main(["convert", "import", str(hf3), str(tmp_path / "base3")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf3).eval()
+    assert hf_tok.chat_template == source
+    conversations = [CHATS[0][:2], [{"role": "user", "content": "how are you"}]]
+    ask = tmp_path / "ask.jsonl"
+    ask.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    capsys.readouterr()
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "base3"), "--messages", str(ask), "--temperature", "0",
+                     "--max-new-tokens", "6", "--template-kwargs", '{"enable_thinking": false}']) == 0
+    replies = [json.loads(line)["reply"] for line in capsys.readouterr().out.splitlines()]
+    assert len(replies) == 2 and all(replies), replies
+    lm = qkv.load(tmp_path / "base3")
+    for messages, reply in zip(conversations, replies, strict=True):
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                         enable_thinking=False)["input_ids"]
+        assert hf_tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert lm.chat_prompt_ids(messages, enable_thinking=False) == list(ids) != lm.chat_prompt_ids(messages)
+        new = _greedy_hf(hf, list(ids), 6, set(lm.stop_ids))
+        assert reply == hf_tok.decode(new, skip_special_tokens=True), (reply, new)
+
+    for run, text, message in [
+            (tmp_path / "base3", '{"enable_thinking": "no"}', "--template-kwargs.enable_thinking='no' must be true or false"),
+            (tmp_path / "base3", "{enable_thinking: false}", "--template-kwargs '{enable_thinking: false}' is not JSON"),
+            (exported / "sft", '{"enable_thinking": false}',
+             "--template-kwargs.enable_thinking: the checkpoint's chat template does not read 'enable_thinking'")]:
+        capsys.readouterr()
+        assert cli_main(["generate", "--checkpoint", str(run), "--messages", str(ask), "--template-kwargs", text]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert not captured.out and len(err) == 1 and err[0].startswith(f"qkv: error: {message}"), err
+
+
+@pytest.mark.slow
+def test_template_kwargs_in_the_finetuning_config_are_checked_before_anything_is_written(exported, capsys, tmp_path):
+    train = tmp_path / "chats.jsonl"
+    train.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    for kwargs, message in [("{enable_thinking: false}", "tokenizer.chat_template_kwargs.enable_thinking: the "
+                             "checkpoint's chat template does not read 'enable_thinking'"),
+                            ("{enable_thinking: maybe}", "tokenizer.chat_template_kwargs.enable_thinking='maybe' "
+                             "must be true or false")]:
+        run_dir = tmp_path / "never"
+        capsys.readouterr()
+        code = cli_main(["finetune", "sft-tiny", f"finetune.init_from={exported / 'base'}",
+                         f"finetune.train_path={train}", f"train.run_dir={run_dir}", "data.seq_len=128",
+                         "train.steps=1", "train.progress=false", f"tokenizer.chat_template_kwargs={kwargs}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and not run_dir.exists() and len(err) == 1 and err[0].startswith(f"qkv: error: {message}"), err
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:os.fork")  # pexpect forks and at once execs the qkv command
 def test_qkv_chat_in_a_real_terminal(exported):
