@@ -222,21 +222,31 @@ def test_templates_are_read_from_hf_files(tmp_path):
     assert read_template(tmp_path) is None
 
 
-def _hf_tokenizer_dir(tmp_path: Path, template: str) -> HFTokenizer:
+def _hf_tokenizer_dir(tmp_path: Path, template: str,
+                      specials: tuple[str, ...] = ("<|endoftext|>", "<|im_end|>", "<|im_start|>")) -> HFTokenizer:
+    """A small byte-level BPE with ``specials`` (the first is bos, the second eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["hello there", "how are you", "fine thanks"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=300, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     return HFTokenizer(tok.to_str(), {"bos": 0, "eos": 1})
 
 
-def test_packed_sft_batch_trains_exactly_the_assistant_contents_and_end_of_turn(tmp_path):
-    tok = _hf_tokenizer_dir(tmp_path, "")
-    source = (FIXTURES / "qwen2.5-instruct.jinja").read_text()
+# (fixture, the tokenizer's specials, the end-of-turn token trained after each reply)
+PACKED = [("qwen2.5-instruct", ("<|endoftext|>", "<|im_end|>", "<|im_start|>"), "<|im_end|>"),
+          ("llama-3.1-instruct", ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+           "<|eot_id|>"),
+          ("gemma-3-it", ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<end_of_turn>")]
+
+
+@pytest.mark.parametrize("name,specials,end", PACKED, ids=[p[0] for p in PACKED])
+def test_packed_sft_batch_trains_exactly_the_assistant_contents_and_end_of_turn(tmp_path, name, specials, end):
+    tok = _hf_tokenizer_dir(tmp_path, "", specials)
+    source = (FIXTURES / f"{name}.jinja").read_text()
     template = ChatTemplate(source, special_token_strings(tok))
     records = [{"messages": [SYSTEM, {"role": "user", "content": f"hello {i}"},
                              {"role": "assistant", "content": f"fine {i}"},
@@ -244,9 +254,10 @@ def test_packed_sft_batch_trains_exactly_the_assistant_contents_and_end_of_turn(
                              {"role": "assistant", "content": f"thanks {i}"}]} for i in range(6)]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    data = load_sft(str(path), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=160, template=template,
+    data = load_sft(str(path), tok.encode, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=200, template=template,
                     tokenizer=tok)
-    batch = next(PackedSFTIterator(data.items, seq_len=160, batch_size=2, seed=0, shuffle=False))
+    batch = next(PackedSFTIterator(data.items, seq_len=200, batch_size=2, seed=0, shuffle=False))
+    seen = 0
     for r in range(2):
         for s in sorted(set(batch["segment_ids"][r].tolist()) - {0}):
             cols = batch["segment_ids"][r] == s
@@ -261,7 +272,9 @@ def test_packed_sft_batch_trains_exactly_the_assistant_contents_and_end_of_turn(
             runs += [current] if current else []
             pieces = [tok._tok_specials.decode(run, skip_special_tokens=False) for run in runs]
             i = int(pieces[0].split()[1].split("<")[0])
-            assert pieces == [f"fine {i}<|im_end|>", f"thanks {i}<|im_end|>"], pieces
+            assert pieces == [f"fine {i}{end}", f"thanks {i}{end}"], pieces
+            seen += 1
+    assert seen >= 2
 
 
 BAD = [
