@@ -3,7 +3,7 @@
 Records, one JSON object per line (blank lines are ignored):
 
   SFT   {"prompt": "...", "response": "..."}
-        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], "tools": [...]?}
   DPO   {"prompt": "...", "chosen": "...", "rejected": "..."}
 
 Token layout of one SFT example (ids of separately encoded pieces, concatenated):
@@ -84,12 +84,23 @@ def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
     return messages
 
 
+def check_tools(record: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
+    """A record's optional ``tools``: the tool list the template is rendered with (``tools=``), as JSON schemas."""
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: 'tools' must be a list of tool objects, e.g. "
+                        '[{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
+    return tools
+
+
 def template_example(messages: list[dict[str, Any]], template: ChatTemplate, tok: Any, where: str,
-                     last_turn_only: bool = False) -> tuple[Example, int]:
-    """(the example, its prompt length): the rendered conversation, trained on the assistant spans (the
-    last one only with ``last_turn_only``, DPO) as ``ChatTemplate.assistant_spans`` finds them."""
+                     last_turn_only: bool = False, tools: list[dict[str, Any]] | None = None) -> tuple[Example, int]:
+    """(the example, its prompt length): the rendered conversation (with ``tools``), trained on the assistant
+    spans (the last one only with ``last_turn_only``, DPO) as ``ChatTemplate.assistant_spans`` finds them."""
     try:
-        text, spans = template.assistant_spans(messages)
+        text, spans = template.assistant_spans(messages, tools=tools)
     except TemplateError as err:
         raise DataError(f"{where}: {err}") from None
     if not any(m["role"] == "assistant" for m in messages):
@@ -157,7 +168,7 @@ def load_sft(pattern: str, encode: Callable[[str], list[int]], *, bos_id: int, e
     for where, record in read_jsonl(pattern):
         if "messages" in record:
             example, prompt_len = template_example(check_messages(record["messages"], where), template, tokenizer,
-                                                   where)
+                                                   where, tools=check_tools(record, where))
         else:
             example, prompt_len = encode_spans(sft_spans(record, where), encode, bos_id, eos_id, where)
         if _fits(example, prompt_len, seq_len, overlong, "the example"):
@@ -185,7 +196,8 @@ def load_dpo(pattern: str, encode: Callable[[str], list[int]], *, bos_id: int, e
             reply = field_text(record, key, where, True)
             if messages is not None:
                 example, prompt_len = template_example([*messages, {"role": "assistant", "content": reply}],
-                                                       template, tokenizer, where, last_turn_only=True)
+                                                       template, tokenizer, where, last_turn_only=True,
+                                                       tools=check_tools(record, where))
             else:
                 example, prompt_len = encode_spans([(prompt, False), (reply, True)], encode, bos_id, eos_id, where)
             ok = ok and _fits(example, prompt_len, seq_len, overlong, f"prompt + {key}")

@@ -277,6 +277,26 @@ def test_packed_sft_batch_trains_exactly_the_assistant_contents_and_end_of_turn(
     assert seen >= 2
 
 
+def test_sft_records_with_tools_train_the_tool_call_and_the_reply(tmp_path, tokenizers_by_template):
+    ours, theirs = tokenizers_by_template["qwen2.5-instruct"]
+    source = (FIXTURES / "qwen2.5-instruct.jinja").read_text()
+    messages = [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1]
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
+    data = load_sft(str(path), ours.encode, bos_id=ours.bos_id, eos_id=ours.eos_id, seq_len=1000,
+                    template=ChatTemplate(source, special_token_strings(ours)), tokenizer=ours)
+    (ex,) = data.items
+    want = theirs.apply_chat_template(messages, tools=TOOLS, chat_template=source, tokenize=True, return_dict=True)
+    assert [int(ex.inputs[0]), *ex.targets.tolist()] == list(want["input_ids"])
+    trained = ours._tok_specials.decode(ex.targets[ex.loss_mask == 1].tolist(), skip_special_tokens=False)
+    assert trained == ('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>'
+                       "4.<|im_end|>"), trained
+    path.write_text(json.dumps({"messages": messages, "tools": "add"}) + "\n")
+    with pytest.raises(DataError, match=r":1: 'tools' must be a list of tool objects"):
+        load_sft(str(path), ours.encode, bos_id=ours.bos_id, eos_id=ours.eos_id, seq_len=1000,
+                 template=ChatTemplate(source, special_token_strings(ours)), tokenizer=ours)
+
+
 BAD = [
     ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}',
      "gemma-it.jinja", "System role not supported"),
