@@ -109,18 +109,22 @@ def test_exported_model_chats_in_transformers_as_qkv_generate_messages(exported,
 
 
 @pytest.mark.slow
-def test_a_template_refusal_names_the_record_and_writes_nothing(exported, capsys, tmp_path):
+@pytest.mark.parametrize("fixture,record,message", [
+    ("gemma-it.jinja", CHATS[1], "System role not supported"),
+    ("chatml-generation.jinja", [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}],
+     "Unknown role: robot")], ids=["raises", "role"])
+def test_a_template_refusal_names_the_record_and_writes_nothing(exported, capsys, tmp_path, fixture, record, message):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": CHATS[0][1:3]}) + "\n" + json.dumps({"messages": CHATS[1]}) + "\n")
+    bad.write_text(json.dumps({"messages": CHATS[0][1:3]}) + "\n" + json.dumps({"messages": record}) + "\n")
     run_dir = tmp_path / "never"
     capsys.readouterr()
     code = cli_main(["finetune", "sft-tiny", f"finetune.init_from={exported / 'base'}", f"finetune.train_path={bad}",
                      f"train.run_dir={run_dir}", "data.seq_len=128", "train.batch_size=8", "train.steps=1",
-                     "train.progress=false", f"tokenizer.chat_template={FIXTURES / 'gemma-it.jinja'}"])
+                     "train.progress=false", f"tokenizer.chat_template={FIXTURES / fixture}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not run_dir.exists()
     assert len(err) == 1 and err[0].startswith(f"qkv: error: {bad}:2: ") and "Traceback" not in err[0], err
-    assert "gemma-it.jinja" in err[0] and "System role not supported" in err[0], err
+    assert fixture in err[0] and message in err[0], err
 
 
 def _greedy_hf(hf, ids, n, stops):
