@@ -51,6 +51,7 @@ CONVERSATIONS = {
     "open": [U1, A1, U2],
     "roles_not_alternating": [U1, U2, A1],
     "content_parts": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, IMAGE_USER, A1],
+    "reasoning": [U1, {"role": "assistant", "content": "4.", "reasoning": "Two and two."}],  # transformers aliases
 }
 TOOL_CONVERSATIONS = {
     "tool_call": [SYSTEM, U1, TOOL_CALL, TOOL_RESULT, A1],
@@ -151,6 +152,7 @@ def test_each_template_renders_what_it_is_known_for(tokenizers_by_template):
     assert gemma3 == ("<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>What is in it?<end_of_turn>\n"
                       "<start_of_turn>model\n4.<end_of_turn>\n<start_of_turn>model\n")
     assert text("gemma-3-it", [SYSTEM, U1]).startswith("<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?")
+    assert "<think>\nTwo and two.\n</think>\n\n4.<|im_end|>" in text("qwen3", CONVERSATIONS["reasoning"])
 
 
 def test_qwen3_enable_thinking_false_renders_as_transformers(tokenizers_by_template):
