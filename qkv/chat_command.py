@@ -73,8 +73,6 @@ def generate_messages(ns: argparse.Namespace) -> int:
 
 def cmd_chat(ns: argparse.Namespace) -> int:
     """An interactive chat in the terminal (see add_chat_parser's help)."""
-    from qkv.inference.chat import fit_history
-
     require_dir(ns.checkpoint)
     from qkv.api import load
 
@@ -82,7 +80,6 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     kwargs = template_kwargs(ns, lm)  # a checkpoint that cannot chat is refused before the prompt appears
     lm.chat_template
     context = lm.config.model.max_seq_len
-    reserve = min(ns.max_new_tokens, context // 2)
     print(f"qkv chat: {ns.checkpoint} (context {context} tokens). /system TEXT, /reset; Ctrl-C stops a reply, "
           "Ctrl-D leaves.", flush=True)
     system: str | None = None
@@ -111,31 +108,43 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             print("(commands: /system TEXT, /reset; Ctrl-D leaves)", flush=True)
             continue
         head = [{"role": "system", "content": system}] if system else []
-        try:
-            turns, dropped = fit_history(history + [{"role": "user", "content": line}],
-                                         lambda t: len(lm.chat_prompt_ids(head + t, check=False, **kwargs)),
-                                         context - reserve)
-        except UserError as err:
-            print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
-            continue
-        if dropped:
-            print(f"(the {dropped} oldest messages no longer fit in the model's context of {context} tokens: "
-                  "dropped)", flush=True)
-        reply = ""
-        try:
-            for piece in lm.chat_stream(head + turns, max_new_tokens=reserve, temperature=ns.temperature,
-                                        top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, **kwargs):
-                reply += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+        try:  # Ctrl-C anywhere in a turn ends that turn (a reply cut short stays in the history)
+            history = _turn(lm, ns, head, history, line, kwargs)
         except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        except UserError as err:  # the newest message alone does not fit: say so, keep the history as it was
-            print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history = turns + [{"role": "assistant", "content": reply}]
+            print(" [stopped]", flush=True)
+
+
+def _turn(lm, ns: argparse.Namespace, head: list[dict], history: list[dict], line: str, kwargs: dict) -> list[dict]:
+    """One user message and the streamed reply; the history after it."""
+    from qkv.inference.chat import fit_history
+
+    context = lm.config.model.max_seq_len
+    reserve = min(ns.max_new_tokens, context // 2)
+    try:
+        turns, dropped = fit_history(history + [{"role": "user", "content": line}],
+                                     lambda t: len(lm.chat_prompt_ids(head + t, check=False, **kwargs)),
+                                     context - reserve)
+    except UserError as err:
+        print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
+        return history
+    if dropped:
+        print(f"(the {dropped} oldest messages no longer fit in the model's context of {context} tokens: "
+              "dropped)", flush=True)
+    reply, stopped = "", False
+    try:
+        for piece in lm.chat_stream(head + turns, max_new_tokens=reserve, temperature=ns.temperature,
+                                    top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, **kwargs):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stopped = True
+    except UserError as err:  # the newest message alone does not fit: say so, keep the history as it was
+        print(f"qkv: error: {str(err).splitlines()[0]}", flush=True)
+        return history
+    history = turns + [{"role": "assistant", "content": reply}]
+    print(" [stopped]" if stopped else "", flush=True)
+    return history
 
 
 def add_chat_parser(sub) -> None:
