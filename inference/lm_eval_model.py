@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import lm_eval.models  # noqa: F401  (lm-eval's own names first: an empty registry is filled only on first use)
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
