@@ -4,6 +4,7 @@ every metric in the run's ``metrics.jsonl`` and TensorBoard events (split ``lm_e
 checkpoint's step), as training writes its own."""
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ def task_manager(names: Sequence[str], include_path: str | None = None):
     manager = TaskManager(include_path=include_path)
     unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
     if unknown:
-        near = [t for t in manager.all_tasks if unknown[0].lower() in t.lower()][:3]
+        near = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
         hint = f" (similar: {', '.join(near)})" if near else ""
         raise UserError(f"unknown lm-eval task {unknown[0]!r}{hint}: list them with lm-eval ls tasks, or pass "
                         "--include-path DIR holding its YAML")

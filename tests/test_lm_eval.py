@@ -280,8 +280,12 @@ def test_refusals_are_one_line(runs, tmp_path, capsys, monkeypatch):
     base = ["evaluate", "--checkpoint", str(runs["plain"])]
     code, _, err = run_cli(capsys, *base, "--tasks", "qkv_no_such_task", "--include-path", str(FIXTURES))
     assert code == 2 and len(err) == 1 and "unknown lm-eval task 'qkv_no_such_task'" in err[0], err
-    code, _, err = run_cli(capsys, *base, "--limit", "3")
-    assert code == 2 and len(err) == 1 and "--tasks" in err[0], err
+    for extra, words in ((["--limit", "3"], "--limit applies to lm-eval tasks"),
+                         (["--tasks", "qkv_counting_mc", "--baseline"], "apply to qkv evaluate without --tasks"),
+                         (["--tasks", " , "], "--tasks is empty"),
+                         (["--tasks", "qkv_counting_mc", "--include-path", "no_such_dir"], "is not a directory")):
+        code, _, err = run_cli(capsys, *base, *extra)
+        assert code == 2 and len(err) == 1 and words in err[0], (extra, err)
     cfg = load_config("bert-tiny", ["model.vocab_size=64", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
                                     "model.d_ff=64"])
     params = jax.tree.map(np.asarray, split_params(create_model(cfg.model, seed=0))[1])
