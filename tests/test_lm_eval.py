@@ -238,8 +238,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, list[str]]:
 def test_qkv_evaluate_tasks_prints_the_table_and_writes_json_and_metrics(runs, evaluated, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     run = runs["plain"]
-    code, out, err = run_cli(capsys, "evaluate", "--checkpoint", str(run), "--tasks", "qkv_counting_mc,qkv_counting_gen",
-                             "--include-path", str(FIXTURES), "--batch-size", "4")
+    code, out, err = run_cli(capsys, "evaluate", "--checkpoint", str(run), "--tasks",
+                             "qkv_counting_mc,qkv_counting_gen", "--include-path", str(FIXTURES), "--batch-size", "4")
     assert code == 0, err
     table = [line for line in out.splitlines() if line.startswith("|qkv_counting_")]
     assert len(table) == 2 and "exact_match" in out and "acc_norm" in out, out
