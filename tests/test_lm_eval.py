@@ -111,10 +111,14 @@ def evaluate(model: str, model_args: dict, tasks: list[str], **kwargs) -> dict:
 
     import qkv.inference.lm_eval_model  # noqa: F401  (registers the model name "qkv")
 
+    where = os.getcwd()
     os.chdir(ROOT)  # the tasks' data_files are relative to the working directory
-    return simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, log_samples=True,
-                           task_manager=TaskManager(include_path=str(FIXTURES), include_defaults=False),
-                           bootstrap_iters=0, **kwargs)
+    try:
+        return simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, log_samples=True,
+                               task_manager=TaskManager(include_path=str(FIXTURES), include_defaults=False),
+                               bootstrap_iters=0, **kwargs)
+    finally:
+        os.chdir(where)
 
 
 @pytest.fixture(scope="module")
