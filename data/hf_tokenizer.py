@@ -142,6 +142,16 @@ class HFTokenizer(Tokenizer):
         encoding = self._tok_specials.encode(text, add_special_tokens=False)
         return list(encoding.ids), [tuple(o) for o in encoding.offsets]
 
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) a text that the tokenizer.json's post-processor adds, which is what
+        transformers' ``encode`` adds by default (``add_special_tokens=True``): Llama 3's ``<|begin_of_text|>``
+        before, nothing for GPT-2."""
+        self.encode_with_offsets("")  # builds the tokenizer that reads special tokens
+        bare = self._tok_specials.encode("a", add_special_tokens=False).ids
+        full = self._tok_specials.encode("a", add_special_tokens=True).ids
+        start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)
+        return full[:start], full[start + len(bare):]
+
     def added_special_ids(self) -> set[int]:
         """Ids of the added tokens marked special (<|eot_id|>, <|im_end|>, <end_of_turn>, ...)."""
         return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}

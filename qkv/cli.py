@@ -31,6 +31,7 @@ from pathlib import Path
 from qkv.errors import UserError
 
 from qkv.chat_command import add_chat_parser, add_template_kwargs_argument, generate_messages, require_dir
+from qkv.evaluate_command import add_evaluate_parser
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -81,26 +82,6 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
     source, overrides = split_config_args(ns.args)
     print(yaml.safe_dump(load_config(source, overrides).to_dict(), sort_keys=False), end="")
-    return 0
-
-
-def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from qkv.train.config import parse_override
-    from qkv.inference.evaluate import evaluate
-
-    overrides: dict = {}
-    for text in ns.overrides:
-        key, value = parse_override(text)
-        if "." not in key:
-            raise UserError(f"override {text!r} must name a section, e.g. data.eval_batches=0")
-        section, name = key.split(".", 1)
-        overrides.setdefault(section, {})[name] = value
-    require_dir(ns.checkpoint)
-    result = evaluate(ns.checkpoint, overrides, split=ns.split, bleu=not ns.no_bleu, beam_size=ns.beam_size)
-    if ns.baseline:  # gzip/bz2/xz on every document of the same split, one file at a time
-        from qkv.tools.baselines import split_baselines
-        result["baseline_bits_per_byte"] = split_baselines(ns.checkpoint, ns.split, overrides)
-    print(json.dumps(result))
     return 0
 
 
@@ -310,15 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help="[CONFIG] [section.key=value ...]")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("evaluate", help="loss, perplexity, accuracy (and BLEU) of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run directory written by qkv pretrain")
-    p.add_argument("--split", default="validation", help="data split (e.g. test for the toy translation task)")
-    p.add_argument("--beam-size", type=int, default=1, help="encoder-decoder BLEU: beam search width (1: greedy)")
-    p.add_argument("--no-bleu", action="store_true", help="encoder-decoder: skip translating the split")
-    p.add_argument("--baseline", action="store_true",
-                   help="text: add gzip/bz2/xz bits per byte of the whole split, one document at a time")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.eval_batches=0 (whole split)")
-    p.set_defaults(func=cmd_evaluate)
+    add_evaluate_parser(sub)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory written by qkv pretrain")
