@@ -31,6 +31,7 @@ from pathlib import Path
 from qkv.errors import UserError
 
 from qkv.chat_command import add_chat_parser, generate_messages, require_dir
+from qkv.generate_benchmark import add_generate_benchmark_parser
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -448,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     _add_data_parser(sub, bsub_for_data)
+    add_generate_benchmark_parser(bsub_for_data)
     return parser
 
 
