@@ -130,17 +130,68 @@ def run_blocks(cfg: ModelConfig, blocks: Block, x, mask, rope, kv=None, index=No
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_layers is False)
-    xs = (stacked, kv, keys, memory_kv, jnp.asarray(sliding_l))
-    if cfg.scan_layers is not False:  # None (the platform's choice, unresolved) scans
-        x, (kv, sown) = jax.lax.scan(layer, x, xs)
+    n_layers = len(sliding_l)
+    if kv is None:
+        xs = (stacked, kv, keys, memory_kv, jnp.asarray(sliding_l))
+        if cfg.scan_layers is not False:  # None (the platform's choice, unresolved) scans
+            x, (kv, sown) = jax.lax.scan(layer, x, xs)
+        else:
+            outputs = [None] * n_layers
+            for i in range(n_layers):
+                x, outputs[i] = layer(x, jax.tree.map(lambda a: a[i], xs))
+            kv, sown = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
     else:
-        outputs = [None] * len(sliding_l)
-        for i in range(len(outputs)):
-            x, outputs[i] = layer(x, jax.tree.map(lambda a: a[i], xs))
-        kv, sown = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+        # Decoding: the stacked [L, B, S, K, E] buffers are carried, and only this call's new rows of each layer go
+        # back into them, in place (a donated cache is never copied whole); each layer attends over its own slice
+        # with the rows written, as before. Layer i's slice is read from the buffers after layer i-1's write.
+        t = x.shape[1]
+
+        def decode_layer(carry, xs):
+            x, kv, i = carry
+            layer_kv = tuple(jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) for a in kv)
+            x, (layer_kv, sown) = layer(x, (xs[0], layer_kv, *xs[1:]))
+            kv = tuple(write_layer_rows(a, read_rows(new, index, t), i, index) for a, new in zip(kv, layer_kv))
+            return (x, kv, i + 1), sown
+
+        xs = (stacked, keys, memory_kv, jnp.asarray(sliding_l))
+        carry = (x, kv, jnp.int32(0))
+        if cfg.scan_layers is not False:
+            (x, kv, _), sown = jax.lax.scan(decode_layer, carry, xs)
+        else:
+            outputs = [None] * n_layers
+            for i in range(n_layers):
+                carry, outputs[i] = decode_layer(carry, jax.tree.map(lambda a: a[i], xs))
+            (x, kv, _), sown = carry, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
     if jax.tree.leaves(sown):
         nnx.update(blocks, sown)  # stacked like the parameters: [layers, ...] on the blocks' modules
     return x, kv
+
+
+def _row_slots(index, length: int, size: int):
+    """[B, 1] row ids and [B, T] slots from each row's ``index`` on, clamped into ``size`` as
+    ``lax.dynamic_update_slice`` (``write_rows``) clamps them."""
+    start_b1 = jnp.clip(jnp.reshape(index, (-1, 1)), 0, size - length)
+    return jnp.arange(start_b1.shape[0])[:, None], start_b1 + jnp.arange(length)
+
+
+def read_rows(buffer_bs, index, length: int):
+    """The ``length`` rows of ``buffer_bs`` [B, S, ...] that ``write_rows(..., index, axis=1)`` wrote from ``index`` on
+    (one position for every row, index [], or each row's own, index [B])."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_slice_in_dim(buffer_bs, index, length, axis=1)
+    rows_b1, slots_bt = _row_slots(index, length, buffer_bs.shape[1])
+    return buffer_bs[rows_b1, slots_bt]
+
+
+def write_layer_rows(buffer_lbs, rows_bt, layer, index):
+    """``buffer_lbs`` [L, B, S, ...] with ``rows_bt`` [B, T, ...] written into layer ``layer`` from ``index`` on
+    (index [] or [B], as ``write_rows``): an in-place update of T positions, not of the layer's whole slice."""
+    rows_bt = rows_bt.astype(buffer_lbs.dtype)
+    if jnp.ndim(index) == 0:
+        start = (layer, 0, index) + (0,) * (buffer_lbs.ndim - 3)
+        return jax.lax.dynamic_update_slice(buffer_lbs, rows_bt[None], start)
+    rows_b1, slots_bt = _row_slots(index, rows_bt.shape[1], buffer_lbs.shape[2])
+    return buffer_lbs.at[layer, rows_b1, slots_bt].set(rows_bt, indices_are_sorted=True, unique_indices=True)
 
 
 def layer_keys(cfg: ModelConfig, key: jax.Array | None, n_layers: int) -> tuple[jax.Array | None, Any]:

@@ -32,6 +32,7 @@ from qkv.errors import UserError
 
 from qkv.chat_command import add_chat_parser, add_template_kwargs_argument, generate_messages, require_dir
 from qkv.evaluate_command import add_evaluate_parser
+from qkv.generate_benchmark import add_generate_benchmark_parser
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -422,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     _add_data_parser(sub, bsub_for_data)
+    add_generate_benchmark_parser(bsub_for_data)
     return parser
 
 

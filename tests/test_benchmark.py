@@ -134,3 +134,36 @@ def test_vs_torch_matmul_floor_counts_the_model_flops(monkeypatch):
                       activation="gelu", tie_embeddings=True)
     per_token = flops_per_token(cfg, block) + 6.0 * layers * d * block  # causal 6·T·E per head → full 12·T·E
     assert flops(step_matmuls(vocab, d, layers, heads, block, batch)) == pytest.approx(per_token * block * batch)
+
+
+@pytest.mark.slow
+def test_generate_against_transformers_reports_both_sides_with_the_same_greedy_tokens(tmp_path, capsys):
+    """`qkv benchmark generate`: the tiny preset's shape, exported by qkv's exporter and loaded by transformers;
+    both sides produce exactly --new-tokens per row, their greedy tokens agree row for row, and prompts of other
+    lengths in one bucket compile nothing after the first call."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "generate.json"
+    assert main(["benchmark", "generate", "tiny", *SMALL, "--batch-sizes", "1,3", "--prompt-len", "12",
+                 "--new-tokens", "6", "--calls", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Qwen3ForCausalLM" in printed and "qkv / transformers" in printed
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["benchmark"] == "generate" and record["hf_class"] == "Qwen3ForCausalLM"
+    assert record["versions"]["transformers"] and record["torch_threads"] >= 1
+    calls = record["calls"]
+    assert [(c["batch_size"], c["call"]) for c in calls] == [(b, i) for i in range(3) for b in (1, 3)]
+    lengths = {tuple(c["prompt_lengths"]) for c in calls if c["batch_size"] == 3}
+    assert len(lengths) == 3 and all(9 <= n <= 12 for c in calls for n in c["prompt_lengths"][:1])  # bucket 12
+    for c in calls:
+        assert c["agreement"] == {"rows_equal": c["batch_size"], "rows": c["batch_size"],
+                                  "tokens_before_first_difference": 6 * c["batch_size"], "tokens": 6 * c["batch_size"]}
+        for side in ("qkv", "transformers"):
+            assert c[side]["tokens_per_s"] == pytest.approx(c["batch_size"] * 6 / c[side]["seconds"])
+        assert c["ratio"] == pytest.approx(c["qkv"]["tokens_per_s"] / c["transformers"]["tokens_per_s"])
+    first = [c["qkv"]["compiles"] for c in calls if c["call"] == 0]
+    assert first[0] > 0  # the first call compiles prefill and step ...
+    assert [s["steady"]["qkv_compiles"] for s in record["summary"]] == [0, 0]  # ... the others reuse them
+    assert [s["batch_size"] for s in record["summary"]] == [1, 3]
+    assert main(["benchmark", "generate", "tiny", "--checkpoint", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err
