@@ -14,6 +14,7 @@
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
     qkv chat --checkpoint RUN_DIR                 an interactive chat in the model's own chat template
+    qkv serve --checkpoint RUN_DIR                an OpenAI-compatible HTTP server (continuous batching)
     qkv data inspect|prepare CONFIG               look at a config's sources / tokenize them once
 
 Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2. Anything
@@ -31,6 +32,7 @@ from pathlib import Path
 from qkv.errors import UserError
 
 from qkv.chat_command import add_chat_parser, generate_messages, require_dir
+from qkv.serve_command import add_serve_parser
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "reply (the model's chat template; one JSON line each)")
     p.set_defaults(func=cmd_generate)
     add_chat_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("embed", help="sentence embeddings and cosine neighbours from an encoder checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory of an encoder (or encoder-decoder)")
