@@ -32,6 +32,7 @@ from pathlib import Path
 from qkv.errors import UserError
 
 from qkv.chat_command import add_chat_parser, generate_messages, require_dir
+from qkv.serve_bench import add_serve_benchmark
 from qkv.serve_command import add_serve_parser
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
     p.set_defaults(func=cmd_benchmark)
     bsub_for_data = bsub
+    add_serve_benchmark(bsub)
 
     p = sub.add_parser("convert", help="Hugging Face safetensors <-> qkv checkpoints (Llama, GPT-2)")
     csub = p.add_subparsers(dest="direction", required=True)

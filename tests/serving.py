@@ -4,11 +4,9 @@ that stops itself: SIGTERM at the end of the test module, and ``timeout`` kills 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
+
+from qkv.serve_bench import ServeProcess  # noqa: F401  (the tests' server process)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 WORDS = "the cat sat on a mat while dogs ran in the park and birds sang over old trees".split()
@@ -42,33 +40,6 @@ def instruct_run(root: Path) -> Path:
     hf_tok.save_pretrained(root / "hf")
     assert cli_main(["convert", "import", str(root / "hf"), str(root / "run")]) == 0
     return root / "run"
-
-
-class ServeProcess:
-    """``qkv serve --checkpoint RUN --port 0 ...`` as a child process; ``url`` once it listens."""
-
-    def __init__(self, run: Path, *args: str, env: dict[str, str] | None = None, limit_s: int = 900):
-        command = ["timeout", "-s", "KILL", str(limit_s), sys.executable, "-m", "qkv.cli", "serve",
-                   "--checkpoint", str(run), "--port", "0", *args]
-        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-        self.lines: list[str] = []
-        while True:  # the first line says where it listens (after the model loaded and compiled)
-            line = self.proc.stderr.readline()
-            if not line:
-                raise RuntimeError("qkv serve ended before listening:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if line.startswith("qkv: serving "):
-                self.url = line.split(" on ", 1)[1].split()[0]
-                break
-        self.base = self.url.removesuffix("/v1")
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM (the child of ``timeout``, which passes it on), then everything it wrote to stderr."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rest = self.proc.stderr.read()
-        code = self.proc.wait(timeout=120)
-        return code, "".join(self.lines) + rest
 
 
 def stats(base: str, headers: dict[str, str] | None = None) -> dict:

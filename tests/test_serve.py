@@ -203,3 +203,14 @@ def test_api_key_and_sigterm_drain(run, capsys):
     finally:
         code, err = proc.stop()
     assert code == 0 and "Traceback" not in err and "qkv: stopped after" in err, err
+
+
+def test_benchmark_serve_compares_slot_counts_with_the_same_replies(run, tmp_path, capsys):
+    from qkv.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["benchmark", "serve", "--checkpoint", str(run), "--slots", "1,2", "--clients", "4",
+                 "--max-tokens", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["slots"] for r in rows] == [1, 2] and all(r["same_replies"] for r in rows)
+    assert all(4 <= r["tokens"] <= 12 and r["tokens_per_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
