@@ -108,7 +108,8 @@ class Engine:
     tokenizer's vocabulary)."""
 
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, slots: int = 8,
-                 max_waiting: int = 64, vocab_limit: int = 0, pad_id: int = 0):
+                 max_waiting: int = 64, vocab_limit: int = 0, pad_id: int = 0,
+                 after_step: Callable[[], None] | None = None):
         if cfg.kind != "decoder":
             raise UserError(f"model.kind={cfg.kind!r}: serving needs a decoder checkpoint (one that generates text "
                             "after a prompt)")
@@ -118,6 +119,7 @@ class Engine:
         self.slots, self.max_waiting, self.pad_id = slots, max_waiting, pad_id
         self.context = cfg.max_seq_len
         self.how = {n: Sampler(None, None, None, vocab_limit, n) for n in (0, TOP_N)}
+        self.programs: dict[tuple[str, Sampler], Any] = {}
         self.cache = init_cache(cfg, slots, self.context, per_row=True)
         self.busy: list[Request | None] = [None] * slots
         self.token = np.zeros(slots, np.int32)
@@ -130,6 +132,7 @@ class Engine:
         self.draining = False
         self.stopped = False
         self.thread: threading.Thread | None = None
+        self.after_step = after_step  # called on the engine thread once a round's tokens are all handed out
         self.served = 0  # requests finished (any reason)
         self.tokens = 0  # tokens produced
 
@@ -197,6 +200,8 @@ class Engine:
                     self._admit(slot, request)
                 if any(self.busy):
                     self._step()
+                if self.after_step is not None:
+                    self.after_step()
         except Exception as err:  # a bug: every request gets it as its end, the engine takes no more
             text = f"error: {type(err).__name__}: {err}"
             traceback.print_exc()
@@ -206,6 +211,8 @@ class Engine:
                 self.busy, self.waiting = [None] * self.slots, deque()
             for request in pending:
                 request.on_done(text)
+            if self.after_step is not None:
+                self.after_step()
 
     def _take_waiting(self) -> list[tuple[int, Request]]:
         """(free slot, waiting request) pairs, in arrival order; cancelled waiting requests are dropped."""
@@ -222,6 +229,14 @@ class Engine:
             admitted.append((slot, request))
         return admitted
 
+    def _program(self, which: str, how: Sampler):
+        """decode.py's ``prefill`` or ``step`` with this engine's graph and sampler bound in (jitted once more
+        around the same program, so a call does not hash the model graph again: ~0.3 ms a step)."""
+        if (which, how) not in self.programs:
+            fn = {"prefill": prefill, "step": step}[which]
+            self.programs[which, how] = jax.jit(functools.partial(fn, self.graphdef, how), donate_argnums=(3,))
+        return self.programs[which, how]
+
     def _rows_of(self, request: Request) -> dict[str, np.ndarray]:
         return {"seed": np.array([request.seed], np.uint32), "count": np.zeros(1, np.int32),
                 "temperature": np.array([request.temperature], np.float32),
@@ -233,7 +248,7 @@ class Engine:
         tokens, segments = left_pad([request.prompt], self.pad_id, width)
         how = self.how[TOP_N if request.top_n else 0]._replace(prompt_logprobs=request.prompt_logprobs)
         row = init_cache(self.cfg, 1, self.context, per_row=True)
-        out, row = prefill(self.graphdef, how, self.params, tokens, segments, row, rows=self._rows_of(request))
+        out, row = self._program("prefill", how)(self.params, tokens, segments, row, rows=self._rows_of(request))
         self.cache = insert(self.cache, row, slot, width - n)
         for key, value in self._rows_of(request).items():
             self.rows[key][slot] = value[0]
@@ -242,16 +257,17 @@ class Engine:
             chosen, ids, lps = (np.asarray(a)[0, width - n:] for a in out["prompt"])
             request.on_prompt([Token(int(request.prompt[i + 1]), float(chosen[i]),
                                      list(zip(ids[i].tolist(), lps[i].tolist()))) for i in range(n - 1)])
-        self._emit(slot, out, 0)
+        self._emit(slot, {key: np.asarray(value) for key, value in out.items() if key != "prompt"}, 0)
 
     def _step(self) -> None:
         active = np.array([r is not None for r in self.busy])
         top_n = TOP_N if any(r is not None and r.top_n for r in self.busy) else 0
         # copies: the step may read its host arguments after it returns, while these arrays change for the next
         rows = {key: value.copy() for key, value in self.rows.items()}
-        out, self.cache = step(self.graphdef, self.how[top_n], self.params, self.token.copy(), self.position.copy(),
-                               self.cache, rows=rows, active_b=active)
+        out, self.cache = self._program("step", self.how[top_n])(self.params, self.token.copy(), self.position.copy(),
+                                                                 self.cache, rows=rows, active_b=active)
         self.position[active] += 1  # the token just fed sat at position; the next one goes after it
+        out = {key: np.asarray(value) for key, value in out.items()}  # one transfer per step
         for slot in np.flatnonzero(active):
             self._emit(int(slot), out, int(slot))
 

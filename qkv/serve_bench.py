@@ -51,13 +51,14 @@ class ServeProcess:
         return code, "".join(self.lines) + rest
 
 
-def jobs(clients: int, max_tokens: int, seed: int = 0) -> list[tuple[str, int]]:
-    """(prompt, max_tokens) per client: 1 to 40 words, max_tokens/2 to max_tokens new tokens."""
+def jobs(clients: int, max_tokens: int, prompt_words: int = 12, seed: int = 0) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) per client: 1 to ``prompt_words`` words, max_tokens/2 to max_tokens new tokens (a
+    chat-like load: replies longer than prompts)."""
     import random
 
     rng = random.Random(seed)
-    return [(" ".join(rng.choices(WORDS, k=rng.randint(1, 40))), rng.randint(max(1, max_tokens // 2), max_tokens))
-            for _ in range(clients)]
+    return [(" ".join(rng.choices(WORDS, k=rng.randint(1, prompt_words))),
+             rng.randint(max(1, max_tokens // 2), max_tokens)) for _ in range(clients)]
 
 
 def drive(url: str, work: list[tuple[str, int]]) -> tuple[float, int, list[str]]:
@@ -68,9 +69,13 @@ def drive(url: str, work: list[tuple[str, int]]) -> tuple[float, int, list[str]]
     tokens = [0] * len(work)
     errors: list[str] = []
 
+    ready = threading.Barrier(len(work) + 1)  # every client made (an httpx client costs ~10 ms), then all go
+
     def client(i: int, prompt: str, max_tokens: int) -> None:
-        r = httpx.post(f"{url}/completions", timeout=1800, json={"prompt": prompt, "max_tokens": max_tokens,
-                                                                "temperature": 0})
+        with httpx.Client(timeout=1800) as session:
+            ready.wait()
+            r = session.post(f"{url}/completions", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                         "temperature": 0})
         if r.status_code != 200:
             errors.append(r.text)
             return
@@ -78,9 +83,10 @@ def drive(url: str, work: list[tuple[str, int]]) -> tuple[float, int, list[str]]
         texts[i], tokens[i] = body["choices"][0]["text"], body["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=client, args=(i, *w)) for i, w in enumerate(work)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
+    ready.wait()
+    start = time.perf_counter()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
@@ -96,22 +102,31 @@ def cmd_bench_serve(ns: argparse.Namespace) -> int:
         raise UserError(f"--slots {ns.slots!r} must be comma-separated integers, e.g. 1,8") from None
     if not Path(ns.checkpoint).expanduser().is_dir():
         raise FileNotFoundError(f"checkpoint directory {ns.checkpoint!r} does not exist")
-    work = jobs(ns.clients, ns.max_tokens)
-    rows, reference = [], None
-    for slots in slot_counts:
-        server = ServeProcess(ns.checkpoint, "--slots", str(slots), "--max-waiting", str(max(64, ns.clients)))
-        try:
-            drive(server.url, [(p, 2) for p, _ in work])  # warm-up: compiles every prompt bucket
-            seconds, tokens, texts = drive(server.url, work)
-        finally:
+    work = jobs(ns.clients, ns.max_tokens, ns.prompt_words)
+    servers = {}
+    try:
+        for slots in slot_counts:  # every server up and warm first, then the rounds take turns (same load for all)
+            servers[slots] = ServeProcess(ns.checkpoint, "--slots", str(slots), "--max-waiting", str(max(64, ns.clients)))
+            drive(servers[slots].url, [(p, 2) for p, _ in work])  # warm-up: compiles every prompt bucket
+        timings: dict[int, list[tuple[float, int, list[str]]]] = {slots: [] for slots in slot_counts}
+        for _ in range(ns.rounds):
+            for slots in slot_counts:
+                timings[slots].append(drive(servers[slots].url, work))
+    finally:
+        for slots, server in servers.items():
             code, err = server.stop()
-        if code != 0:
-            raise RuntimeError(f"qkv serve --slots {slots} exited {code}: {err[-500:]}")
-        reference = reference or texts
-        rows.append({"slots": slots, "clients": ns.clients, "seconds": round(seconds, 3), "tokens": tokens,
-                     "tokens_per_s": round(tokens / seconds, 1), "same_replies": texts == reference})
-        print(f"slots {slots:3d}: {tokens} tokens for {ns.clients} clients in {seconds:.2f} s = "
-              f"{tokens / seconds:.1f} tokens/s; replies as the first setting's: {texts == reference}", flush=True)
+            if code != 0:
+                raise RuntimeError(f"qkv serve --slots {slots} exited {code}: {err[-500:]}")
+    rows, reference = [], timings[slot_counts[0]][0][2]
+    for slots in slot_counts:
+        runs = sorted(timings[slots], key=lambda t: t[0])
+        seconds, tokens, _ = runs[len(runs) // 2]  # the median round
+        same = all(texts == reference for _, _, texts in runs)
+        rows.append({"slots": slots, "clients": ns.clients, "rounds": ns.rounds, "seconds": round(seconds, 3),
+                     "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1), "same_replies": same,
+                     "seconds_all": [round(t[0], 3) for t in timings[slots]]})
+        print(f"slots {slots:3d}: {tokens} tokens for {ns.clients} clients in {seconds:.2f} s (median of {ns.rounds}) "
+              f"= {tokens / seconds:.1f} tokens/s; replies as the first setting's: {same}", flush=True)
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup"] = round(row["tokens_per_s"] / base, 2)
@@ -127,6 +142,8 @@ def add_serve_benchmark(bsub) -> None:
     t.add_argument("--checkpoint", required=True, help="run directory of a decoder with a tokenizer")
     t.add_argument("--slots", default="1,8", help="slot counts to compare, comma-separated (the first is the base)")
     t.add_argument("--clients", type=int, default=32, help="clients sending one request each, all at once")
-    t.add_argument("--max-tokens", type=int, default=64, help="the most new tokens a request asks for")
+    t.add_argument("--max-tokens", type=int, default=96, help="the most new tokens a request asks for")
+    t.add_argument("--prompt-words", type=int, default=12, help="prompts have 1 to this many words")
+    t.add_argument("--rounds", type=int, default=3, help="timed rounds per slot count, taking turns (median reported)")
     t.add_argument("--json", help="write the rows to this JSON file")
     t.set_defaults(func=cmd_bench_serve)

@@ -57,15 +57,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     sock = bind(ns.host, ns.port)
     from qkv.api import load
     from qkv.inference.engine import Engine, Request
-    from qkv.server import Server
 
     lm = load(ns.checkpoint, ns.step)
     if lm.kind != "decoder":
         raise UserError(f"model.kind={lm.kind!r}: qkv serve needs a decoder checkpoint (one that continues text)")
     if lm.tokenizer is None:
         raise UserError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH")
+    from qkv.server import Outbox, Server
+
+    outbox = Outbox()
     engine = Engine(lm.config.model, lm.graphdef, lm.params, slots=ns.slots, max_waiting=ns.max_waiting,
-                    vocab_limit=lm.tokenizer.vocab_size, pad_id=lm.tokenizer.pad_id)
+                    vocab_limit=lm.tokenizer.vocab_size, pad_id=lm.tokenizer.pad_id, after_step=outbox.send)
     engine.start()
     import threading
     warm = threading.Event()  # compile the step and the first prompt bucket before taking requests
@@ -73,7 +75,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     warm.wait()
     engine.served = engine.tokens = 0
     name = ns.model_name or Path(ns.checkpoint).expanduser().resolve().name
-    app = Server(lm, engine, name, api_key).app()
+    app = Server(lm, engine, name, outbox, api_key).app()
 
     class Draining(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: new requests get 503, those in flight finish
@@ -87,6 +89,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
           f"slots ({lm.config.model.max_seq_len}-token context){', API key required' if api_key else ''}; "
           "SIGTERM or Ctrl-C drains and stops", file=sys.stderr, flush=True)
     import signal
+    sys.setswitchinterval(0.0005)  # the engine thread and the event loop hand the interpreter lock over often
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn raises the signal again once drained: let it pass
         signal.signal(sig, lambda *_: None)
     Draining(config).run(sockets=[sock])

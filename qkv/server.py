@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal
@@ -77,6 +78,36 @@ class ChatBody(_Sampling):
     tools: list[dict[str, Any]] | None = None
 
 
+class Outbox:
+    """Hands items from the engine thread to queues on the event loop: ``put`` collects them, ``send`` (the
+    engine's ``after_step``, once a round's tokens are all out) wakes the loop once for all of them, so the
+    interpreter lock changes hands once a step, while the next step computes, not once a token."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.items, self.lock, self.scheduled = [], threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+
+    def send(self) -> None:
+        with self.lock:
+            if self.scheduled or not self.items or self.loop is None:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:  # the event loop closed (the server is gone): nobody is listening
+            pass
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 @dataclass
 class Choice:
     """One generated choice: text pieces go to ``queue`` (on the server's event loop) as the engine produces
@@ -86,23 +117,23 @@ class Choice:
     index: int
     lm: LanguageModel
     stops: list[str]
-    loop: asyncio.AbstractEventLoop
+    outbox: Outbox
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     ids: list[int] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
     sent: str = ""
     stopped: bool = False
     prompt_tokens: list[Token] | None = None
+    streamed: bool = True  # False: no stream and no stop strings, so the text is decoded once, at the end
 
     def _put(self, item: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop closed (the server is gone): nobody is listening
-            pass
+        self.outbox.put(self.queue, item)
 
     def on_token(self, token: Token) -> bool:  # the engine thread
         self.ids.append(token.id)
         self.tokens.append(token)
+        if not self.streamed:
+            return False
         text = self.lm.tokenizer.decode(self.ids)
         cut = min((i for i in (text.find(s, max(0, len(self.sent) - len(s))) for s in self.stops) if i >= 0),
                   default=-1)
@@ -139,10 +170,10 @@ def _bearer(request: HTTPRequest) -> str | None:
 class Server:
     """The HTTP side: request checking, one engine request per choice, OpenAI-shaped replies."""
 
-    def __init__(self, lm: LanguageModel, engine: Engine, name: str, api_key: str | None = None):
+    def __init__(self, lm: LanguageModel, engine: Engine, name: str, outbox: Outbox, api_key: str | None = None):
         if lm.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer: convert it again with --tokenizer PATH")
-        self.lm, self.engine, self.name, self.api_key = lm, engine, name, api_key
+        self.lm, self.engine, self.name, self.outbox, self.api_key = lm, engine, name, outbox, api_key
         self.created = int(time.time())
 
     def app(self) -> FastAPI:
@@ -245,11 +276,11 @@ class Server:
         wants_logprobs = body.logprobs if chat else body.logprobs is not None
         stops = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
         seed = body.seed if body.seed is not None else secrets.randbits(32)
-        loop = asyncio.get_running_loop()
+        self.outbox.loop = asyncio.get_running_loop()
         choices, requests = [], []
         for p, (ids, _) in enumerate(prompts):
             for i in range(body.n):
-                choice = Choice(len(choices), self.lm, stops, loop)
+                choice = Choice(len(choices), self.lm, stops, self.outbox, streamed=bool(body.stream or stops))
                 requests.append(Request(ids, max_tokens, choice.on_token, choice.on_done,
                                         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                         seed=(seed + i) % 2**32, stop_ids=tuple(self.lm.stop_ids),
