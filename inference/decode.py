@@ -145,9 +145,16 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float | jax
         logits_bv = filter_logits(logits_bv / temperature, top_k, top_p)
         return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
     temperature_b1 = jnp.asarray(temperature, jnp.float32).reshape(-1, 1)
-    scaled_bv = filter_logits(logits_bv / jnp.where(temperature_b1 > 0, temperature_b1, 1.0), top_k, top_p)
-    sampled_b = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled_bv)
-    return jnp.where(temperature_b1[:, 0] > 0, sampled_b, greedy_tokens(logits_bv)).astype(jnp.int32)
+    greedy_b = greedy_tokens(logits_bv)
+
+    def sampled(logits_bv):  # skipped (lax.cond) when every row is greedy, the filters when no row filters
+        scaled_bv = logits_bv / jnp.where(temperature_b1 > 0, temperature_b1, 1.0)
+        filters = jnp.any(jnp.asarray(top_k) > 0) | jnp.any(jnp.asarray(top_p) < 1.0)
+        scaled_bv = jax.lax.cond(filters, lambda x: filter_logits(x, top_k, top_p), lambda x: x, scaled_bv)
+        sampled_b = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled_bv)
+        return jnp.where(temperature_b1[:, 0] > 0, sampled_b, greedy_b).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature_b1 > 0), sampled, lambda _: greedy_b, logits_bv)
 
 
 def token_logprobs(logits_bv: jax.Array, token_b: jax.Array, top_n: int) -> tuple[jax.Array, ...]:

@@ -14,6 +14,7 @@
     qkv launch local --processes N -- SUBCOMMAND  run a subcommand as N local JAX processes
     qkv plan CONFIG --mesh data=1,fsdp=8 --device h100   per-device memory of a model on a mesh
     qkv chat --checkpoint RUN_DIR                 an interactive chat in the model's own chat template
+    qkv serve --checkpoint RUN_DIR                an OpenAI-compatible HTTP server (continuous batching)
     qkv data inspect|prepare CONFIG               look at a config's sources / tokenize them once
 
 Bad input ends with one line, ``qkv: error: ...``, naming the problem and the fix, and exit code 2. Anything
@@ -33,6 +34,8 @@ from qkv.errors import UserError
 from qkv.chat_command import add_chat_parser, add_template_kwargs_argument, generate_messages, require_dir
 from qkv.evaluate_command import add_evaluate_parser
 from qkv.generate_benchmark import add_generate_benchmark_parser
+from qkv.serve_bench import add_serve_benchmark
+from qkv.serve_command import add_serve_parser
 
 EXIT_USAGE = 2  # the user's input or environment: one `qkv: error:` line
 EXIT_BUG = 1  # a bug in qkv: one line, the traceback in a file
@@ -314,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_template_kwargs_argument(p)
     p.set_defaults(func=cmd_generate)
     add_chat_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("embed", help="sentence embeddings and cosine neighbours from an encoder checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory of an encoder (or encoder-decoder)")
@@ -382,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
     p.set_defaults(func=cmd_benchmark)
     bsub_for_data = bsub
+    add_serve_benchmark(bsub)
 
     p = sub.add_parser("convert", help="Hugging Face safetensors <-> qkv checkpoints (Llama, GPT-2)")
     csub = p.add_subparsers(dest="direction", required=True)
