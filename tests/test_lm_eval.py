@@ -301,3 +301,24 @@ def test_refusals_are_one_line(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # an environment without lm-eval
     code, _, err = run_cli(capsys, *base, "--tasks", "qkv_counting_mc")
     assert code == 2 and len(err) == 1 and "pip install 'qkv[eval]'" in err[0], err
+
+
+def test_local_completions_against_qkv_serve_match_the_qkv_model(runs, evaluated):
+    """lm-eval's own OpenAI-completions client (`local-completions`) against `qkv serve` on the run: the same
+    per-choice log-likelihoods and the same accuracy as `--model qkv` in-process."""
+    pytest.importorskip("fastapi")
+    from qkv.serve_bench import ServeProcess
+
+    server = ServeProcess(runs["plain"], "--slots", "4")
+    try:
+        served = evaluate("local-completions", {
+            "base_url": f"{server.url}/completions", "model": "plain", "tokenizer_backend": "huggingface",
+            "tokenizer": str(runs["plain_hf"]), "num_concurrent": 2, "max_retries": 1}, ["qkv_counting_mc"])
+    finally:
+        code, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err
+    ours = evaluated["plain"][1]
+    for theirs, mine in zip(responses(served, "qkv_counting_mc"), responses(ours, "qkv_counting_mc"), strict=True):
+        for (a,), (b,) in zip(theirs, mine, strict=True):
+            assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
+    assert served["results"]["qkv_counting_mc"]["acc,none"] == ours["results"]["qkv_counting_mc"]["acc,none"]
