@@ -1,5 +1,5 @@
 """``qkv benchmark generate --against transformers``: qkv's greedy generation against transformers' ``generate`` on
-the same model, call by call as a user makes them (docs/benchmarks.md, "Generation against transformers").
+the same model, call by call as a user makes them (docs/decoding-benchmarks.md, "Generation against transformers").
 
 The model (a checkpoint, or random parameters of CONFIG saved as one) is exported with qkv's own exporter
 (``qkv convert export``) to a temporary Hugging Face directory and loaded back by transformers (float32, CPU).
@@ -212,7 +212,7 @@ def summarize(records: Sequence[dict[str, Any]], batch_sizes: Sequence[int]) -> 
 
 
 def table(summary: Sequence[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (docs/benchmarks.md shows it as printed)."""
+    """The summary as a Markdown table (docs/decoding-benchmarks.md shows it as printed)."""
     rows = [("batch", "call", "qkv tok/s", "transformers tok/s", "qkv / transformers", "qkv compiles", "rows equal")]
     for s in summary:
         f, st = s["first_call"], s["steady"]

@@ -1,8 +1,10 @@
 """``qkv benchmark serve``: throughput of ``qkv serve`` under concurrent clients, for several slot counts, in one
-run (docs/benchmarks.md). Each slot count gets its own server process on loopback (``ServeProcess``); a warm-up
-round compiles every prompt bucket, then ``--clients`` clients send their requests at once (greedy, mixed
-prompt lengths) and the wall time from the first send to the last reply gives tokens/s. The replies of every
-slot count must be the same text (greedy), which the report says."""
+run (docs/decoding-benchmarks.md, "Serving"). Each slot count gets its own server process on loopback
+(``ServeProcess``), all started and warmed up first (a round of every request with 2 new tokens compiles every
+prompt bucket); then, in ``--rounds`` rounds taking turns between the servers, ``--clients`` clients (each with
+its own HTTP connection, made before the clock starts) send their requests at once (greedy, mixed prompt and
+reply lengths), and the wall time from the first send to the last reply gives tokens/s; the median round is
+reported. The replies of every slot count and round must be the same text, which the report says."""
 from __future__ import annotations
 
 import argparse
