@@ -132,8 +132,9 @@ def cmd_bench_serve(ns: argparse.Namespace) -> int:
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup"] = round(row["tokens_per_s"] / base, 2)
-    print("speedup over --slots " + str(rows[0]["slots"]) + ": " + ", ".join(
-        f"{r['slots']} slots {r['speedup']}x" for r in rows[1:]))
+    if len(rows) > 1:
+        print("speedup over --slots " + str(rows[0]["slots"]) + ": " + ", ".join(
+            f"{r['slots']} slots {r['speedup']}x" for r in rows[1:]))
     if ns.json:
         Path(ns.json).write_text(json.dumps({"checkpoint": str(ns.checkpoint), "rows": rows}, indent=1))
     return 0

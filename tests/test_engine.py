@@ -2,6 +2,7 @@
 and beside others, per-request seeds, cancellation frees a slot, prompt log-probabilities equal float64 NumPy's."""
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -34,6 +35,7 @@ def run_all(engine: Engine, requests: list[dict]) -> list[list[int]]:
     return out
 
 
+SLOTS = 3  # one slot count throughout: engines of one graph share their compiled programs
 PROMPTS = [[int(t) for t in np.random.default_rng(0).integers(1, 97, n)] for n in (3, 9, 17, 5, 30, 12, 7, 2, 21, 4)]
 
 
@@ -42,7 +44,7 @@ def test_greedy_replies_equal_generate_alone_and_beside_others(base):
     cfg, graphdef, params = model(base)
     decoder = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=20))
     expected = [decoder.generate(params, [p], 0, None)[0] for p in PROMPTS]
-    engine = Engine(cfg, graphdef, params, slots=3)
+    engine = Engine(cfg, graphdef, params, slots=SLOTS)
     engine.start()
     try:
         together = run_all(engine, [{"prompt": p, "max_tokens": 20} for p in PROMPTS])  # 10 requests, 3 slots
@@ -56,7 +58,7 @@ def test_greedy_replies_equal_generate_alone_and_beside_others(base):
 
 def test_sampled_replies_depend_on_their_seed_only():
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=4)
+    engine = Engine(cfg, graphdef, params, slots=SLOTS)
     engine.start()
     try:
         sampled = {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "max_tokens": 12}
@@ -71,33 +73,39 @@ def test_sampled_replies_depend_on_their_seed_only():
 
 def test_a_cancelled_request_frees_its_slot_and_the_next_one_takes_it():
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=1)
+    engine = Engine(cfg, graphdef, params, slots=SLOTS)
     engine.start()
     try:
-        seen, ends = [], []
-        first_token = threading.Event()
+        seen, ends = [[] for _ in range(SLOTS)], []
+        started = threading.Semaphore(0)
         ended = threading.Semaphore(0)
 
-        def on_token(token):
-            seen.append(token.id)
-            first_token.set()
+        def on_token(token, got):
+            if not got:
+                started.release()
+            got.append(token.id)
             return False
 
-        long = Request(PROMPTS[0], 60, on_token, lambda reason: (ends.append(reason), ended.release()))
-        engine.submit(long)
-        assert first_token.wait(timeout=300)
-        long.cancel()
-        short = run_all(engine, [{"prompt": PROMPTS[1], "max_tokens": 3}])[0]
+        longs = [Request(PROMPTS[i], 60, functools.partial(on_token, got=seen[i]),
+                         lambda reason: (ends.append(reason), ended.release())) for i in range(SLOTS)]
+        for request in longs:  # every slot busy for 60 tokens
+            engine.submit(request)
+        for _ in longs:
+            assert started.acquire(timeout=300)
+        longs[0].cancel()
+        short = run_all(engine, [{"prompt": PROMPTS[5], "max_tokens": 3}])[0]  # waits for a slot: the cancelled one
         assert ended.acquire(timeout=300)
-        assert ends == ["cancelled"] and len(seen) < 60 and len(short) == 3
-        assert engine.stats()["busy"] == 0
+        assert ends[0] == "cancelled" and len(seen[0]) < 60 and len(short) == 3
+        for _ in longs[1:]:
+            assert ended.acquire(timeout=300)
+        assert ends[1:] == ["length"] * (SLOTS - 1) and engine.stats()["busy"] == 0
     finally:
         engine.stop()
 
 
 def test_stop_ids_end_a_reply_and_the_context_caps_max_tokens():
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=2)
+    engine = Engine(cfg, graphdef, params, slots=SLOTS)
     engine.start()
     try:
         free = run_all(engine, [{"prompt": PROMPTS[4], "max_tokens": 10}])[0]
@@ -115,7 +123,7 @@ def test_prompt_log_probabilities_equal_float64_numpy():
     from flax import nnx
 
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=2)
+    engine = Engine(cfg, graphdef, params, slots=SLOTS)
     engine.start()
     try:
         prompt = PROMPTS[4]
