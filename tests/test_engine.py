@@ -2,6 +2,7 @@
 and beside others, per-request seeds, cancellation frees a slot, prompt log-probabilities equal float64 NumPy's."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 
@@ -21,6 +22,17 @@ def model(base):
     cfg = base.replace(max_seq_len=64, vocab_size=97, d_model=32)
     graphdef, params = split_params(create_model(cfg, seed=0))
     return cfg, graphdef, randomize(params, 1)
+
+
+@contextlib.contextmanager
+def running(cfg, graphdef, params):
+    """An engine of ``SLOTS`` slots, started, and stopped at the end."""
+    engine = Engine(cfg, graphdef, params, slots=SLOTS)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
 
 
 def run_all(engine: Engine, requests: list[dict]) -> list[list[int]]:
@@ -44,38 +56,28 @@ def test_greedy_replies_equal_generate_alone_and_beside_others(base):
     cfg, graphdef, params = model(base)
     decoder = Decoder(cfg, graphdef, SamplingConfig(temperature=0.0, max_new_tokens=20))
     expected = [decoder.generate(params, [p], 0, None)[0] for p in PROMPTS]
-    engine = Engine(cfg, graphdef, params, slots=SLOTS)
-    engine.start()
-    try:
+    with running(cfg, graphdef, params) as engine:
         together = run_all(engine, [{"prompt": p, "max_tokens": 20} for p in PROMPTS])  # 10 requests, 3 slots
         alone = [run_all(engine, [{"prompt": p, "max_tokens": 20}])[0] for p in PROMPTS[:3]]
         assert together == expected
         assert alone == expected[:3]
         assert engine.stats()["busy"] == 0 and engine.stats()["served"] == 13
-    finally:
-        engine.stop()
 
 
 def test_sampled_replies_depend_on_their_seed_only():
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=SLOTS)
-    engine.start()
-    try:
+    with running(cfg, graphdef, params) as engine:
         sampled = {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "max_tokens": 12}
         crowd = run_all(engine, [{"prompt": p, "seed": 7, **sampled} for p in PROMPTS[:6]])
         alone = run_all(engine, [{"prompt": PROMPTS[4], "seed": 7, **sampled}])[0]
         other_seed = run_all(engine, [{"prompt": PROMPTS[4], "seed": 8, **sampled}])[0]
         assert alone == crowd[4]
         assert other_seed != alone
-    finally:
-        engine.stop()
 
 
 def test_a_cancelled_request_frees_its_slot_and_the_next_one_takes_it():
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=SLOTS)
-    engine.start()
-    try:
+    with running(cfg, graphdef, params) as engine:
         seen, ends = [[] for _ in range(SLOTS)], []
         started = threading.Semaphore(0)
         ended = threading.Semaphore(0)
@@ -99,15 +101,11 @@ def test_a_cancelled_request_frees_its_slot_and_the_next_one_takes_it():
         for _ in longs[1:]:
             assert ended.acquire(timeout=300)
         assert ends[1:] == ["length"] * (SLOTS - 1) and engine.stats()["busy"] == 0
-    finally:
-        engine.stop()
 
 
 def test_stop_ids_end_a_reply_and_the_context_caps_max_tokens():
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=SLOTS)
-    engine.start()
-    try:
+    with running(cfg, graphdef, params) as engine:
         free = run_all(engine, [{"prompt": PROMPTS[4], "max_tokens": 10}])[0]
         stopped = run_all(engine, [{"prompt": PROMPTS[4], "max_tokens": 10, "stop_ids": (free[3],)}])[0]
         assert stopped == free[:free.index(free[3])]  # the stop id itself is not handed on
@@ -115,17 +113,13 @@ def test_stop_ids_end_a_reply_and_the_context_caps_max_tokens():
         assert len(capped) == cfg.max_seq_len - len(PROMPTS[4])
         with pytest.raises(UserError, match="context is 64"):
             engine.submit(Request(list(range(1, 65)), 5, lambda t: False, lambda r: None))
-    finally:
-        engine.stop()
 
 
 def test_prompt_log_probabilities_equal_float64_numpy():
     from flax import nnx
 
     cfg, graphdef, params = model(ROPE)
-    engine = Engine(cfg, graphdef, params, slots=SLOTS)
-    engine.start()
-    try:
+    with running(cfg, graphdef, params) as engine:
         prompt = PROMPTS[4]
         got, done = [], threading.Event()
         engine.submit(Request(prompt, 1, lambda t: False, lambda r: done.set(), top_n=3, prompt_logprobs=True,
@@ -138,5 +132,3 @@ def test_prompt_log_probabilities_equal_float64_numpy():
         assert [t.id for t in got] == prompt[1:]
         np.testing.assert_allclose([t.logprob for t in got], expected, atol=1e-5)
         assert [t.top[0][0] for t in got] == logp[:-1].argmax(-1).tolist()
-    finally:
-        engine.stop()
